@@ -1,0 +1,126 @@
+"""Batch layout for CoLaR SFT: which token goes into which compressed group, and its label.
+
+A row of the training sequence is laid out as three blocks::
+
+    [ pad .. pad  question  speed ]  [ pad-groups  ###-group  step-group_1 .. step-group_g ]  [ ### Answer:a EOS  pad .. ]
+      prompt, left-padded              compressed groups, left-padded                         answer, right-padded
+
+The steps block keeps its leading ``###`` alone in its own group (so the model sees the exact
+``###`` embedding, as at inference), and the step tokens are cut into groups of ``r``; the last
+group may be short. Groups are described as a ``[B, G, r]`` tensor of token ids with a mask, so
+the merge itself is one tensor operation on the device (see ``colar_core.merging``).
+
+Each group gets one label, drawn uniformly from its real tokens; the ``###`` group gets none (it
+is predicted from a question position, and question positions are ignored).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+
+from colar_core.text import EncodedExample, PromptEncoder, Speed
+
+IGNORE = -100
+
+
+@dataclass
+class ColarBatch:
+    """CPU (or device) tensors for one SFT step at compression factor ``r``."""
+
+    prompt_ids: torch.Tensor  # [B, Lp] long, left-padded
+    prompt_mask: torch.Tensor  # [B, Lp] bool
+    group_ids: torch.Tensor  # [B, G, r] long; group G-1-g is the '###' group of a row with g step groups
+    group_token_mask: torch.Tensor  # [B, G, r] bool: real tokens
+    group_labels: torch.Tensor  # [B, G] long, IGNORE where no label
+    answer_ids: torch.Tensor  # [B, La] long, right-padded; starts with '###', ends with EOS
+    answer_mask: torch.Tensor  # [B, La] bool
+    r: int
+
+    @property
+    def group_mask(self) -> torch.Tensor:
+        """[B, G] bool: groups holding at least one real token (the '###' group included)."""
+        return self.group_token_mask.any(-1)
+
+    @property
+    def step_group_mask(self) -> torch.Tensor:
+        """[B, G] bool: real groups that hold reasoning tokens (not the '###' group)."""
+        return self.group_labels != IGNORE
+
+    def to(self, device) -> "ColarBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device, non_blocking=True)
+        return ColarBatch(**moved)
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(x) for x in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = True
+    return ids, mask
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(x) for x in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+    return ids, mask
+
+
+def sample_group_labels(
+    group_ids: torch.Tensor, token_mask: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """One label per group, drawn uniformly from its real tokens; IGNORE for empty groups."""
+    noise = torch.rand(token_mask.shape, generator=generator, device=token_mask.device)
+    noise = noise.masked_fill(~token_mask, -1.0)
+    pick = noise.argmax(-1, keepdim=True)
+    labels = group_ids.gather(-1, pick).squeeze(-1)
+    return labels.masked_fill(~token_mask.any(-1), IGNORE)
+
+
+def collate(
+    examples: Sequence[EncodedExample],
+    encoder: PromptEncoder,
+    r: int,
+    speed: Optional[Speed] = None,
+    generator: Optional[torch.Generator] = None,
+) -> ColarBatch:
+    """Build the batch for compression factor ``r``; the prompt says ``speed`` (default ``r``; may be 'auto')."""
+    if r < 1:
+        raise ValueError(f"compression factor must be >= 1, got {r}")
+    speed_ids = encoder.speed_ids(r if speed is None else speed)
+    prompt_ids, prompt_mask = _left_pad([ex.question_ids + speed_ids for ex in examples], encoder.pad_id)
+    answer_ids, answer_mask = _right_pad([ex.answer_ids for ex in examples], encoder.pad_id)
+
+    n_groups = [math.ceil(len(ex.step_ids) / r) for ex in examples]
+    width = 1 + max(n_groups, default=0)  # +1: the '###' group
+    group_ids = torch.full((len(examples), width, r), encoder.pad_id, dtype=torch.long)
+    token_mask = torch.zeros((len(examples), width, r), dtype=torch.bool)
+    think_group = torch.zeros((len(examples), width), dtype=torch.bool)
+    for i, (ex, g) in enumerate(zip(examples, n_groups)):
+        start = width - g  # first step group of this row; its '###' group sits at start - 1
+        group_ids[i, start - 1, 0] = encoder.think_id
+        token_mask[i, start - 1, 0] = True
+        think_group[i, start - 1] = True
+        if g:
+            flat = torch.full((g * r,), encoder.pad_id, dtype=torch.long)
+            flat[: len(ex.step_ids)] = torch.as_tensor(ex.step_ids, dtype=torch.long)
+            group_ids[i, start:] = flat.view(g, r)
+            token_mask[i, start:].view(-1)[: len(ex.step_ids)] = True
+
+    labels = sample_group_labels(group_ids, token_mask, generator)
+    labels[think_group] = IGNORE  # the '###' group is predicted from a question position: ignored
+    return ColarBatch(prompt_ids, prompt_mask, group_ids, token_mask, labels, answer_ids, answer_mask, r)

@@ -1,0 +1,206 @@
+"""Batched inference with the KV cache: latent reasoning, explicit CoT and answer-only decoding.
+
+Latent reasoning at compression factor ``c`` (paper): the prompt ends ``(Thinking speed: c)###``;
+each step samples a latent from the head (times the embedding scale) and feeds it as the next
+input embedding; after each latent the LM head picks a token and a row stops when that token is
+``###`` (so every row has at least one latent). Then ``###`` is fed and the answer decoded.
+Rows that stop early keep their place in the batch with their new positions masked out, so a
+row's answer only ever attends to its own latents.
+
+One code path serves evaluation, serving and RL rollouts; ``LatentTrace`` keeps what RL needs to
+recompute log-probabilities (the sampled latents and answer tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from colar_core.config import GenerationConfig
+from colar_core.scoring import extract_answer
+from colar_core.text import THINK, PromptEncoder, Speed
+
+
+@dataclass
+class Generation:
+    """One answered question. ``n_latents`` for latent reasoning, ``n_tokens`` chain tokens for CoT."""
+
+    text: str
+    answer: Optional[str]
+    n_latents: int = 0
+    n_tokens: int = 0
+
+    @property
+    def chain_length(self) -> int:
+        return self.n_latents or self.n_tokens
+
+
+@dataclass
+class LatentTrace:
+    """Tensors of a latent rollout (for RL). Latents are in scaled space (before x embedding scale)."""
+
+    prompt_ids: torch.Tensor  # [B, Lp] left-padded, ends with '###'
+    prompt_mask: torch.Tensor  # [B, Lp]
+    latents: torch.Tensor  # [B, K, H]
+    latent_mask: torch.Tensor  # [B, K] bool: latent k belongs to the row's chain
+    answer_ids: torch.Tensor  # [B, T]: '###' then the decoded answer tokens (EOS included)
+    answer_mask: torch.Tensor  # [B, T] bool
+
+
+class _Decoder:
+    """Incremental decoding state: KV cache, 2-D attention mask and the last hidden state."""
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], pad_id: int):
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = True
+        self.model = model
+        self.prompt_ids, self.prompt_mask = ids.to(model.device), mask.to(model.device)
+        self.mask = self.prompt_mask
+        pos = (self.mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden, self.cache = model.run_decoder(model.embed(self.prompt_ids), self.mask, pos, use_cache=True)
+        self.hidden = hidden[:, -1]
+
+    def feed(self, embeds: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Append one input embedding per row; rows with ``keep`` False are masked out."""
+        self.mask = torch.cat([self.mask, keep[:, None]], dim=1)
+        pos = (self.mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)
+        hidden, self.cache = self.model.run_decoder(
+            embeds[:, None].to(self.prompt_dtype), self.mask, pos, past_key_values=self.cache, use_cache=True
+        )
+        self.hidden = hidden[:, -1]
+        return self.hidden
+
+    @property
+    def prompt_dtype(self) -> torch.dtype:
+        return self.model.latent_head.mean.weight.dtype
+
+
+def _pick(logits: torch.Tensor, gen: GenerationConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
+    if not gen.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / gen.temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _decode_tokens(state: _Decoder, model, max_new: int, eos_id: int, pad_id: int, gen, generator) -> torch.Tensor:
+    """Decode up to ``max_new`` tokens per row from ``state``; rows stop at EOS. Returns [B, T]."""
+    b = state.hidden.shape[0]
+    done = torch.zeros(b, dtype=torch.bool, device=state.hidden.device)
+    out = []
+    for _ in range(max_new):
+        tok = _pick(model.token_logits(state.hidden), gen, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        out.append(tok)
+        done = done | (tok == eos_id)
+        if bool(done.all()):
+            break
+        state.feed(model.embed(tok), ~done)
+    return torch.stack(out, dim=1) if out else torch.empty((b, 0), dtype=torch.long, device=state.hidden.device)
+
+
+@torch.no_grad()
+def generate_latent(
+    model,
+    encoder: PromptEncoder,
+    questions: Sequence[str],
+    compression: Speed,
+    gen: GenerationConfig = GenerationConfig(),
+    generator: Optional[torch.Generator] = None,
+    return_trace: bool = False,
+) -> Union[list[Generation], tuple[list[Generation], LatentTrace]]:
+    """Latent reasoning for one batch of questions at compression factor ``compression``."""
+    prompts = [encoder.prompt_ids(encoder.encode_question(q), compression) for q in questions]
+    state = _Decoder(model, prompts, encoder.pad_id)
+    b, device = len(questions), model.device
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    n_latents = torch.zeros(b, dtype=torch.long, device=device)
+    latents, latent_mask = [], []
+    scale = model.state.embedding_scale
+    for _ in range(gen.max_latents):
+        z, _, _ = model.latent_head.sample(state.hidden, sample=gen.sample_latents, generator=generator)
+        latents.append(z)
+        latent_mask.append(active.clone())
+        state.feed(z * scale, active)
+        n_latents += active.long()
+        stop = active & (_pick(model.token_logits(state.hidden), gen, generator) == encoder.think_id)
+        active = active & ~stop
+        if not bool(active.any()):
+            break
+    think = torch.full((b,), encoder.think_id, dtype=torch.long, device=device)
+    state.feed(model.embed(think), torch.ones(b, dtype=torch.bool, device=device))
+    answer_tokens = _decode_tokens(state, model, gen.max_answer_tokens, encoder.eos_id, encoder.pad_id, gen, generator)
+
+    results = []
+    for i in range(b):
+        text = encoder.decode(answer_tokens[i].tolist())
+        results.append(Generation(text=text, answer=extract_answer(text), n_latents=int(n_latents[i])))
+    if not return_trace:
+        return results
+    answer_ids = torch.cat([think[:, None], answer_tokens], dim=1)
+    answer_mask = torch.ones_like(answer_ids, dtype=torch.bool)
+    if answer_tokens.shape[1] > 1:  # positions after a row's EOS are padding
+        after_eos = (answer_tokens == encoder.eos_id).long().cumsum(1) - (answer_tokens == encoder.eos_id).long()
+        answer_mask[:, 1:] = after_eos == 0
+    trace = LatentTrace(state.prompt_ids, state.prompt_mask, torch.stack(latents, 1), torch.stack(latent_mask, 1),
+                        answer_ids, answer_mask)
+    return results, trace
+
+
+@torch.no_grad()
+def generate_text(
+    model,
+    encoder: PromptEncoder,
+    questions: Sequence[str],
+    speed: Speed = 1,
+    gen: GenerationConfig = GenerationConfig(),
+    generator: Optional[torch.Generator] = None,
+) -> list[Generation]:
+    """Explicit decoding after ``(Thinking speed: speed)###``: the CoT baseline, or no-CoT for a model
+    trained to answer directly. ``n_tokens`` counts chain tokens before the closing ``###``."""
+    prompts = [encoder.prompt_ids(encoder.encode_question(q), speed) for q in questions]
+    state = _Decoder(model, prompts, encoder.pad_id)
+    tokens = _decode_tokens(state, model, gen.max_cot_tokens + gen.max_answer_tokens, encoder.eos_id,
+                            encoder.pad_id, gen, generator)
+    results = []
+    for row in tokens.tolist():
+        text = encoder.decode(row)
+        chain = row.index(encoder.think_id) if encoder.think_id in row else len([t for t in row if t != encoder.pad_id])
+        answer = extract_answer(text.split(THINK, 1)[1]) if THINK in text else None
+        results.append(Generation(text=text, answer=answer, n_tokens=chain))
+    return results
+
+
+def generate(
+    model,
+    encoder: PromptEncoder,
+    questions: Sequence[str],
+    mode: str = "latent",
+    compression: Speed = 1,
+    gen: GenerationConfig = GenerationConfig(),
+    seed: Optional[int] = None,
+) -> list[Generation]:
+    """All questions, in batches of ``gen.batch_size``. ``mode``: 'latent', 'cot' or 'nocot'."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out: list[Generation] = []
+    try:
+        for start in range(0, len(questions), gen.batch_size):
+            chunk = list(questions[start: start + gen.batch_size])
+            if mode == "latent":
+                out.extend(generate_latent(model, encoder, chunk, compression, gen, generator))
+            elif mode in ("cot", "nocot"):
+                out.extend(generate_text(model, encoder, chunk, 1, gen, generator))
+            else:
+                raise ValueError(f"mode must be 'latent', 'cot' or 'nocot', got {mode!r}")
+    finally:
+        model.train(was_training)
+    return out

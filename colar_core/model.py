@@ -1,0 +1,325 @@
+"""The CoLaR model: any Hugging Face causal LM plus a latent head.
+
+``ColarModel`` wraps a backbone (``AutoModelForCausalLM``, optionally with LoRA adapters) and adds
+only the latent logic: merging reasoning-token embeddings into compressed embeddings, the latent
+head, and the SFT losses. Training loops, inference and RL live elsewhere and call it.
+
+Saved layout (loading never unpickles; every tensor is safetensors)::
+
+    model_dir/
+      colar_config.json        ColarState: scale, pooling, head shape, base model, LoRA settings
+      backbone/                save_pretrained of the full causal LM (full fine-tune)
+      adapter/ (+ base/)       or: the peft adapter (and the base weights when the base is not on a hub)
+      latent_head.safetensors
+      tokenizer/               the tokenizer the model was trained with
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from colar_core.collate import IGNORE, ColarBatch
+from colar_core.config import LoraConfig, ModelConfig, ObjectiveConfig
+from colar_core.latent_head import LatentHead
+from colar_core.losses import latent_loss, token_cross_entropy
+from colar_core.merging import merge_groups
+
+CONFIG_FILE = "colar_config.json"
+HEAD_FILE = "latent_head.safetensors"
+FORMAT_VERSION = 1
+
+# Constants the reference code hard-codes per backbone (std of the merged embeddings, roughly).
+PAPER_EMBEDDING_SCALES = {
+    "llama-3.2-1b": 0.018,
+    "llama-3.2-3b": 0.018,
+    "llama-3.1-8b": 0.008,
+    "deepseek-r1-distill-qwen-1.5b": 0.03,
+    "gpt2": 0.12,
+}
+
+
+@dataclass
+class ColarState:
+    """Everything besides weights that defines a saved CoLaR model (``colar_config.json``)."""
+
+    base_model: str
+    hidden_size: int
+    latent_intermediate_size: int
+    deterministic_latents: bool = False
+    pooling: str = "sqrt"
+    embedding_scale: float = 1.0
+    embedding_scale_source: str = "measured"  # "paper" | "measured" | "config"
+    trained_compression_factors: list[int] = field(default_factory=list)
+    lora: Optional[dict] = None
+    trust_remote_code: bool = False
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, path: Path) -> "ColarState":
+        data = json.loads(Path(path).read_text())
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def paper_embedding_scale(name_or_path: str) -> Optional[float]:
+    """The reference's hard-coded scale for a backbone it names, matched on the model id."""
+    name = name_or_path.lower().rstrip("/").split("/")[-1]
+    for key, value in PAPER_EMBEDDING_SCALES.items():
+        if name == key or name.startswith(key + "-") or name.startswith(key + "_"):
+            return value
+    return None
+
+
+def measured_embedding_scale(embedding: torch.Tensor) -> float:
+    """Std of an input-embedding table: the typical per-dimension size of one token embedding.
+
+    A group merged as sum/sqrt(n) of near-independent embeddings keeps that size, so dividing by it
+    puts latent targets at roughly unit scale, which is what the paper's constants achieve.
+    """
+    return float(embedding.detach().float().std())
+
+
+def build_tiny_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
+    """A small causal LM with random weights, shaped by ``cfg.tiny``; nothing is downloaded."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    t = cfg.tiny
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=t.tie_word_embeddings,
+    )
+    inter = t.intermediate_size or 4 * t.hidden_size
+    if t.arch == "gpt2":
+        conf = GPT2Config(n_embd=t.hidden_size, n_layer=t.num_layers, n_head=t.num_heads, n_inner=inter,
+                          n_positions=t.max_position_embeddings, **common)
+    else:
+        conf_cls = LlamaConfig if t.arch == "llama" else Qwen2Config
+        conf = conf_cls(hidden_size=t.hidden_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                        num_key_value_heads=t.num_kv_heads or t.num_heads, intermediate_size=inter,
+                        max_position_embeddings=t.max_position_embeddings, **common)
+    return AutoModelForCausalLM.from_config(conf)
+
+
+def load_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
+    """The configured backbone: built from scratch for 'tiny', else loaded from safetensors weights."""
+    if cfg.name_or_path == "tiny":
+        model = build_tiny_backbone(cfg, tokenizer)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
+        )
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if cfg.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def _apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save or None, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+class ColarModel(nn.Module):
+    """A causal LM that reasons in compressed latents. See the module docstring for the layout."""
+
+    def __init__(self, lm: nn.Module, head: LatentHead, state: ColarState):
+        super().__init__()
+        self.lm = lm
+        self.latent_head = head
+        self.state = state
+
+    # ----- construction, save, load -------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: ModelConfig, tokenizer) -> "ColarModel":
+        """Wrap the backbone named by ``cfg`` (random for 'tiny') with a fresh latent head."""
+        backbone = load_backbone(cfg, tokenizer)
+        hidden = backbone.get_input_embeddings().weight.shape[1]
+        if cfg.embedding_scale != "auto":
+            scale, source = float(cfg.embedding_scale), "config"
+        elif (paper := paper_embedding_scale(cfg.name_or_path)) is not None:
+            scale, source = paper, "paper"
+        else:
+            scale, source = measured_embedding_scale(backbone.get_input_embeddings().weight), "measured"
+        state = ColarState(
+            base_model=cfg.name_or_path,
+            hidden_size=hidden,
+            latent_intermediate_size=cfg.latent_intermediate_size or hidden,
+            deterministic_latents=cfg.deterministic_latents,
+            pooling=cfg.pooling,
+            embedding_scale=scale,
+            embedding_scale_source=source,
+            lora=cfg.lora.model_dump() if cfg.lora else None,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        lm = _apply_lora(backbone, cfg.lora) if cfg.lora else backbone
+        head = LatentHead(hidden, state.latent_intermediate_size, state.deterministic_latents)
+        return cls(lm, head.to(backbone.dtype), state)
+
+    def save_pretrained(self, out_dir, tokenizer=None) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.is_lora:
+            self.lm.save_pretrained(out / "adapter")
+            if self.state.base_model == "tiny":  # a from-scratch base exists nowhere else: keep it
+                base = self.lm.get_base_model()
+                frozen = {
+                    k.replace(".base_layer.", ".").replace(".original_module.", "."): v
+                    for k, v in base.state_dict().items()
+                    if "lora_" not in k and ".modules_to_save." not in k
+                }
+                base.save_pretrained(out / "base", state_dict=frozen)
+        else:
+            self.lm.save_pretrained(out / "backbone")
+        head_state = {k: v.detach().contiguous().cpu() for k, v in self.latent_head.state_dict().items()}
+        save_file(head_state, str(out / HEAD_FILE))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / "tokenizer")
+        (out / CONFIG_FILE).write_text(json.dumps(asdict(self.state), indent=2, sort_keys=True))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, model_dir, is_trainable: bool = True, dtype: Optional[torch.dtype] = None) -> "ColarModel":
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        root = Path(model_dir)
+        if not (root / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{root}: not a CoLaR model directory (no {CONFIG_FILE})")
+        state = ColarState.from_json(root / CONFIG_FILE)
+        kw = dict(trust_remote_code=state.trust_remote_code, use_safetensors=True)
+        if dtype is not None:
+            kw["dtype"] = dtype
+        if (root / "adapter").is_dir():
+            from peft import PeftModel
+
+            base_path = root / "base" if (root / "base").is_dir() else state.base_model
+            base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
+            lm = PeftModel.from_pretrained(base, root / "adapter", is_trainable=is_trainable)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(root / "backbone", **kw)
+        head = LatentHead(state.hidden_size, state.latent_intermediate_size, state.deterministic_latents)
+        head.load_state_dict(load_file(str(root / HEAD_FILE)))
+        return cls(lm, head.to(lm.dtype), state)
+
+    # ----- backbone access ----------------------------------------------------------------------
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.lm, "get_base_model")
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        return self.lm.get_base_model() if self.is_lora else self.lm
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformer body without the LM head (e.g. LlamaModel, GPT2Model)."""
+        lm = self.causal_lm
+        return getattr(lm, lm.base_model_prefix)
+
+    @property
+    def device(self) -> torch.device:
+        return self.latent_head.mean.weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.causal_lm.get_input_embeddings()(ids)
+
+    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.causal_lm.get_output_embeddings()(hidden)
+
+    def run_decoder(self, inputs_embeds, attention_mask, position_ids, past_key_values=None, use_cache=False):
+        out = self.decoder(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache,
+        )
+        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    def remeasure_embedding_scale(self) -> float:
+        """Refresh a measured scale from the current embedding table (e.g. after CoT SFT trained it)."""
+        if self.state.embedding_scale_source == "measured":
+            self.state.embedding_scale = measured_embedding_scale(self.causal_lm.get_input_embeddings().weight)
+        return self.state.embedding_scale
+
+    # ----- SFT ----------------------------------------------------------------------------------
+    def sft_loss(
+        self, batch: ColarBatch, objective: ObjectiveConfig, generator: Optional[torch.Generator] = None
+    ) -> dict[str, torch.Tensor]:
+        """Losses of one SFT batch. Returns ``loss`` (the weighted total) and its parts.
+
+        Vocabulary logits are computed only at labelled positions, which is most of the saving
+        that makes a CoLaR step as cheap as a plain causal-LM step.
+        """
+        prompt = self.embed(batch.prompt_ids)
+        groups = merge_groups(self.embed(batch.group_ids), batch.group_token_mask, self.state.pooling)
+        answer = self.embed(batch.answer_ids)
+        inputs = torch.cat([prompt, groups, answer], dim=1)
+        mask = torch.cat([batch.prompt_mask, batch.group_mask, batch.answer_mask], dim=1)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+        b, lp, g = batch.prompt_ids.shape[0], batch.prompt_ids.shape[1], groups.shape[1]
+        labels = torch.cat(
+            [
+                torch.full((b, lp), IGNORE, dtype=torch.long, device=inputs.device),
+                batch.group_labels,
+                batch.answer_ids.masked_fill(~batch.answer_mask, IGNORE),
+            ],
+            dim=1,
+        )
+        next_labels = torch.cat([labels[:, 1:], torch.full((b, 1), IGNORE, dtype=torch.long, device=inputs.device)], 1)
+        labelled = next_labels != IGNORE
+
+        hidden, _ = self.run_decoder(inputs, mask, position_ids)
+        ce = token_cross_entropy(self.token_logits(hidden[labelled]), next_labels[labelled])
+        zero = ce.new_zeros(())
+        parts = {"ce": ce, "latent": zero, "entropy": zero, "second_pass": zero}
+        total = objective.ce_weight * ce
+
+        wants_latent = objective.mode == "colar" and (objective.latent_weight > 0 or objective.second_pass_weight > 0
+                                                      or objective.entropy_weight > 0)
+        # group position j predicts the compressed embedding of group j+1 when that is a step group
+        predicts = torch.zeros_like(batch.step_group_mask)
+        predicts[:, :-1] = batch.step_group_mask[:, 1:]
+        if wants_latent and bool(predicts.any()):
+            scale = self.state.embedding_scale
+            mean, log_std = self.latent_head(hidden[:, lp: lp + g][predicts])
+            target = (groups[:, 1:][predicts[:, :-1]] / scale).detach()
+            lat, entropy, sample = latent_loss(
+                mean, log_std, target, objective.latent_loss, self.state.deterministic_latents, generator
+            )
+            parts["latent"], parts["entropy"] = lat, entropy
+            total = total + objective.latent_weight * lat - objective.entropy_weight * entropy
+            if objective.second_pass_weight > 0:
+                replaced = groups.clone()
+                replaced[:, 1:][predicts[:, :-1]] = (sample * scale).to(replaced.dtype)
+                inputs2 = torch.cat([prompt, replaced, answer], dim=1)
+                hidden2, _ = self.run_decoder(inputs2, mask, position_ids)
+                ce2 = token_cross_entropy(self.token_logits(hidden2[labelled]), next_labels[labelled])
+                parts["second_pass"] = ce2
+                total = total + objective.second_pass_weight * ce2
+        parts["loss"] = total
+        parts["n_label_tokens"] = labelled.sum()
+        parts["n_positions"] = mask.sum()
+        return parts
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
