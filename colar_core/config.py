@@ -136,3 +136,29 @@ class GenerationConfig(StrictModel):
     do_sample: bool = Field(True, description="Sample tokens (stop check and answer) or decode greedily.")
     temperature: float = Field(1.0, gt=0.0)
     batch_size: int = Field(64, gt=0)
+
+
+class EvalConfig(StrictModel):
+    """The evaluation sweep: CoLaR at each compression factor, plus the CoT / no-CoT baselines."""
+
+    compression_factors: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Sampling seeds (paper: 5).")
+    n_examples: Optional[int] = Field(None, gt=0, description="Evaluate the first N test problems; None = all.")
+    cot_baseline: bool = Field(True, description="Evaluate the CoT-SFT model with explicit decoding.")
+    nocot_baseline: bool = Field(False, description="Train and evaluate an answer-only model.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @field_validator("compression_factors")
+    @classmethod
+    def _positive(cls, v):
+        bad = [c for c in v if c < 1]
+        if bad or not v:
+            raise ValueError(f"compression factors must be integers >= 1, got {v}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _some_seed(cls, v):
+        if not v:
+            raise ValueError("needs at least one seed")
+        return v

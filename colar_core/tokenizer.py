@@ -23,26 +23,28 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from .text import ANSWER_PREFIX, THINK, full_text, question_text, speed_text, steps_text
+
 __all__ = ["THINK_TOKEN", "SPECIAL_TOKENS", "build_tokenizer", "prepare_tokenizer", "load_tokenizer", "training_texts"]
 
-THINK_TOKEN = "###"
+THINK_TOKEN = THINK  # "###", defined once in colar_core.text
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, BOS, UNK)
 #: Prefix marking a WordPiece continuation piece; U+2023 is outside the byte-level alphabet,
 #: so it can never collide with real text (``##`` would collide with ``###``).
 _CONT = "\u2023"
 #: Compression factors written into prompts ("Thinking speed: r"); 1..16 and "auto".
-_SPEEDS = [str(r) for r in range(1, 17)] + ["auto"]
+_SPEEDS = [*range(1, 17), "auto"]
 
 
-def training_texts(record, speeds: Iterable[str] = ("1",)) -> list[str]:
-    """The texts the model sees for ``record`` (METHOD.md, "Training text"): full sequence
-    ``Question: {q} Let's think step by step:(Thinking speed: {r})###{steps}###Answer:{a}`` per
-    speed, plus its segments on their own (the trainer may tokenize them separately)."""
-    prompts = [f"Question: {record.question} Let's think step by step:(Thinking speed: {r})" for r in speeds]
-    steps = "\n".join(record.steps)
-    answer = f"{THINK_TOKEN}Answer:{record.answer}"
-    return [p + THINK_TOKEN + steps + answer for p in prompts] + prompts + [steps, answer]
+def training_texts(record, speeds: Iterable = (1,)) -> list[str]:
+    """The texts the model sees for ``record``: the full training string per speed (see
+    :mod:`colar_core.text`) plus the pieces :class:`colar_core.text.PromptEncoder` tokenizes on
+    their own (question, speed suffix, steps, answer)."""
+    full = [full_text(record.question, record.steps, record.answer, r) for r in speeds]
+    pieces = [question_text(record.question), *(speed_text(r) for r in speeds),
+              steps_text(record.steps), f"{ANSWER_PREFIX}{record.answer}"]
+    return full + pieces
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -66,14 +68,16 @@ def build_tokenizer(records: Iterable, out_dir: str | Path | None = None, max_nu
     def add(text: str) -> None:
         counts.update(piece for piece, _ in pre.pre_tokenize_str(text))
 
-    texts = [f"Question: x Let's think step by step:(Thinking speed: {r})" for r in _SPEEDS]
-    texts += [f"{THINK_TOKEN}Answer:", "\n", " "]
-    for text in texts:
+    # Fixed prompt text, both as one string and in the pieces the trainer tokenizes separately.
+    for r in _SPEEDS:
+        add(speed_text(r))
+        add(full_text("x", (), "1", r))
+    for text in (f"{ANSWER_PREFIX}", "\n", " "):
         add(text)
-    for record in records:  # the segments between the ``###`` of the training text
-        add(f"Question: {record.question} Let's think step by step:(Thinking speed: 1)")
-        add("\n".join(record.steps))
-        add(f"Answer:{record.answer}")
+    for record in records:  # the pieces between the ``###`` of the training text
+        add(question_text(record.question))
+        add(steps_text(record.steps))
+        add(f"{ANSWER_PREFIX}{record.answer}")
     for text in extra_texts:
         for part in text.split(THINK_TOKEN):
             add(part)

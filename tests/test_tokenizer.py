@@ -127,3 +127,21 @@ def test_equation_steps_tokenize_one_token_per_number_and_operator(built):
     tok, _ = built
     assert len(tok.encode("391*2=782", add_special_tokens=False)) == 5
     assert len(tok.encode("16-3-4=9\n9*2=18", add_special_tokens=False)) == 13
+
+
+def test_prompt_encoder_pieces_are_whole_tokens(built, records):
+    """colar_core.text tokenizes question, speed suffix, steps and answer separately; every piece
+    must round-trip and every number in the steps must stay one token."""
+    from colar_core.text import PromptEncoder, question_text, speed_text
+
+    tok, _ = built
+    enc = PromptEncoder(tok)
+    for r in records[:100]:
+        ex = enc.encode(r)
+        assert tok.decode(ex.question_ids, skip_special_tokens=True) == question_text(r.question)
+        assert tok.decode(ex.step_ids) == "\n".join(r.steps)
+        if r.id.startswith(("train-", "val-", "test-")):  # synthetic "a*b=c" steps: 5 tokens + "\n"
+            assert len(ex.step_ids) == 6 * len(r.steps) - 1
+    for speed in (1, 5, 16, "auto"):
+        assert tok.decode(enc.speed_ids(speed)) == speed_text(speed)
+        assert tok.unk_token_id not in enc.speed_ids(speed)

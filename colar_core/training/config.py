@@ -61,7 +61,9 @@ class TrainConfig(StrictModel):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="'bf16': DeepSpeed bf16 (fp32 master weights) or torch autocast; the reference trains in "
         "bf16 on GPUs. 'fp32' for CPU runs and exact-resume checks.")
-    zero_stage: int = Field(2, description="DeepSpeed ZeRO stage 0-3 (ignored by the torch backend).")
+    zero_stage: Optional[int] = Field(
+        None, description="DeepSpeed ZeRO stage 0-3 (ignored by the torch backend). None: the stage of the "
+        "deepspeed_config file if it names one, else 2.")
     backend: Literal["deepspeed", "torch"] = Field(
         "deepspeed", description="'deepspeed': DeepSpeed engine (one or many processes); 'torch': plain PyTorch, "
         "one process (notebooks, quick checks).")
@@ -71,9 +73,10 @@ class TrainConfig(StrictModel):
         "optimizer offload; JIT-built, ~100 s the first time). 'auto' picks cpu_adam only when the DeepSpeed "
         "config offloads the optimizer to CPU.")
     deepspeed_config: Optional[str] = Field(
-        None, description="Path to a DeepSpeed JSON file used as the base config; the values this TrainConfig "
-        "controls (batch sizes, clipping, precision, ZeRO stage) are merged over it. An 'optimizer' or 'scheduler' "
-        "section in it replaces ours (lr / schedule fields are then ignored).")
+        None, description="Path to a DeepSpeed JSON file (e.g. deployments/deepspeed/zero3.json) used as the base "
+        "config; the values this TrainConfig controls (batch sizes, clipping, precision, and the ZeRO stage when "
+        "zero_stage is set) are merged over it. An 'optimizer' or 'scheduler' section in it replaces ours "
+        "(lr / schedule fields are then ignored).")
     seed: int = Field(0, description="Seeds model init, data order, the per-step r draw and label sampling.")
     log_every: int = Field(1, gt=0, description="Call on_step every this many steps (metrics averaged over them).")
     checkpoint_every: int = Field(500, ge=0, description="Save a resumable checkpoint every N steps (0 = only at the end).")
@@ -97,7 +100,7 @@ class TrainConfig(StrictModel):
     @field_validator("zero_stage")
     @classmethod
     def _known_stage(cls, v):
-        if v not in (0, 1, 2, 3):
+        if v is not None and v not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {v}")
         return v
 

@@ -1,0 +1,155 @@
+"""The one configuration of a pipeline run: data -> CoT SFT -> CoLaR SFT -> (RL) -> evaluation.
+
+Loaded from YAML plus ``key.path=value`` overrides and validated in full before any stage starts;
+an error names the field (``sft_colar.lr``) and the reason. The defaults are the embedded default
+run: a tiny Llama-shaped model built from scratch on the built-in arithmetic problems, sized to
+finish on 2 CPU cores in a few minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from colar_core.config import EvalConfig, GenerationConfig, ModelConfig, ObjectiveConfig, StrictModel
+from colar_core.training.config import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted field path(s) and reasons in the message."""
+
+
+class BuiltinDataConfig(StrictModel):
+    n_train: int = Field(3000, gt=0)
+    n_val: int = Field(100, gt=0)
+    n_test: int = Field(200, gt=0)
+    seed: int = 0
+    difficulty: str = Field("easy", description="easy | medium | hard, or an int = max steps.")
+
+
+class DataConfig(StrictModel):
+    source: str = Field("builtin", description="'builtin', a file, a directory of split files, or a HF dataset id / saved path.")
+    format: Literal["auto", "gsm8k-aug", "jsonl", "gsm8k", "hf"] = "auto"
+    policy: Literal["fail", "skip"] = Field("fail", description="Bad records: fail (default) or skip and count.")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+    builtin: BuiltinDataConfig = Field(default_factory=BuiltinDataConfig)
+
+
+class TrackingConfig(StrictModel):
+    experiment: str = Field("colar", min_length=1, description="MLflow experiment of the parent run.")
+    registered_model_name: Optional[str] = Field(
+        "colar-tiny", description="Register the final model under this name with alias 'candidate' (None = skip)."
+    )
+
+
+def _default_cot() -> TrainConfig:
+    return TrainConfig(objective=ObjectiveConfig(mode="cot", compression_factors=[1]), max_steps=400, batch_size=32,
+                       lr=3e-3, warmup_steps=20, lr_schedule="cosine", min_lr_ratio=0.1, checkpoint_every=200,
+                       eval_every=0, zero_stage=2)
+
+
+def _default_colar() -> TrainConfig:
+    return TrainConfig(objective=ObjectiveConfig(mode="colar", compression_factors=[1, 2, 3]), max_steps=600,
+                       batch_size=32, lr=2e-3, warmup_steps=20, lr_schedule="cosine", min_lr_ratio=0.1,
+                       checkpoint_every=200, eval_every=0, zero_stage=2)
+
+
+class PipelineConfig(StrictModel):
+    name: str = Field("colar-tiny", min_length=1, description="Run name shown in Prefect and MLflow.")
+    output_dir: str = Field("runs", description="Where stage outputs and checkpoints go (one folder per stage key).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(
+        tiny=dict(arch="llama", hidden_size=128, num_layers=3, num_heads=4)))
+    sft_cot: Optional[TrainConfig] = Field(default_factory=_default_cot, description="CoT warm-up (None = skip).")
+    sft_colar: TrainConfig = Field(default_factory=_default_colar)
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(
+        compression_factors=[1, 2, 3], seeds=[0, 1], n_examples=100,
+        generation=GenerationConfig(max_latents=32, max_cot_tokens=64, batch_size=100)))
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _stages_agree(self):
+        if self.sft_cot is not None and self.sft_cot.objective.mode != "cot":
+            raise ValueError("sft_cot.objective.mode must be 'cot'")
+        if self.sft_colar.objective.mode != "colar":
+            raise ValueError("sft_colar.objective.mode must be 'colar'")
+        trained = self.sft_colar.objective.compression_factors
+        too_big = [c for c in self.eval.compression_factors if c > max(trained)]
+        if too_big:
+            raise ValueError(f"eval.compression_factors: {too_big} above the trained maximum {max(trained)} "
+                             f"(sft_colar.objective.compression_factors = {trained})")
+        return self
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: Iterable[str]) -> list[tuple[str, Any]]:
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected key.path=value")
+        key, raw = pair.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"field '{loc}': {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), base: Optional[dict] = None) -> PipelineConfig:
+    """Defaults, then the YAML file, then ``--set`` overrides; validated in full."""
+    tree: dict = dict(base or {})
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        tree = _deep_merge(tree, loaded)
+    for key, value in parse_overrides(overrides):
+        _set_path(tree, key, value)
+    try:
+        return PipelineConfig.model_validate(_deep_merge(PipelineConfig().model_dump(mode="json"), tree))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,151 @@
+"""Starting a stage on many processes: the ``deepspeed`` launcher or ``torchrun``.
+
+The pipeline decides with ``LauncherConfig.multi_process``: one process trains in-process
+(:func:`colar_core.training.sft.run_sft_job`); more are started as a subprocess running
+``python -m colar_core.training.sft_main --config job.json`` under a launcher::
+
+    deepspeed [--hostfile H] [--num_nodes N] --num_gpus G [--master_addr A] [--master_port P] \\
+        --module colar_core.training.sft_main --config job.json
+    python -m torch.distributed.run --nnodes N --node_rank K --nproc_per_node G \\
+        --master_addr A --master_port P -m colar_core.training.sft_main --config job.json
+
+Both work on CPU too (gloo): measured with DeepSpeed 0.19.8, ``deepspeed --num_gpus 2`` starts two
+CPU processes (it only sets ``CUDA_VISIBLE_DEVICES``), and ``torchrun --nproc_per_node 2`` does
+the same. ``auto`` picks the deepspeed launcher when it is installed, else torchrun. Multi-node:
+the deepspeed launcher starts every node from a hostfile over ssh/pdsh; torchrun needs one command
+per node (same ``master_addr``/``master_port``, its own ``node_rank``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from colar_core.training.config import LauncherConfig
+
+ENTRY_MODULE = "colar_core.training.sft_main"
+
+
+class LaunchError(RuntimeError):
+    """The launched job exited non-zero; ``returncode`` and the tail of its output are attached."""
+
+    def __init__(self, cmd: Sequence[str], returncode: int, tail: str):
+        self.cmd, self.returncode, self.tail = list(cmd), returncode, tail
+        super().__init__(f"{' '.join(cmd)} exited with {returncode}\n--- last output ---\n{tail}")
+
+
+def resolve_launcher(launcher: LauncherConfig) -> str:
+    """'deepspeed' or 'torchrun' for ``launcher.launcher == 'auto'``."""
+    if launcher.launcher != "auto":
+        return launcher.launcher
+    if launcher.hostfile is not None:
+        return "deepspeed"
+    return "deepspeed" if _deepspeed_launcher() is not None else "torchrun"
+
+
+def _deepspeed_launcher() -> Optional[list[str]]:
+    exe = shutil.which("deepspeed")
+    if exe:
+        return [exe]
+    try:
+        import deepspeed.launcher.runner  # noqa: F401
+    except ImportError:
+        return None
+    return [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def build_launch_command(config_path: Union[str, Path], launcher: LauncherConfig,
+                         module: str = ENTRY_MODULE, python: Optional[str] = None,
+                         extra_args: Sequence[str] = ()) -> list[str]:
+    """The command line that runs ``python -m <module> --config <config_path>`` on
+    ``launcher.world_size`` processes."""
+    kind = resolve_launcher(launcher)
+    python = python or sys.executable
+    script = ["--config", str(config_path), *extra_args]
+    if kind == "deepspeed":
+        base = _deepspeed_launcher()
+        if base is None:
+            raise RuntimeError("the deepspeed launcher is not installed; use launcher 'torchrun'")
+        cmd = list(base)
+        if launcher.hostfile is not None:
+            cmd += ["--hostfile", str(launcher.hostfile), "--num_nodes", str(launcher.num_nodes)]
+        cmd += ["--num_gpus", str(launcher.num_gpus)]
+        if launcher.master_addr:
+            cmd += ["--master_addr", launcher.master_addr]
+        if launcher.master_port or launcher.num_nodes == 1:
+            cmd += ["--master_port", str(launcher.master_port or _free_port())]
+        return cmd + ["--module", module, *script]
+    if kind == "torchrun":
+        cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(launcher.num_nodes),
+               "--nproc_per_node", str(launcher.num_gpus)]
+        if launcher.num_nodes > 1:
+            cmd += ["--node_rank", str(launcher.node_rank)]
+        if launcher.num_nodes > 1 and not (launcher.master_addr and launcher.master_port):
+            raise ValueError("torchrun on several nodes needs launcher.master_addr and master_port")
+        cmd += ["--master_addr", launcher.master_addr or "127.0.0.1",
+                "--master_port", str(launcher.master_port or _free_port())]
+        return cmd + ["-m", module, *script]
+    raise ValueError(f"unknown launcher {kind!r}")
+
+
+def _free_port() -> int:
+    from colar_core.training.engine import free_port
+
+    return free_port()
+
+
+def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: str = ENTRY_MODULE,
+           env: Optional[dict] = None, cwd: Optional[Union[str, Path]] = None,
+           on_line: Optional[Callable[[str], None]] = None, tail_lines: int = 200) -> int:
+    """Run the launcher as a subprocess, streaming its output line by line (to ``on_line``, default
+    stdout); raise :class:`LaunchError` if it exits non-zero. Returns 0."""
+    cmd = build_launch_command(config_path, launcher, module)
+    run_env = dict(os.environ if env is None else env)
+    # the job's processes must import this checkout of colar_core
+    root = str(Path(__file__).resolve().parents[2])
+    run_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, run_env.get("PYTHONPATH", "")) if p)
+    run_env.setdefault("PYTHONUNBUFFERED", "1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        run_env.pop(var, None)  # set by the launcher, not inherited from an in-process run
+    emit = on_line or (lambda line: print(line, flush=True))
+    tail: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=run_env, cwd=str(cwd) if cwd else None)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            emit(line)
+            tail.append(line)
+            if len(tail) > tail_lines:
+                del tail[0]
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if rc != 0:
+        raise LaunchError(cmd, rc, "\n".join(tail[-40:]))
+    return 0
+
+
+def run_sft_stage(job, config_path: Optional[Union[str, Path]] = None, callbacks: Sequence = (),
+                  on_line: Optional[Callable[[str], None]] = None):
+    """Run an :class:`~colar_core.training.sft.SFTJob`: in this process when its launcher asks for
+    one process, else through :func:`launch` (the job is written to ``config_path``, default
+    ``output_dir/job.json``). Returns the :class:`~colar_core.training.sft.SFTResult`.
+    ``callbacks`` only run in-process; a launched job's metrics are in ``metrics.jsonl``."""
+    from colar_core.training.sft import SFTResult, run_sft_job
+
+    if not job.train.launcher.multi_process:
+        return run_sft_job(job, callbacks)
+    out = Path(job.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = Path(config_path) if config_path else out / "job.json"
+    path.write_text(job.model_dump_json(indent=2))
+    launch(path, job.train.launcher, on_line=on_line)
+    return SFTResult.load(out)

@@ -1,0 +1,168 @@
+"""Pipeline commands of ``colar``: run, retry, compare, servers.
+
+``colar run`` validates the config in full first (a bad field stops it before any server or
+stage starts), then makes sure an MLflow and a Prefect server answer (starting local ones bound to
+127.0.0.1 when ``MLFLOW_TRACKING_URI`` / ``PREFECT_API_URL`` are not set), runs the flow, and
+prints where to look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from colar_core.pipeline_config import ConfigError, PipelineConfig, load_config
+
+
+def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optional[str], flow_run_id: Optional[str]):
+    mlflow_url = urls["mlflow"].rstrip("/")
+    prefect_ui = urls["prefect"].rstrip("/").removesuffix("/api")
+    if parent_run_id and experiment_id:
+        print(f"MLflow run:      {mlflow_url}/#/experiments/{experiment_id}/runs/{parent_run_id}")
+    if flow_run_id:
+        print(f"Prefect flow run: {prefect_ui}/runs/flow-run/{flow_run_id}")
+    print("Stop the local servers with: colar servers stop")
+
+
+def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None) -> int:
+    from flows.servers import ensure_servers
+
+    urls = ensure_servers()
+    print(f"MLflow tracking server: {urls['mlflow']}\nPrefect API: {urls['prefect']}", flush=True)
+    from flows.pipeline import run_pipeline
+
+    state = run_pipeline(cfg, parent_run_id=parent_run_id, return_state=True)
+    flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(urls["mlflow"])
+    client = MlflowClient()
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'" if parent_run_id is None else "",
+        max_results=1,
+    ) if flow_run_id and parent_run_id is None else []
+    parent = parent_run_id or (runs[0].info.run_id if runs else None)
+    experiment_id = client.get_run(parent).info.experiment_id if parent else None
+    if state.is_completed():
+        result = state.result()
+        print(json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}, indent=2, sort_keys=True))
+        if result.get("alias_uri"):
+            print(f"Registered model: {result['alias_uri']}")
+        _print_urls(urls, parent, experiment_id, flow_run_id)
+        return 0
+    print(f"pipeline {state.name}: {state.message}", file=sys.stderr)
+    if parent:
+        print(f"Re-trigger the failed stages with: colar retry {parent}", file=sys.stderr)
+    _print_urls(urls, parent, experiment_id, flow_run_id)
+    return 1
+
+
+def cmd_run(args) -> int:
+    try:
+        cfg = load_config(args.config, args.set or [])
+    except ConfigError as err:
+        print(f"colar run: {err}", file=sys.stderr)
+        return 2
+    return _run(cfg)
+
+
+def resolve_parent_run(run: str):
+    """An MLflow parent run id, or a Prefect flow-run id recorded on a parent run's tags."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        found = client.get_run(run)
+        if "mlflow.parentRunId" not in found.data.tags:
+            return found
+    except MlflowException:
+        pass
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for tag in ("prefect.flow_run_id", "prefect.flow_run_id.retry"):
+        hits = client.search_runs(experiments, filter_string=f"tags.`{tag}` = '{run}'", max_results=1)
+        if hits:
+            return hits[0]
+    raise LookupError(f"no pipeline run with MLflow run id or Prefect flow-run id {run!r}")
+
+
+def cmd_retry(args) -> int:
+    from flows.servers import ensure_servers
+
+    ensure_servers()
+    from mlflow.tracking import MlflowClient
+
+    try:
+        parent = resolve_parent_run(args.run)
+    except LookupError as err:
+        print(f"colar retry: {err}", file=sys.stderr)
+        return 2
+    path = MlflowClient().download_artifacts(parent.info.run_id, "config.json")
+    with open(path) as fh:
+        cfg = PipelineConfig.model_validate(json.load(fh))
+    print(f"retrying pipeline run {parent.info.run_id} ({parent.info.status})", flush=True)
+    return _run(cfg, parent_run_id=parent.info.run_id)
+
+
+def cmd_compare(args) -> int:
+    from flows.servers import ensure_mlflow, use_mlflow
+    from flows.compare import compare_runs
+
+    use_mlflow(ensure_mlflow())
+    table = compare_runs(args.experiment, args.plot)
+    if table.empty:
+        print(f"no finished pipeline runs in experiment {args.experiment!r}")
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(table.to_string(index=False))
+    print(f"accuracy vs chain length plot: {args.plot}")
+    return 0
+
+
+def cmd_servers(args) -> int:
+    from flows.servers import ensure_servers, server_status, stop_servers
+
+    if args.action == "start":
+        for name, url in ensure_servers(apply_env=False).items():
+            print(f"{name}: {url}")
+    elif args.action == "stop":
+        stopped = stop_servers()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    else:
+        print(json.dumps(server_status(), indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colar")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline (default config: the embedded tiny default)")
+    run.add_argument("--config", help="YAML config file (see configs/)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. sft_colar.max_steps=100")
+    run.set_defaults(func=cmd_run)
+    retry = sub.add_parser("retry", help="re-run a failed pipeline: finished stages are skipped, the failed one resumes")
+    retry.add_argument("run", help="MLflow parent run id or Prefect flow-run id")
+    retry.set_defaults(func=cmd_retry)
+    compare = sub.add_parser("compare", help="table of pipeline runs: accuracy and #L per compression factor")
+    compare.add_argument("--experiment", default="colar")
+    compare.add_argument("--plot", default="compare_accuracy_vs_length.png")
+    compare.set_defaults(func=cmd_compare)
+    servers = sub.add_parser("servers", help="start / stop / status of the local MLflow and Prefect servers")
+    servers.add_argument("action", choices=["start", "stop", "status"])
+    servers.set_defaults(func=cmd_servers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The CoLaR pipeline as a Prefect flow: prepare -> SFT (CoT) -> SFT (CoLaR) -> evaluate -> report.
+
+The flow validates the whole config first, opens (or, on retry, reuses) one MLflow parent run,
+and hands each stage a cache key built from its config section, the digests of its inputs and the
+code version. Stages already finished under the same key come back Cached; the failed one runs
+again in its own folder and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from colar_core.pipeline_config import PipelineConfig
+from tasks.keys import code_version, stage_dir, stage_key
+from tasks.report import report_stage
+from tasks.stages import RESULT_FILE, evaluate_stage, prepare_stage, sft_stage
+from tasks.tracking import end_run, flatten_params, start_parent_run
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _run_stage(task_fn, stage_name: str, section, inputs: dict, output_dir: str, **kwargs):
+    """Call a stage task with its key and folder; re-run it if its cached folder was deleted."""
+    key = stage_key(stage_name, section, inputs)
+    out = stage_dir(output_dir, stage_name, key)
+    fn = task_fn if (out / RESULT_FILE).is_file() else task_fn.with_options(refresh_cache=True)
+    return fn(out_dir=str(out), key=key, **kwargs)
+
+
+@flow(name="colar-pipeline", log_prints=True)
+def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
+    """Run every stage of ``config`` (a PipelineConfig as a dict). ``parent_run_id`` resumes a run."""
+    logger = get_run_logger()
+    cfg = PipelineConfig.model_validate(config)
+    conf = cfg.model_dump(mode="json")
+    if parent_run_id is None:
+        tags = {"colar.config_hash": cfg.digest(), "colar.code_version": code_version()[:16],
+                "prefect.flow_run_id": str(flow_run.get_id() or ""), "colar.pipeline": cfg.name}
+        if commit := git_commit():
+            tags["mlflow.source.git.commit"] = commit
+        parent_run_id = start_parent_run(cfg.tracking.experiment, cfg.name, tags, flatten_params(conf))
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().log_text(parent_run_id, json.dumps(conf, indent=2, sort_keys=True), "config.json")
+    else:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_tag(parent_run_id, "prefect.flow_run_id.retry", str(flow_run.get_id() or ""))
+    logger.info("MLflow parent run %s", parent_run_id)
+
+    try:
+        out_root = cfg.output_dir
+        prep = _run_stage(prepare_stage, "prepare", {"data": conf["data"], "model": conf["model"]}, {}, out_root,
+                          data=conf["data"], model=conf["model"], parent_run_id=parent_run_id)
+        data_inputs = {"data": prep["digest"]}
+
+        def sft(stage: str, section: dict, init_dir: Optional[str], init_key: str = ""):
+            return _run_stage(sft_stage, stage, {"train": section, "model": conf["model"]},
+                              {**data_inputs, "init": init_key}, out_root, stage=stage, train=section,
+                              model=conf["model"], init_model_dir=init_dir, data_dir=prep["data_dir"],
+                              tokenizer_dir=prep["tokenizer_dir"], parent_run_id=parent_run_id)
+
+        cot = sft("sft-cot", conf["sft_cot"], None) if cfg.sft_cot else None
+        colar = sft("sft-colar", conf["sft_colar"], cot and cot["model_dir"], cot and cot["model_digest"] or "")
+        nocot = None
+        if cfg.eval.nocot_baseline:
+            section = json.loads(json.dumps(conf["sft_cot"] or conf["sft_colar"]))
+            section["objective"].update(mode="nocot", compression_factors=[1])
+            nocot = sft("sft-nocot", section, None)
+        evaluation = _run_stage(
+            evaluate_stage, "evaluate", conf["eval"],
+            {"colar": colar["model_digest"], "cot": cot and cot["model_digest"], "nocot": nocot and nocot["model_digest"],
+             **data_inputs}, out_root,
+            eval_cfg=conf["eval"], colar_model_dir=colar["model_dir"], cot_model_dir=cot and cot["model_dir"],
+            nocot_model_dir=nocot and nocot["model_dir"], data_dir=prep["data_dir"], parent_run_id=parent_run_id)
+        from colar_core.data.prepare import load_split
+
+        example = load_split(Path(prep["data_dir"]) / "test.jsonl")[0].question
+        report = report_stage(parent_run_id, evaluation["metrics"], colar["model_dir"],
+                              str(Path(out_root).resolve() / "reports" / parent_run_id),
+                              cfg.tracking.registered_model_name, example)
+    except BaseException:
+        end_run(parent_run_id, "FAILED")
+        raise
+    end_run(parent_run_id, "FINISHED")
+    return {"parent_run_id": parent_run_id, "metrics": evaluation["metrics"], **report}
+
+
+def run_pipeline(cfg: PipelineConfig, parent_run_id: Optional[str] = None, return_state: bool = False):
+    """Run the flow in this process against the Prefect API in ``PREFECT_API_URL``."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    return colar_pipeline(cfg.model_dump(mode="json"), parent_run_id=parent_run_id, return_state=return_state)

@@ -1,0 +1,563 @@
+"""Local MLflow and Prefect servers for the pipeline: start once, reuse, stop.
+
+``colar run`` calls :func:`ensure_servers` (or the two ``ensure_*`` functions) before it runs a
+flow. Each server is a detached background process (its own session, so it outlives the CLI
+command and can be stopped as one process group), bound to 127.0.0.1 on a free port, logging to
+a file in the state directory. What was started is recorded in ``<state_dir>/servers.json``; the
+next ``colar run`` finds the record, checks the process is alive and answering, and reuses it.
+
+If ``MLFLOW_TRACKING_URI`` / ``PREFECT_API_URL`` is set, that server is used instead of starting
+one, after a quick check that it answers (a wrong URI fails in seconds, naming the URI).
+
+State directory: ``$COLAR_HOME`` if set, else ``./.colar``. Layout::
+
+    servers.json            {"mlflow": {pid, url, log, ...}, "prefect": {...}}
+    *.lock                  serialise concurrent ``ensure_*``/``stop_servers`` calls
+    mlflow.db, mlartifacts/ MLflow backend store and proxied artifacts
+    mlflow.log, prefect.log server output
+    prefect/                PREFECT_HOME of the Prefect server (its sqlite database)
+
+This module imports neither mlflow nor prefect (the servers run as subprocesses), so the CLI
+starts fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+__all__ = [
+    "ServerError",
+    "default_state_dir",
+    "ensure_mlflow",
+    "ensure_prefect",
+    "ensure_servers",
+    "stop_servers",
+    "server_status",
+    "use_mlflow",
+    "use_prefect",
+]
+
+RECORD_FILE = "servers.json"
+
+#: Seconds to wait for a freshly started server to answer its health endpoint.
+#: Measured here: MLflow ~9-18 s, Prefect ~11-17 s (slower on a loaded machine).
+DEFAULT_START_TIMEOUT_S = 90.0
+#: Seconds an externally configured server (env var) has to answer before we give up.
+EXTERNAL_CHECK_TIMEOUT_S = 3.0
+
+# Telemetry off for every server we start. MLflow only honours DO_NOT_TRACK == "true", hence
+# MLFLOW_DISABLE_TELEMETRY as well.
+_QUIET_ENV = {
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+# Popen handles of servers started by this process, so they can be reaped (no zombies, no
+# ResourceWarning) when stopped from the same process (tests do this).
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+class ServerError(RuntimeError):
+    """A server could not be started or reached."""
+
+
+# --------------------------------------------------------------------------------------------
+# state directory and records
+
+
+def default_state_dir() -> Path:
+    """``$COLAR_HOME`` if set, else ``./.colar`` under the current directory."""
+    env = os.environ.get("COLAR_HOME")
+    return Path(env).expanduser() if env else Path.cwd() / ".colar"
+
+
+def _state_dir(state_dir: Optional[os.PathLike | str]) -> Path:
+    path = Path(state_dir).expanduser() if state_dir is not None else default_state_dir()
+    path = path.resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _read_records(state_dir: Path) -> dict[str, dict[str, Any]]:
+    path = state_dir / RECORD_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_records(state_dir: Path, records: dict[str, dict[str, Any]]) -> None:
+    path = state_dir / RECORD_FILE
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path, name: str) -> Iterator[None]:
+    """Exclusive lock ``state_dir/<name>.lock`` across processes (so two ``colar run`` do not both
+    start a server). One lock per server, plus ``servers`` around edits of the record file."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, same behaviour otherwise
+        yield
+        return
+    with open(state_dir / f"{name}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _get_record(state_dir: Path, name: str) -> Optional[dict[str, Any]]:
+    return _read_records(state_dir).get(name)
+
+
+def _set_record(state_dir: Path, name: str, rec: Optional[dict[str, Any]]) -> None:
+    with _locked(state_dir, "servers"):
+        records = _read_records(state_dir)
+        if rec is None:
+            records.pop(name, None)
+        else:
+            records[name] = rec
+        _write_records(state_dir, records)
+
+
+# --------------------------------------------------------------------------------------------
+# processes, ports, health
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie."""
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # killpg succeeds while only zombies remain; look for a live member.
+    try:
+        for stat_path in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat_path.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields: state ppid pgrp ...
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+        return False
+    except OSError:
+        return True
+
+
+def _is_our_process(pid: int, rec: dict[str, Any], marker: str) -> bool:
+    """Guard against a recycled pid: the process must run the recorded command line (or, for
+    records without one, a command naming the server)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return True  # no /proc: trust the pid
+    argv_s = [a.decode(errors="replace") for a in argv]
+    cmd = rec.get("cmd")
+    if isinstance(cmd, list) and cmd:
+        return argv_s == [str(c) for c in cmd]
+    return any(marker in a for a in argv_s)
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (local URLs)
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _wait_healthy(url: str, timeout_s: float, proc: Optional[subprocess.Popen] = None) -> bool:
+    """Poll ``url`` until it answers 2xx; False on timeout or when ``proc`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if _http_ok(url, timeout=min(2.0, max(0.2, deadline - time.monotonic()))):
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _health_url(base: str, path: str) -> str:
+    return base.rstrip("/") + "/" + path.lstrip("/")
+
+
+def _check_external(name: str, env_var: str, url: str, health_path: str, timeout_s: float) -> str:
+    if not url.startswith(("http://", "https://")):
+        return url  # e.g. sqlite:///... for MLflow: nothing to probe
+    health = _health_url(url, health_path)
+    if _wait_healthy(health, timeout_s):
+        return url
+    raise ServerError(
+        f"{name} server at {url} (from ${env_var}) does not answer: GET {health} failed for "
+        f"{timeout_s:.0f} s. Start it, fix ${env_var}, or unset it to let colar start a local one."
+    )
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(cwd),
+            start_new_session=True,  # own process group; survives the CLI; stoppable as a group
+            close_fds=True,
+        )
+    _CHILDREN[proc.pid] = proc
+    return proc
+
+
+def _terminate_group(pid: int, pgid: int, timeout_s: float) -> None:
+    """SIGTERM the process group, SIGKILL what is left after ``timeout_s``."""
+
+    def signal_group(sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def wait_gone(wait_s: float) -> bool:
+        deadline = time.monotonic() + wait_s
+        while True:
+            child = _CHILDREN.get(pid)
+            if child is not None:
+                child.poll()  # reap the leader if it is ours, so it is not counted as alive
+            if not _group_alive(pgid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    signal_group(signal.SIGTERM)
+    if not wait_gone(timeout_s):
+        signal_group(signal.SIGKILL)
+        wait_gone(5.0)
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=1.0)
+
+
+def _recorded_alive(rec: dict[str, Any], marker: str) -> bool:
+    pid = rec.get("pid")
+    return isinstance(pid, int) and _pid_alive(pid) and _is_our_process(pid, rec, marker)
+
+
+# --------------------------------------------------------------------------------------------
+# generic ensure
+
+
+def _ensure(
+    *,
+    name: str,
+    state_dir: Path,
+    host: str,
+    port: Optional[int],
+    build_cmd,  # (port) -> list[str]
+    env: dict[str, str],
+    health_path: str,
+    marker: str,
+    url_suffix: str,
+    timeout_s: float,
+    extra: dict[str, Any],
+) -> str:
+    with _locked(state_dir, name):
+        rec = _get_record(state_dir, name)
+        if rec:
+            same_place = rec.get("host") == host and (port is None or rec.get("port") == port)
+            if _recorded_alive(rec, marker):
+                # Alive: reuse it if it answers (waiting in case it is still starting).
+                if same_place and _wait_healthy(_health_url(rec["base_url"], health_path), timeout_s):
+                    return rec["url"]
+                _terminate_group(rec["pid"], rec.get("pgid", rec["pid"]), timeout_s=10.0)
+            _set_record(state_dir, name, None)
+
+        log_path = state_dir / f"{name}.log"
+        last_error = ""
+        for attempt in range(2):  # a free port can be taken between probing and binding: retry once
+            use_port = port if port is not None else _free_port(host)
+            base_url = f"http://{host}:{use_port}"
+            cmd = build_cmd(use_port)
+            started = time.monotonic()
+            proc = _spawn(cmd, env, log_path, cwd=state_dir)
+            try:
+                healthy = _wait_healthy(_health_url(base_url, health_path), timeout_s, proc)
+            except BaseException:  # Ctrl-C while waiting: do not leave an unrecorded server behind
+                _terminate_group(proc.pid, proc.pid, timeout_s=5.0)
+                raise
+            if healthy:
+                rec = {
+                    "pid": proc.pid,
+                    "pgid": os.getpgid(proc.pid),
+                    "host": host,
+                    "port": use_port,
+                    "base_url": base_url,
+                    "url": base_url + url_suffix,
+                    "log": str(log_path),
+                    "cmd": cmd,
+                    "started_at": time.time(),
+                    "startup_s": round(time.monotonic() - started, 2),
+                    **extra,
+                }
+                _set_record(state_dir, name, rec)
+                return rec["url"]
+            died = proc.poll() is not None
+            _terminate_group(proc.pid, proc.pid, timeout_s=5.0)
+            tail = _log_tail(log_path)
+            last_error = (
+                f"{name} server {'exited' if died else f'did not answer within {timeout_s:.0f} s'} "
+                f"(command: {' '.join(cmd)}).\nLog {log_path} (last lines):\n{tail}"
+            )
+            port_clash = "address already in use" in tail.lower() or "errno 98" in tail.lower()
+            if not (died and port_clash and port is None):
+                break
+        raise ServerError(last_error)
+
+
+def _base_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(_QUIET_ENV)
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def ensure_mlflow(
+    state_dir: Optional[os.PathLike | str] = None,
+    host: str = "127.0.0.1",
+    port: Optional[int] = None,
+    *,
+    timeout_s: float = DEFAULT_START_TIMEOUT_S,
+) -> str:
+    """Return a tracking URI of an MLflow server that answers, starting one if needed.
+
+    ``$MLFLOW_TRACKING_URI`` wins if set (checked to answer within a few seconds, else
+    :class:`ServerError` naming it). Otherwise reuse the server recorded in ``state_dir``, or start
+    ``mlflow server`` with a sqlite backend (``state_dir/mlflow.db``), proxied artifacts in
+    ``state_dir/mlartifacts``, one worker and job execution off (keeps memory low).
+    """
+    external = os.environ.get("MLFLOW_TRACKING_URI")
+    if external:
+        return _check_external("MLflow", "MLFLOW_TRACKING_URI", external, "health", EXTERNAL_CHECK_TIMEOUT_S)
+
+    sd = _state_dir(state_dir)
+    backend = f"sqlite:///{sd / 'mlflow.db'}"
+    artifacts = sd / "mlartifacts"
+
+    def build_cmd(p: int) -> list[str]:
+        return [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", backend,
+            "--artifacts-destination", str(artifacts),
+            "--host", host,
+            "--port", str(p),
+            "--workers", "1",
+        ]
+
+    env = _base_env(drop=("MLFLOW_TRACKING_URI",))
+    # Background job runner (GenAI judges/optimisation) is not used by colar; it costs ~8 processes.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return _ensure(
+        name="mlflow",
+        state_dir=sd,
+        host=host,
+        port=port,
+        build_cmd=build_cmd,
+        env=env,
+        health_path="health",
+        marker="mlflow",
+        url_suffix="",
+        timeout_s=timeout_s,
+        extra={"backend_store_uri": backend, "artifacts_destination": str(artifacts)},
+    )
+
+
+def ensure_prefect(
+    state_dir: Optional[os.PathLike | str] = None,
+    host: str = "127.0.0.1",
+    port: Optional[int] = None,
+    *,
+    timeout_s: float = DEFAULT_START_TIMEOUT_S,
+) -> str:
+    """Return the API URL (``http://127.0.0.1:PORT/api``) of a Prefect server, starting one if needed.
+
+    ``$PREFECT_API_URL`` wins if set (checked via ``/health``). Otherwise reuse the recorded server
+    or start ``prefect server start`` with ``PREFECT_HOME=state_dir/prefect``, UI and analytics off.
+    Callers then point flows at it with :func:`use_prefect` (setting ``os.environ`` alone is not
+    enough once ``prefect`` has been imported: it reads settings at import time).
+    """
+    external = os.environ.get("PREFECT_API_URL")
+    if external:
+        return _check_external("Prefect", "PREFECT_API_URL", external, "health", EXTERNAL_CHECK_TIMEOUT_S)
+
+    sd = _state_dir(state_dir)
+    home = sd / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+
+    def build_cmd(p: int) -> list[str]:
+        return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(p)]
+
+    env = _base_env(drop=("PREFECT_API_URL", "PREFECT_PROFILE"))
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_UI_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+        }
+    )
+    return _ensure(
+        name="prefect",
+        state_dir=sd,
+        host=host,
+        port=port,
+        build_cmd=build_cmd,
+        env=env,
+        health_path="api/health",
+        marker="prefect",
+        url_suffix="/api",
+        timeout_s=timeout_s,
+        extra={"prefect_home": str(home)},
+    )
+
+
+def use_mlflow(tracking_uri: str) -> None:
+    """Point this process (and its children) at ``tracking_uri``."""
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+
+
+def use_prefect(api_url: str) -> None:
+    """Point this process (and its children) at the Prefect API ``api_url``.
+
+    Sets ``PREFECT_API_URL`` and, if ``prefect`` is already imported, refreshes its global settings
+    (it snapshots the environment at import). Code running inside an explicit
+    ``temporary_settings``/flow context keeps that context's settings.
+    """
+    os.environ["PREFECT_API_URL"] = api_url
+    context = sys.modules.get("prefect.context")
+    if context is not None:
+        context.refresh_global_settings_context()
+
+
+def ensure_servers(
+    state_dir: Optional[os.PathLike | str] = None, *, apply_env: bool = True
+) -> dict[str, str]:
+    """Ensure both servers (started in parallel); with ``apply_env`` point this process at them.
+
+    Returns ``{"mlflow": tracking_uri, "prefect": api_url}``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="colar-servers") as pool:
+        mlflow_f = pool.submit(ensure_mlflow, state_dir)
+        prefect_f = pool.submit(ensure_prefect, state_dir)
+        urls = {"mlflow": mlflow_f.result(), "prefect": prefect_f.result()}
+    if apply_env:
+        use_mlflow(urls["mlflow"])
+        use_prefect(urls["prefect"])
+    return urls
+
+
+def stop_servers(
+    state_dir: Optional[os.PathLike | str] = None,
+    names: Optional[list[str]] = None,
+    *,
+    timeout_s: float = 15.0,
+) -> list[str]:
+    """Stop the recorded servers (all, or ``names``) and remove their records. Returns the names stopped.
+
+    Each server's process group gets SIGTERM, then SIGKILL after ``timeout_s``. Servers given by
+    environment variables are never touched.
+    """
+    sd = _state_dir(state_dir)
+    stopped: list[str] = []
+    for name in sorted(_read_records(sd)):
+        if names is not None and name not in names:
+            continue
+        with _locked(sd, name):
+            rec = _get_record(sd, name)
+            if rec and _recorded_alive(rec, name):
+                _terminate_group(rec["pid"], rec.get("pgid", rec["pid"]), timeout_s)
+                stopped.append(name)
+            _set_record(sd, name, None)
+    return stopped
+
+
+def server_status(state_dir: Optional[os.PathLike | str] = None) -> dict[str, dict[str, Any]]:
+    """Recorded servers with ``alive`` (process runs) and ``healthy`` (answers) added."""
+    sd = _state_dir(state_dir)
+    out: dict[str, dict[str, Any]] = {}
+    health = {"mlflow": "health", "prefect": "api/health"}
+    for name, rec in _read_records(sd).items():
+        alive = _recorded_alive(rec, name)
+        healthy = alive and _http_ok(_health_url(rec.get("base_url", ""), health.get(name, "health")), timeout=2.0)
+        out[name] = {**rec, "alive": alive, "healthy": healthy}
+    return out

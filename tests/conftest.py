@@ -1,0 +1,141 @@
+"""Shared test environment and the real MLflow / Prefect servers.
+
+Environment (set when this file is imported, before any test module imports ``prefect``, which
+reads its settings at import time):
+
+- telemetry off: ``DO_NOT_TRACK=1``, ``MLFLOW_DISABLE_TELEMETRY=true`` (MLflow ignores
+  ``DO_NOT_TRACK=1``; it wants ``true``), ``PREFECT_SERVER_ANALYTICS_ENABLED=false``;
+- ``PREFECT_HOME`` and ``COLAR_HOME`` in a temporary directory removed at session end;
+- ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120`` (the ephemeral server needs ~17 s here);
+- ``MLFLOW_TRACKING_URI`` and ``PREFECT_API_URL`` unset: a test never talks to a developer's
+  servers by accident.
+
+Servers start lazily, once per session, only when a test asks:
+
+- ``mlflow_server``  -> tracking URI of a real ``mlflow server`` (sqlite in a temp dir). Tests that
+  use it (directly or through another fixture) get ``MLFLOW_TRACKING_URI`` set for their duration.
+- ``prefect_server`` -> API URL of a real ``prefect server start``; ``PREFECT_API_URL`` is set (and
+  Prefect's settings refreshed) from then on for the rest of the session.
+
+Both are started by ``flows.servers`` (the code ``colar run`` uses) and stopped at session end.
+Add model/data fixtures below the marked line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# --------------------------------------------------------------------------------------------
+# environment, at import time
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="colar-tests-"))
+_TEST_ENV = {
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_HOME": str(_SESSION_TMP / "prefect-home"),
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "COLAR_HOME": str(_SESSION_TMP / "colar-home"),
+}
+_UNSET = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_PROFILE")
+
+os.environ.update(_TEST_ENV)
+for _name in _UNSET:
+    os.environ.pop(_name, None)
+
+
+def _refresh_prefect_settings() -> None:
+    """Make an already-imported prefect pick up os.environ changes."""
+    context = sys.modules.get("prefect.context")
+    if context is not None:
+        context.refresh_global_settings_context()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_environment():
+    """Re-assert the test environment for the session; remove the temp dir at the end."""
+    os.environ.update(_TEST_ENV)
+    for name in _UNSET:
+        os.environ.pop(name, None)
+    _refresh_prefect_settings()
+    yield dict(_TEST_ENV)
+    if (Path(_TEST_ENV["COLAR_HOME"]) / "servers.json").exists():
+        # a test started servers in the default state dir and did not stop them
+        from flows.servers import stop_servers
+
+        stop_servers(_TEST_ENV["COLAR_HOME"])
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """Tracking URI (``http://127.0.0.1:PORT``) of a real MLflow server, one per session."""
+    from flows.servers import ensure_mlflow, stop_servers
+
+    state_dir = tmp_path_factory.mktemp("mlflow-server")
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)  # ensure_mlflow would defer to it
+    try:
+        uri = ensure_mlflow(state_dir)
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    yield uri
+    stop_servers(state_dir)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_env(request, monkeypatch):
+    """``MLFLOW_TRACKING_URI`` = the session server for tests that use ``mlflow_server``, unset
+    otherwise; afterwards end a leftover active run and clear ``mlflow.set_tracking_uri``."""
+    if "mlflow_server" in request.fixturenames:
+        uri = request.getfixturevalue("mlflow_server")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        try:
+            while mlflow.active_run() is not None:
+                mlflow.end_run()
+        except Exception:  # server gone: nothing to end
+            pass
+        mlflow.set_tracking_uri(None)
+
+
+# --------------------------------------------------------------------------------------------
+# Prefect
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> str:
+    """API URL (``http://127.0.0.1:PORT/api``) of a real Prefect server, one per session.
+
+    From the first test that uses it, ``PREFECT_API_URL`` points at it for the rest of the session
+    (Prefect's global settings are refreshed so already-imported prefect sees it).
+    """
+    from flows.servers import ensure_prefect, stop_servers
+
+    state_dir = tmp_path_factory.mktemp("prefect-server")
+    os.environ.pop("PREFECT_API_URL", None)
+    url = ensure_prefect(state_dir)
+    os.environ["PREFECT_API_URL"] = url
+    _refresh_prefect_settings()
+    yield url
+    os.environ.pop("PREFECT_API_URL", None)
+    _refresh_prefect_settings()
+    stop_servers(state_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# add model / data fixtures below

@@ -1,0 +1,206 @@
+"""flows.servers: local MLflow / Prefect servers start detached on 127.0.0.1, are reused, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows import servers
+from flows.servers import ServerError, ensure_mlflow, ensure_prefect, server_status, stop_servers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """IP addresses with a socket listening on ``port`` (from /proc/net/tcp{,6})."""
+    found = set()
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            ip_hex, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A = LISTEN
+                continue
+            raw = bytes.fromhex(ip_hex)
+            if v6:
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                found.add(socket.inet_ntop(socket.AF_INET6, raw))
+            else:
+                found.add(socket.inet_ntoa(raw[::-1]))
+    return found
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.fixture
+def no_external_servers(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+
+
+@pytest.mark.slow
+def test_mlflow_server_starts_on_loopback_is_reused_and_stops(tmp_path, no_external_servers):
+    t0 = time.monotonic()
+    uri = ensure_mlflow(tmp_path)
+    started_s = time.monotonic() - t0
+    print(f"mlflow server start: {started_s:.1f} s")
+
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", uri)
+    assert _answers(uri + "/health")
+    record = json.loads((tmp_path / "servers.json").read_text())["mlflow"]
+    assert record["url"] == uri and record["log"] == str(tmp_path / "mlflow.log")
+    assert record["backend_store_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert _listen_addresses(record["port"]) == {"127.0.0.1"}
+
+    t0 = time.monotonic()
+    assert ensure_mlflow(tmp_path) == uri  # second `colar run`: reuse, no new process
+    assert time.monotonic() - t0 < 3.0
+    assert json.loads((tmp_path / "servers.json").read_text())["mlflow"]["pid"] == record["pid"]
+    status = server_status(tmp_path)["mlflow"]
+    assert status["alive"] and status["healthy"]
+
+    assert stop_servers(tmp_path) == ["mlflow"]
+    assert _pid_gone(record["pid"])
+    assert not _answers(uri + "/health")
+    assert not (tmp_path / "servers.json").exists()
+    assert server_status(tmp_path) == {}
+
+
+@pytest.mark.slow
+def test_prefect_server_starts_on_loopback_is_reused_and_stops(tmp_path, no_external_servers):
+    t0 = time.monotonic()
+    url = ensure_prefect(tmp_path)
+    print(f"prefect server start: {time.monotonic() - t0:.1f} s")
+
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/api", url)
+    assert _answers(url + "/health")
+    record = json.loads((tmp_path / "servers.json").read_text())["prefect"]
+    assert record["prefect_home"] == str(tmp_path.resolve() / "prefect")
+    assert _listen_addresses(record["port"]) == {"127.0.0.1"}
+    assert ensure_prefect(tmp_path) == url
+
+    assert stop_servers(tmp_path, names=["prefect"]) == ["prefect"]
+    assert _pid_gone(record["pid"])
+    assert not _answers(url + "/health")
+
+
+@pytest.mark.slow
+def test_server_that_dies_at_start_reports_its_log(tmp_path, no_external_servers):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerError, match="address already in use") as err:
+            ensure_mlflow(tmp_path, port=port, timeout_s=60)
+    assert str(tmp_path / "mlflow.log") in str(err.value)
+    assert not (tmp_path / "servers.json").exists()
+
+
+def test_dead_mlflow_tracking_uri_fails_fast_naming_it(monkeypatch, tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match=re.escape(uri)):
+        ensure_mlflow(tmp_path)
+    assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "servers.json").exists()  # nothing started
+
+
+def test_dead_prefect_api_url_fails_fast_naming_it(monkeypatch, tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match=re.escape(url)):
+        ensure_prefect(tmp_path)
+    assert time.monotonic() - t0 < 10
+
+
+def test_live_mlflow_tracking_uri_is_used_instead_of_starting_one(mlflow_server, tmp_path):
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_server
+    assert ensure_mlflow(tmp_path) == mlflow_server
+    assert not (tmp_path / "servers.json").exists()
+
+
+def test_dead_record_is_reported_and_dropped(tmp_path):
+    dead = {"pid": 2**22 + 12345, "pgid": 2**22 + 12345, "host": "127.0.0.1", "port": 1,
+            "base_url": "http://127.0.0.1:1", "url": "http://127.0.0.1:1", "log": "x"}
+    (tmp_path / "servers.json").write_text(json.dumps({"mlflow": dead}))
+    assert server_status(tmp_path)["mlflow"]["alive"] is False
+    assert stop_servers(tmp_path) == []
+    assert not (tmp_path / "servers.json").exists()
+
+
+def test_default_state_dir_is_colar_home_or_dot_colar(monkeypatch, tmp_path):
+    monkeypatch.setenv("COLAR_HOME", str(tmp_path / "home"))
+    assert servers.default_state_dir() == tmp_path / "home"
+    monkeypatch.delenv("COLAR_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert servers.default_state_dir() == tmp_path / ".colar"
+
+
+def test_use_prefect_reaches_already_imported_prefect():
+    import prefect.context
+    from prefect.settings import PREFECT_API_URL
+
+    before = os.environ.get("PREFECT_API_URL")
+    url = "http://127.0.0.1:9/api"
+    try:
+        servers.use_prefect(url)  # os.environ alone would not reach the imported prefect
+        assert PREFECT_API_URL.value() == url
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+        prefect.context.refresh_global_settings_context()
+    assert PREFECT_API_URL.value() == before
+
+
+@pytest.mark.slow
+def test_prefect_server_fixture_runs_flows_against_it(prefect_server):
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+
+    @task
+    def double(x: int) -> int:
+        return 2 * x
+
+    @flow
+    def tiny(x: int) -> int:
+        return double(x)
+
+    assert os.environ["PREFECT_API_URL"] == prefect_server
+    assert tiny(21) == 42
+    with get_client(sync_client=True) as client:
+        assert str(client.api_url).rstrip("/") == prefect_server
+        assert [r.name for r in client.read_flow_runs()] != []

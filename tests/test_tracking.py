@@ -1,0 +1,314 @@
+"""tasks.tracking against a real MLflow server: runs, params, metrics callback, datasets, artifacts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from tasks.tracking import (
+    MASK,
+    PARENT_TAG,
+    STAGE_TAG,
+    MlflowMetricsCallback,
+    end_run,
+    find_child_run,
+    flatten_params,
+    log_artifact_dir,
+    log_dataset_input,
+    replay_unflushed,
+    start_child_run,
+    start_parent_run,
+)
+
+
+def _dead_uri() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+def run_id(mlflow_server):
+    rid = start_parent_run("colar-tests", "callback", tags={}, params={})
+    yield rid
+    end_run(rid)
+
+
+# ---- flatten_params (no server) -----------------------------------------------------------
+
+
+def test_flatten_params_dots_joins_and_truncates():
+    flat = flatten_params(
+        {
+            "model": {"name_or_path": "tiny", "lora": {"r": 128, "target_modules": ["q_proj", "v_proj"]}},
+            "lr": 1e-4,
+            "steps": [{"name": "sft"}, {"name": "rl"}],
+            "note": "x" * 7000,
+            "empty": None,
+        },
+        prefix="cfg",
+    )
+    assert flat["cfg.model.name_or_path"] == "tiny"
+    assert flat["cfg.model.lora.r"] == "128"
+    assert flat["cfg.model.lora.target_modules"] == "q_proj,v_proj"
+    assert flat["cfg.lr"] == "0.0001"
+    assert flat["cfg.steps.0.name"] == "sft" and flat["cfg.steps.1.name"] == "rl"
+    assert len(flat["cfg.note"]) == 6000  # MLflow's param value limit
+    assert flat["cfg.empty"] == "None"
+    assert all(isinstance(v, str) for v in flat.values())
+
+
+def test_flatten_params_accepts_pydantic_configs():
+    from pydantic import BaseModel
+
+    class Lora(BaseModel):
+        r: int = 8
+        target_modules: list[str] = ["q_proj"]
+
+    class Cfg(BaseModel):
+        lora: Lora = Lora()
+
+    assert flatten_params(Cfg()) == {"lora.r": "8", "lora.target_modules": "q_proj"}
+
+
+def test_flatten_params_masks_secrets(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETabcdef123456")
+    monkeypatch.setenv("FEATURE_KEY", "1")  # too short to mask anything
+    flat = flatten_params(
+        {
+            "hf_token": "anything",
+            "auth": {"password": "hunter22", "api_key": "k-123", "apiKey": "k-456", "client_secret": "s"},
+            "tokenizer": {"max_new_tokens": 64, "pad_token_id": 0, "eos_token": "<eos>", "name": "tiny"},
+            "hub_auth": "hf_SECRETabcdef123456",
+            "cmd": "download --token hf_SECRETabcdef123456 --fast",
+            "db": "postgresql://colar:pw1234@db:5432/mlflow",
+            "workers": 1,
+        }
+    )
+    for key in ("hf_token", "auth.password", "auth.api_key", "auth.apiKey", "auth.client_secret"):
+        assert flat[key] == MASK, key
+    assert flat["hub_auth"] == MASK  # value of a *TOKEN* env var
+    assert flat["cmd"] == f"download --token {MASK} --fast"
+    assert flat["db"] == f"postgresql://colar:{MASK}@db:5432/mlflow"
+    # ordinary ML parameters that merely contain "token" are kept
+    assert flat["tokenizer.max_new_tokens"] == "64"
+    assert flat["tokenizer.pad_token_id"] == "0"
+    assert flat["tokenizer.eos_token"] == "<eos>"
+    assert flat["tokenizer.name"] == "tiny"
+    assert flat["workers"] == "1"
+    assert not any("hf_SECRET" in v or "hunter22" in v for v in flat.values())
+
+
+# ---- runs ---------------------------------------------------------------------------------
+
+
+def test_parent_and_child_runs_are_nested_tagged_and_findable(mlflow_server):
+    client = MlflowClient()
+    parent = start_parent_run(
+        "colar-tests",
+        "pipeline-1",
+        tags={"colar.pipeline": "test", "colar.seed": 7},
+        params={"sft": {"lr": 1e-4, "epochs": 2}, "hub": {"token": "abc"}},
+    )
+    assert mlflow.active_run() is None  # nothing went through the thread-global active run
+    prun = client.get_run(parent)
+    assert prun.info.run_name == "pipeline-1" and prun.info.status == "RUNNING"
+    assert prun.data.tags["colar.pipeline"] == "test" and prun.data.tags["colar.seed"] == "7"
+    assert prun.data.params == {"sft.lr": "0.0001", "sft.epochs": "2", "hub.token": MASK}
+
+    sft = start_child_run(parent, "sft", {"max_steps": 10})
+    crun = client.get_run(sft)
+    assert crun.info.experiment_id == prun.info.experiment_id
+    assert crun.data.tags[PARENT_TAG] == parent
+    assert crun.data.tags[STAGE_TAG] == "sft"
+    assert crun.info.run_name == "sft"
+    assert crun.data.params == {"max_steps": "10"}
+
+    # a retried flow skips only stages that finished
+    assert find_child_run(parent, "sft") is None
+    assert find_child_run(parent, "sft", status=None).info.run_id == sft
+    end_run(sft, "FAILED")
+    assert find_child_run(parent, "sft") is None
+    sft2 = start_child_run(parent, "sft", {"max_steps": 10})
+    start_child_run(parent, "rl", {})
+    end_run(sft2)
+    found = find_child_run(parent, "sft")
+    assert found.info.run_id == sft2 and found.info.status == "FINISHED"
+    assert find_child_run(parent, "evaluate") is None
+
+    end_run(parent, "COMPLETED")  # Prefect's word is accepted
+    assert client.get_run(parent).info.status == "FINISHED"
+    with pytest.raises(ValueError):
+        end_run(parent, "DONE-ish")
+
+
+def test_child_runs_can_be_created_from_worker_threads(mlflow_server):
+    """Prefect runs tasks in threads: children are created by id, not via the active run."""
+    parent = start_parent_run("colar-tests", "threads", tags={}, params={})
+    ids: dict[str, str] = {}
+
+    def stage(name):
+        ids[name] = start_child_run(parent, name, {"stage": name})
+        end_run(ids[name])
+
+    threads = [threading.Thread(target=stage, args=(n,)) for n in ("sft", "rl")]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert {n: find_child_run(parent, n).info.run_id for n in ("sft", "rl")} == ids
+
+
+# ---- metrics callback ---------------------------------------------------------------------
+
+
+def test_callback_metrics_come_back_from_the_server(run_id, tmp_path):
+    client = MlflowClient()
+    cb = MlflowMetricsCallback(client, run_id, flush_every=5, fallback_path=tmp_path / "fallback.jsonl")
+    for step in range(12):
+        cb.on_step(step, {"loss": 1.0 / (step + 1), "lr": 0.1, "note": "not a number"})
+    cb.on_eval(10, {"accuracy": 0.5, "eval/latent_len": 3})
+    cb.on_checkpoint(10, "/ckpt/step-10")
+    cb.close()
+
+    loss = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in sorted(loss, key=lambda m: m.step)] == list(range(12))
+    assert sorted(loss, key=lambda m: m.step)[3].value == pytest.approx(0.25)
+    assert [m.value for m in client.get_metric_history(run_id, "eval/accuracy")] == [0.5]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/latent_len")] == [10]
+    assert client.get_metric_history(run_id, "note") == []
+    tags = client.get_run(run_id).data.tags
+    assert tags["colar.checkpoint.latest"] == "/ckpt/step-10" and tags["colar.checkpoint.step"] == "10"
+    assert cb.pending() == 0 and cb.flushed_metrics == 12 * 2 + 2 + 1
+    assert not (tmp_path / "fallback.jsonl").exists()
+
+
+class _FlakyClient:
+    """A real client whose first ``failures`` log_batch calls fail like a restarting server."""
+
+    def __init__(self, failures: int):
+        self._client = MlflowClient()
+        self.failures = failures
+
+    def log_batch(self, *args, **kwargs):
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("server restarting")
+        return self._client.log_batch(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_callback_keeps_buffer_when_server_unreachable_and_sends_at_next_flush(run_id, tmp_path):
+    client = _FlakyClient(failures=1)
+    cb = MlflowMetricsCallback(client, run_id, flush_every=1000, max_retries=0, fallback_path=tmp_path / "f.jsonl")
+    for step in range(3):
+        cb.on_step(step, {"loss": float(step)})
+    assert cb.flush(wait=True) is False  # this flush failed: the buffer is kept
+    assert cb.pending() == 3 and isinstance(cb.last_error, ConnectionError)
+    for step in range(3, 6):
+        cb.on_step(step, {"loss": float(step)})
+    assert cb.flush(wait=True) is True  # the next flush sends the old and the new metrics
+    cb.close()
+    history = MlflowClient().get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(6))
+    assert not (tmp_path / "f.jsonl").exists()
+
+
+def test_callback_survives_dead_server_and_writes_fallback_file(run_id, tmp_path):
+    fallback = tmp_path / "unflushed.jsonl"
+    dead = MlflowClient(_dead_uri())
+    cb = MlflowMetricsCallback(dead, run_id, flush_every=2, max_retries=2, backoff_s=0.01, fallback_path=fallback)
+    t0 = time.monotonic()
+    for step in range(5):
+        cb.on_step(step, {"loss": 0.5 * step, "lr": 1e-3})
+    cb.on_eval(4, {"accuracy": 0.25})
+    cb.on_checkpoint(4, "/ckpt/step-4")
+    assert time.monotonic() - t0 < 1.0  # the training loop is never held up
+    with pytest.warns(RuntimeWarning, match="could not be sent"):
+        cb.close()
+    assert time.monotonic() - t0 < 20
+
+    records = [json.loads(line) for line in fallback.read_text().splitlines()]
+    metrics = [r for r in records if "key" in r]
+    assert len(metrics) == 5 * 2 + 1 + 1  # loss+lr per step, eval/accuracy, checkpoint_step
+    assert {r["run_id"] for r in records} == {run_id}
+    assert {"run_id": run_id, "tag": "colar.checkpoint.latest", "value": "/ckpt/step-4"} in records
+    cb.on_step(6, {"loss": 1.0})  # after close: ignored, still no exception
+
+    # the file can be replayed once the server is back (here: the live session server)
+    assert replay_unflushed(fallback, MlflowClient()) == len(records)
+    history = MlflowClient().get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(5))
+
+
+# ---- datasets and artifacts ---------------------------------------------------------------
+
+
+def test_dataset_input_is_logged_with_digest_name_and_context(run_id, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(4)))
+    log_dataset_input(run_id, path, digest="d1g3st01", name="gsm8k-aug-train", context="training")
+    log_dataset_input(run_id, pd.DataFrame({"x": [1, 2]}), digest="d1g3st02", name="eval-set", context="eval",
+                      source="s3://bucket/eval.jsonl")
+
+    inputs = {d.dataset.name: d for d in MlflowClient().get_run(run_id).inputs.dataset_inputs}
+    train = inputs["gsm8k-aug-train"]
+    assert train.dataset.digest == "d1g3st01"
+    assert path.as_uri() in train.dataset.source
+    assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "training"
+    assert "question" in train.dataset.schema
+    ev = inputs["eval-set"]
+    assert ev.dataset.digest == "d1g3st02" and "s3://bucket/eval.jsonl" in ev.dataset.source
+    assert {t.key: t.value for t in ev.tags}["mlflow.data.context"] == "eval"
+
+
+def test_artifact_dir_is_uploaded(run_id, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "sub" / "weights.bin").write_bytes(b"\0" * 10)
+    client = MlflowClient()
+    log_artifact_dir(client, run_id, ckpt, "checkpoints/final")
+    log_artifact_dir(None, run_id, ckpt / "config.json", "single")
+    listed = {a.path for a in client.list_artifacts(run_id, "checkpoints/final")}
+    assert listed == {"checkpoints/final/config.json", "checkpoints/final/sub"}
+    assert [a.path for a in client.list_artifacts(run_id, "single")] == ["single/config.json"]
+    with pytest.raises(FileNotFoundError):
+        log_artifact_dir(client, run_id, tmp_path / "missing", "x")
+
+
+def test_callback_cleans_metric_names_and_keeps_nan(run_id, tmp_path):
+    client = MlflowClient()
+    with MlflowMetricsCallback(client, run_id, fallback_path=tmp_path / "f.jsonl") as cb:
+        cb.on_train_start({"max_steps": 3, "resumed_from": None, "world_size": 1})
+        cb.on_step(1, {"acc@c=5": 0.5, "grad_norm": float("nan"), "r": float("inf"), "/loss//ce/": 2.0})
+        cb.on_eval(1, {"mean #L": 4.0})
+        cb.on_train_end({"best_score": 0.5})
+    run = client.get_run(run_id)
+    assert run.data.metrics["acc_c_5"] == 0.5 and run.data.metrics["loss/ce"] == 2.0
+    assert run.data.metrics["eval/mean _L"] == 4.0
+    assert run.data.metrics["r"] >= 1.7e308  # MLflow stores inf as the largest float
+    assert [m.value != m.value for m in client.get_metric_history(run_id, "grad_norm")] == [True]  # NaN
+    assert run.data.tags["colar.train.max_steps"] == "3" and run.data.tags["colar.train.best_score"] == "0.5"
+    assert "colar.train.resumed_from" not in run.data.tags
+    assert not (tmp_path / "f.jsonl").exists()
+
+
+def test_callback_sets_aside_batches_the_server_refuses(mlflow_server, tmp_path):
+    client = MlflowClient()
+    rid = start_parent_run("colar-tests", "deleted", tags={}, params={})
+    client.delete_run(rid)  # logging to a deleted run is refused for good: no endless retries
+    cb = MlflowMetricsCallback(client, rid, max_retries=5, backoff_s=1.0, fallback_path=tmp_path / "f.jsonl")
+    cb.on_step(1, {"loss": 1.0})
+    t0 = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="could not be sent"):
+        cb.close()
+    assert time.monotonic() - t0 < 5
+    assert [json.loads(x)["key"] for x in (tmp_path / "f.jsonl").read_text().splitlines()] == ["loss"]
