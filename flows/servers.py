@@ -150,6 +150,11 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def _connect_host(host: str) -> str:
+    """Where to reach a server bound to ``host`` (a wildcard bind is reached via loopback)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0") else host
+
+
 def _pid_alive(pid: int) -> bool:
     """True if ``pid`` runs and is not a zombie."""
     child = _CHILDREN.get(pid)
@@ -225,9 +230,12 @@ def _wait_healthy(url: str, timeout_s: float, proc: Optional[subprocess.Popen] =
         time.sleep(0.25)
 
 
-def _log_tail(path: Path, lines: int = 30) -> str:
+def _log_tail(path: Path, since: int = 0, lines: int = 30) -> str:
+    """Last ``lines`` lines written to ``path`` after byte offset ``since``."""
     try:
-        text = path.read_text(errors="replace")
+        with open(path, "rb") as fh:
+            fh.seek(since)
+            text = fh.read().decode(errors="replace")
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:])
@@ -340,8 +348,9 @@ def _ensure(
         last_error = ""
         for attempt in range(2):  # a free port can be taken between probing and binding: retry once
             use_port = port if port is not None else _free_port(host)
-            base_url = f"http://{host}:{use_port}"
+            base_url = f"http://{_connect_host(host)}:{use_port}"
             cmd = build_cmd(use_port)
+            log_offset = log_path.stat().st_size if log_path.exists() else 0
             started = time.monotonic()
             proc = _spawn(cmd, env, log_path, cwd=state_dir)
             try:
@@ -367,7 +376,7 @@ def _ensure(
                 return rec["url"]
             died = proc.poll() is not None
             _terminate_group(proc.pid, proc.pid, timeout_s=5.0)
-            tail = _log_tail(log_path)
+            tail = _log_tail(log_path, since=log_offset)
             last_error = (
                 f"{name} server {'exited' if died else f'did not answer within {timeout_s:.0f} s'} "
                 f"(command: {' '.join(cmd)}).\nLog {log_path} (last lines):\n{tail}"

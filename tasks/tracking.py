@@ -63,6 +63,7 @@ MAX_PARAM_VALUE = 6000
 MAX_KEY = 250
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
+MAX_ENTITIES_PER_BATCH = 1000  # metrics + params + tags in one log_batch
 
 # --------------------------------------------------------------------------------------------
 # params
@@ -425,6 +426,7 @@ class MlflowMetricsCallback:
         close_timeout_s: float = 60.0,
         fallback_path: Optional[Union[str, os.PathLike]] = None,
         eval_prefix: str = "eval/",
+        max_buffer: int = 200_000,
     ) -> None:
         self.client = _client(client)
         self.run_id = run_id
@@ -434,6 +436,7 @@ class MlflowMetricsCallback:
         self.probe_timeout_s = probe_timeout_s
         self.close_timeout_s = close_timeout_s
         self.eval_prefix = eval_prefix
+        self.max_buffer = max(MAX_METRICS_PER_BATCH, int(max_buffer))
         home = Path(os.environ.get("COLAR_HOME") or Path.cwd() / ".colar")
         self.fallback_path = Path(fallback_path) if fallback_path else home / "unflushed" / f"{run_id}.jsonl"
         uri = _tracking_uri_of(self.client)
@@ -618,7 +621,28 @@ class MlflowMetricsCallback:
                 self.last_error = e
             if attempt < self.max_retries:
                 time.sleep(self.backoff_s * (2**attempt))
+        self._spill_if_too_big()
         return False
+
+    def _spill_if_too_big(self) -> None:
+        """During a long outage, move the oldest half of the buffer to the fallback file so memory
+        stays bounded (sender thread only: it is the only one that removes from the buffer)."""
+        with self._lock:
+            if self._closed or len(self._metrics) <= self.max_buffer:
+                return
+            cut = len(self._metrics) // 2
+            old, self._metrics = self._metrics[:cut], self._metrics[cut:]
+        try:
+            self._write_fallback(old, {})
+            warnings.warn(
+                f"MLflow unreachable ({self.last_error!r}): {len(old)} buffered metrics of run "
+                f"{self.run_id} moved to {self.fallback_path}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        except OSError:
+            with self._lock:  # cannot write either: keep them
+                self._metrics[:0] = old
 
     def _send_pending(self) -> None:
         if not self.pending():
@@ -627,8 +651,8 @@ class MlflowMetricsCallback:
             raise ConnectionError(f"MLflow server {self._health_url} does not answer")
         while True:
             with self._lock:
-                metrics = self._metrics[:MAX_METRICS_PER_BATCH]
                 tag_items = list(self._tags.items())[:MAX_PARAMS_PER_BATCH]
+                metrics = self._metrics[: min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(tag_items))]
             if not metrics and not tag_items:
                 return
             try:

@@ -581,6 +581,8 @@ def train_loop(
         if restored is not None:
             state = restored
             state.resumed_from = state.step
+            if state.finished and not state.stopped_early and state.step < max_steps:
+                state.finished = False  # the same run, asked for more steps
     cbs.on_train_start({"step": state.step, "max_steps": max_steps, "resumed_from": state.resumed_from,
                         "world_size": engine.world_size})
 

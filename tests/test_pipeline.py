@@ -1,0 +1,123 @@
+"""The pipeline against a real MLflow server and a real Prefect server: end to end, retry after
+a failed stage, and config validation before any stage starts."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from colar_core.pipeline_config import ConfigError, load_config
+
+pytestmark = pytest.mark.slow
+
+# A pipeline small enough for a test: every stage runs, nothing is meant to be accurate.
+TINY = [
+    "name=test-pipeline",
+    "data.builtin.n_train=64", "data.builtin.n_val=8", "data.builtin.n_test=8",
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+    "sft_cot.max_steps=4", "sft_cot.warmup_steps=0", "sft_colar.warmup_steps=0", "sft_cot.batch_size=8", "sft_cot.checkpoint_every=2",
+    "sft_colar.max_steps=6", "sft_colar.batch_size=8", "sft_colar.checkpoint_every=2",
+    "sft_colar.objective.compression_factors=[1,2]",
+    "eval.compression_factors=[1,2]", "eval.seeds=[0]", "eval.n_examples=8",
+    "eval.generation.max_latents=6", "eval.generation.max_cot_tokens=16", "eval.generation.max_answer_tokens=4",
+    "tracking.registered_model_name=colar-test",
+]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, TINY + [f"output_dir={tmp_path / 'runs'}", *extra])
+
+
+def _children(client, parent_id):
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return runs
+
+
+def test_invalid_config_is_refused_before_any_stage_naming_the_field(tmp_path, capsys):
+    from flows.cli import main
+
+    with pytest.raises(ConfigError, match=r"sft_colar\.lr"):
+        load_config(None, ["sft_colar.lr=-1"])
+    with pytest.raises(ConfigError, match=r"eval\.compression_factors.*trained maximum"):
+        load_config(None, ["eval.compression_factors=[1,9]"])
+    with pytest.raises(ConfigError, match=r"sft_cot\.zero_stage"):
+        load_config(None, ["sft_cot.zero_stage=7"])
+    assert main(["run", "--set", "sft_colar.lr=-1", "--set", f"output_dir={tmp_path}"]) == 2
+    assert "sft_colar.lr" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no stage wrote anything
+
+
+def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_server, prefect_server):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import run_pipeline
+
+    cfg = tiny_config(tmp_path)
+    state = run_pipeline(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    client = MlflowClient()
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["colar.config_hash"] == cfg.digest()
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.params["sft_colar.max_steps"] == "6"
+
+    children = {r.data.tags["colar.stage"]: r for r in _children(client, parent.info.run_id)}
+    assert set(children) == {"prepare", "sft-cot", "sft-colar", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    for c in (1, 2):
+        for name in (f"accuracy/c{c}", f"mean_latents/c{c}", f"accuracy_ci95/c{c}"):
+            assert name in children["evaluate"].data.metrics and name in parent.data.metrics
+    assert {"accuracy/cot", "mean_tokens/cot"} <= set(parent.data.metrics)
+    assert children["sft-colar"].data.metrics["ce"] > 0
+    assert len(client.get_metric_history(children["sft-colar"].info.run_id, "loss")) == 6
+
+    inputs = children["prepare"].inputs.dataset_inputs
+    assert {i.dataset.name.rsplit(":", 1)[1] for i in inputs} == {"train", "val", "test"}
+    assert all(len(i.dataset.digest) == 32 for i in inputs)
+
+    artifacts = {a.path for a in client.list_artifacts(children["sft-colar"].info.run_id)}
+    assert {"model", "plots"} <= artifacts
+    assert "plots/accuracy_vs_length.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "predictions.csv" in {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+
+    model = mlflow.pyfunc.load_model("models:/colar-test@candidate")
+    out = model.predict(pd.DataFrame({"question": ["Mia has 3 boxes of 4 pens. How many pens?"]}),
+                        params={"compression_factor": 2})
+    assert list(out.columns) == ["answer", "n_latents", "text"]
+    assert 1 <= int(out["n_latents"][0]) <= 64
+
+
+def test_retry_skips_finished_stages_and_resumes_the_failed_one(tmp_path, mlflow_server, prefect_server,
+                                                                 monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from colar_core.training.sft import SFTResult
+    from flows.cli import main
+    from flows.pipeline import run_pipeline
+    from tasks.stages import FAIL_SWITCH
+
+    cfg = tiny_config(tmp_path, "name=test-retry", "tracking.registered_model_name=null")
+    monkeypatch.setenv(FAIL_SWITCH, "sft-colar:3")  # fails once, after the step-2 checkpoint
+    state = run_pipeline(cfg, return_state=True)
+    assert state.is_failed()
+    client = MlflowClient()
+    parent_id = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="attributes.run_name = 'test-retry' and tags.`colar.config_hash` != ''")[0].info.run_id
+    assert client.get_run(parent_id).info.status == "FAILED"
+
+    assert main(["retry", parent_id]) == 0
+
+    children = _children(client, parent_id)
+    stages = sorted((r.data.tags["colar.stage"], r.info.status) for r in children)
+    assert stages == [("evaluate", "FINISHED"), ("prepare", "FINISHED"), ("sft-colar", "FAILED"),
+                      ("sft-colar", "FINISHED"), ("sft-cot", "FINISHED")]
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    colar_dir = next((tmp_path / "runs").glob("sft-colar-*"))
+    result = SFTResult.load(colar_dir)
+    assert result.resumed_from == 2 and result.final_step == 6
