@@ -59,14 +59,17 @@ def _refresh_prefect_settings() -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _test_environment():
-    """Re-assert the test environment for the session; remove the temp dir at the end."""
+    """Re-assert the test environment for the session (a plugin may have changed it)."""
     os.environ.update(_TEST_ENV)
     for name in _UNSET:
         os.environ.pop(name, None)
     _refresh_prefect_settings()
     yield dict(_TEST_ENV)
+
+
+def pytest_unconfigure(config):
+    """Stop servers a test left in the default state dir; remove the temp dir (also after --co)."""
     if (Path(_TEST_ENV["COLAR_HOME"]) / "servers.json").exists():
-        # a test started servers in the default state dir and did not stop them
         from flows.servers import stop_servers
 
         stop_servers(_TEST_ENV["COLAR_HOME"])

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -114,16 +115,20 @@ def test_prefect_server_starts_on_loopback_is_reused_and_stops(tmp_path, no_exte
     assert not _answers(url + "/health")
 
 
-@pytest.mark.slow
-def test_server_that_dies_at_start_reports_its_log(tmp_path, no_external_servers):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(ServerError, match="address already in use") as err:
-            ensure_mlflow(tmp_path, port=port, timeout_s=60)
-    assert str(tmp_path / "mlflow.log") in str(err.value)
-    assert not (tmp_path / "servers.json").exists()
+def test_server_that_dies_at_start_reports_its_log(tmp_path, monkeypatch, no_external_servers):
+    # stand-in for a server that cannot bind: the servers are started as `sys.executable -m ...`
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\necho \"$@\"\necho 'ERROR: [Errno 98] address already in use' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="address already in use") as err:
+        ensure_mlflow(tmp_path / "state")
+    assert time.monotonic() - t0 < 10
+    message = str(err.value)
+    assert "exited" in message and str(tmp_path / "state" / "mlflow.log") in message
+    assert "--host 127.0.0.1" in message  # the log tail shows the command it was given
+    assert not (tmp_path / "state" / "servers.json").exists()
 
 
 def test_dead_mlflow_tracking_uri_fails_fast_naming_it(monkeypatch, tmp_path):

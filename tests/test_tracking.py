@@ -312,3 +312,29 @@ def test_callback_sets_aside_batches_the_server_refuses(mlflow_server, tmp_path)
         cb.close()
     assert time.monotonic() - t0 < 5
     assert [json.loads(x)["key"] for x in (tmp_path / "f.jsonl").read_text().splitlines()] == ["loss"]
+
+
+def test_callback_sends_large_batches_in_chunks_within_mlflow_limits(run_id, tmp_path):
+    client = MlflowClient()
+    cb = MlflowMetricsCallback(client, run_id, flush_every=10_000, fallback_path=tmp_path / "f.jsonl")
+    cb.on_checkpoint(0, "/ckpt/0")  # tags + metrics in the same batch
+    for step in range(1, 701):
+        cb.on_step(step, {"loss": 1.0, "lr": 0.1, "ce": 0.5})  # 2100 metrics
+    cb.close()
+    assert len(client.get_metric_history(run_id, "ce")) == 700
+    assert cb.flushed_metrics == 2101 and not (tmp_path / "f.jsonl").exists()
+
+
+def test_callback_memory_stays_bounded_during_a_long_outage(tmp_path):
+    fallback = tmp_path / "f.jsonl"
+    cb = MlflowMetricsCallback(MlflowClient(_dead_uri()), "0" * 32, flush_every=10_000, max_retries=0,
+                               max_buffer=1000, fallback_path=fallback)
+    for step in range(1500):
+        cb.on_step(step, {"loss": 1.0})
+    with pytest.warns(RuntimeWarning, match="moved to"):
+        assert cb.flush(wait=True) is False
+    assert cb.pending() == 750 and len(fallback.read_text().splitlines()) == 750
+    with pytest.warns(RuntimeWarning, match="could not be sent"):
+        cb.close()
+    steps = [json.loads(x)["step"] for x in fallback.read_text().splitlines()]
+    assert steps == list(range(1500))  # oldest first, nothing lost

@@ -72,7 +72,7 @@ def dist_env(set_defaults: bool = True) -> DistEnv:
     if set_defaults:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0") if os.environ["WORLD_SIZE"] == "1" else "0")
+        os.environ.setdefault("LOCAL_RANK", "0" if os.environ["WORLD_SIZE"] == "1" else os.environ["RANK"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             if os.environ["WORLD_SIZE"] != "1":
@@ -243,12 +243,20 @@ class _LossModule(nn.Module):
 
 
 class Engine(Protocol):
-    """What :func:`train_loop`, checkpointing and evaluation need from an engine."""
+    """What :func:`train_loop`, checkpointing and evaluation need from an engine.
 
-    model: nn.Module
+    ``forward``/``backward``/``step`` train; ``lr`` is the current learning rate; ``save_checkpoint``
+    / ``load_checkpoint`` / ``full_model`` / ``barrier`` / ``all_reduce_sum`` / ``broadcast_object``
+    are collective (every process calls them).
+    """
+
+    model: nn.Module  # the wrapped model itself (e.g. a ColarModel), not a DeepSpeed wrapper
     device: torch.device
     env: DistEnv
     grad_accum: int
+    rank: int
+    world_size: int
+    is_main: bool
 
     def forward(self, fn: Callable, *args, **kwargs) -> Any: ...
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -258,6 +266,9 @@ class Engine(Protocol):
     def save_checkpoint(self, directory: Path) -> None: ...
     def load_checkpoint(self, directory: Path) -> None: ...
     def full_model(self) -> contextlib.AbstractContextManager: ...
+    def barrier(self) -> None: ...
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor: ...
+    def broadcast_object(self, obj: Any) -> Any: ...
 
 
 class _EngineBase:

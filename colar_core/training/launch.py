@@ -35,7 +35,8 @@ class LaunchError(RuntimeError):
 
     def __init__(self, cmd: Sequence[str], returncode: int, tail: str):
         self.cmd, self.returncode, self.tail = list(cmd), returncode, tail
-        super().__init__(f"{' '.join(cmd)} exited with {returncode}\n--- last output ---\n{tail}")
+        short = "\n".join(tail.splitlines()[-40:])
+        super().__init__(f"{' '.join(cmd)} exited with {returncode}\n--- last output ---\n{short}")
 
 
 def resolve_launcher(launcher: LauncherConfig) -> str:
@@ -129,7 +130,7 @@ def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: s
         proc.wait()
         raise
     if rc != 0:
-        raise LaunchError(cmd, rc, "\n".join(tail[-40:]))
+        raise LaunchError(cmd, rc, "\n".join(tail))
     return 0
 
 

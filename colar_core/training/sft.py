@@ -223,7 +223,7 @@ def train_sft(
     tokenizer,
     train_records: Sequence,
     val_records: Sequence = (),
-    cfg: TrainConfig = TrainConfig(),
+    cfg: Optional[TrainConfig] = None,
     output_dir: Union[str, Path] = "runs/sft",
     callbacks: Sequence = (),
     device: Optional[torch.device] = None,
@@ -234,7 +234,11 @@ def train_sft(
     stage returns at once). Writes ``metrics.jsonl``, ``checkpoints/``, ``best/`` and the final
     ``model/`` (loadable with ``ColarModel.from_pretrained``). Every process of a multi-process job
     calls this with the same arguments; only rank 0 writes files and calls ``callbacks``.
+
+    Under ZeRO-3 the ``model`` object passed in is left partitioned by DeepSpeed afterwards: load
+    ``result.model_dir`` to use the trained model.
     """
+    cfg = cfg or TrainConfig()
     out = Path(output_dir)
     env = dist_env(set_defaults=cfg.backend == "deepspeed")
     obj = cfg.objective
@@ -261,12 +265,12 @@ def train_sft(
     def loss_fn(m, batch):
         return m.sft_loss(batch.to(engine.device), obj, generator=batches.loss_gen)
 
-    evaluate = save_best = None
+    evaluate_fn = save_best = None
     if cfg.eval_every and len(val_records):
         evaluate = make_evaluator(engine, encoder, val_records, cfg)
         last_eval: dict = {}
 
-        def evaluate_and_keep(step: int) -> dict:
+        def evaluate_fn(step: int) -> dict:
             last_eval.clear()
             last_eval.update(evaluate(step))
             return last_eval
@@ -274,10 +278,6 @@ def train_sft(
         def save_best(step: int) -> Path:
             return export_model(engine, manager.best_path(step), tokenizer,
                                 {"val_metrics.json": {"step": step, **last_eval}})
-
-        evaluate_fn = evaluate_and_keep
-    else:
-        evaluate_fn = None
 
     cbs = [JsonlLogger(out / METRICS_FILE), ConsoleLogger(), *callbacks] if engine.is_main else []
     state = train_loop(
