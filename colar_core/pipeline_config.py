@@ -25,11 +25,11 @@ class ConfigError(ValueError):
 
 
 class BuiltinDataConfig(StrictModel):
-    n_train: int = Field(3000, gt=0)
+    n_train: int = Field(8000, gt=0)
     n_val: int = Field(100, gt=0)
     n_test: int = Field(200, gt=0)
     seed: int = 0
-    difficulty: str = Field("easy", description="easy | medium | hard, or an int = max steps.")
+    difficulty: str = Field("tiny", description="tiny (the CPU demo) | easy | medium | hard, or an int = max steps.")
 
 
 class DataConfig(StrictModel):
@@ -50,14 +50,14 @@ class TrackingConfig(StrictModel):
 
 
 def _default_cot() -> TrainConfig:
-    return TrainConfig(objective=ObjectiveConfig(mode="cot", compression_factors=[1]), max_steps=400, batch_size=32,
+    return TrainConfig(objective=ObjectiveConfig(mode="cot", compression_factors=[1]), max_steps=600, batch_size=32,
                        lr=3e-3, warmup_steps=20, lr_schedule="cosine", min_lr_ratio=0.1, checkpoint_every=200,
                        eval_every=0, zero_stage=2)
 
 
 def _default_colar() -> TrainConfig:
-    return TrainConfig(objective=ObjectiveConfig(mode="colar", compression_factors=[1, 2, 3]), max_steps=600,
-                       batch_size=32, lr=2e-3, warmup_steps=20, lr_schedule="cosine", min_lr_ratio=0.1,
+    return TrainConfig(objective=ObjectiveConfig(mode="colar", compression_factors=[1, 2, 3]), max_steps=900,
+                       batch_size=32, lr=3e-3, warmup_steps=20, lr_schedule="cosine", min_lr_ratio=0.1,
                        checkpoint_every=200, eval_every=0, zero_stage=2)
 
 
@@ -70,7 +70,7 @@ class PipelineConfig(StrictModel):
     sft_cot: Optional[TrainConfig] = Field(default_factory=_default_cot, description="CoT warm-up (None = skip).")
     sft_colar: TrainConfig = Field(default_factory=_default_colar)
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(
-        compression_factors=[1, 2, 3], seeds=[0, 1], n_examples=100,
+        compression_factors=[1, 2, 3], seeds=[0, 1, 2], n_examples=200,
         generation=GenerationConfig(max_latents=32, max_cot_tokens=64, batch_size=100)))
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -42,6 +42,8 @@ class DifficultySpec:
 
 
 _PRESETS = {
+    # "tiny": the CPU demo's task: small facts a few-minute CPU run can learn, still 2-3 dependent steps
+    "tiny": DifficultySpec(2, 3, 12, 60, 5, (1.0, 2.0)),
     "easy": DifficultySpec(2, 3, 50, 200, 9, (1.0, 2.0)),
     "medium": DifficultySpec(3, 4, 100, 500, 12),
     "hard": DifficultySpec(3, 6, 999, 999, 20),
@@ -60,7 +62,7 @@ def difficulty_spec(difficulty: str | int) -> DifficultySpec:
             return DifficultySpec(max(1, (k + 1) // 2), k, 100, 500, 12)
         return DifficultySpec((k + 1) // 2, k, 999, 999, 20)
     if difficulty not in _PRESETS:
-        raise ValueError(f"unknown difficulty '{difficulty}'; expected easy, medium, hard or an int")
+        raise ValueError(f"unknown difficulty '{difficulty}'; expected tiny, easy, medium, hard or an int")
     return _PRESETS[difficulty]
 
 

@@ -1,0 +1,433 @@
+"""SFT throughput: a plain causal-LM step vs a CoLaR SFT step, on the project's DeepSpeed engine.
+
+Both steps run through :func:`colar_core.training.engine.build_engine` (``TrainConfig``: backend
+deepspeed, ZeRO-2, bf16 on CUDA) and :func:`colar_core.training.engine.train_loop`, on the same
+random-weight Llama-3.2-1B-shaped backbone (nothing is downloaded):
+
+* ``plain``: ``LlamaForCausalLM(input_ids, labels)`` on ``micro_batch x seq_len`` random tokens
+  (no padding), backward, optimizer step. Tokens counted: ``micro_batch * seq_len``.
+* ``colar``: what ``colar_core.training.sft.train_sft`` runs: ``SFTBatches`` draws ``r`` from
+  1..5 per step and collates synthetic examples (question ~100 tokens, steps ~120, answer ~10), then
+  ``ColarModel.sft_loss`` (CE + soft-MSE latent loss). Tokens counted: ``n_positions`` returned by
+  ``sft_loss`` (real positions fed to the backbone), so compression itself earns nothing.
+
+Each phase runs in its own child process by default (``--isolate process``), so the second model
+never shares GPU memory or a DeepSpeed process group with the first.
+
+    python -m bench.sft_throughput                 # H100: writes bench/results/sft_throughput.json
+    python -m bench.sft_throughput --tiny          # CPU smoke size (automatic without CUDA)
+
+FLOPs: see ``bench/common.py`` and docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from bench import common
+
+MODULE = "bench.sft_throughput"
+PHASES = ("plain", "colar")
+EMBEDDING_SCALE = 0.018  # the paper's constant for Llama-3.2-1B (the scale does not change the cost)
+
+FULL = dict(micro_batch=32, seq_len=256, steps=30, warmup=5, question_tokens=100, step_tokens=120, answer_tokens=10)
+TINY = dict(micro_batch=4, seq_len=64, steps=6, warmup=2, question_tokens=25, step_tokens=30, answer_tokens=4)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small model, CPU smoke size (automatic without CUDA)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per phase (default 30; tiny 6)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 5; tiny 2)")
+    p.add_argument("--micro-batch", type=int, help="sequences per step, both phases (default 32; tiny 4)")
+    p.add_argument("--seq-len", type=int, help="plain-step sequence length (default 256; tiny 64)")
+    p.add_argument("--question-tokens", type=int, help="CoLaR data: mean question length incl. BOS (100; tiny 25)")
+    p.add_argument("--step-tokens", type=int, help="CoLaR data: mean reasoning-chain length (120; tiny 30)")
+    p.add_argument("--answer-tokens", type=int, help="CoLaR data: mean answer length incl. ### and EOS (10; tiny 4)")
+    p.add_argument("--length-spread", type=float, default=0.2,
+                   help="CoLaR data: lengths are uniform in mean*(1 +- spread) (default 0.2)")
+    p.add_argument("--phases", default="plain,colar", help="comma-separated subset of plain,colar")
+    p.add_argument("--attn-impl", default="sdpa", help="transformers attention implementation (default sdpa)")
+    p.add_argument("--isolate", choices=("process", "none"), default="process",
+                   help="run each phase in a child process (default) or both in this one")
+    p.add_argument("--threads", type=int,
+                   help="torch.set_num_threads (default 1 on CPU: measured faster on a busy 2-core box)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", help="result JSON (default bench/results/sft_throughput.json on CUDA, "
+                                 "sft_throughput_<device>_tiny.json for tiny runs)")
+    p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: child process
+    p.add_argument("--phase-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    device = common.pick_device(args.device)
+    args.tiny = bool(args.tiny or device.type != "cuda")
+    for key, value in (TINY if args.tiny else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.threads is None and device.type == "cpu":
+        args.threads = 1
+    args.phase_list = [x.strip() for x in args.phases.split(",") if x.strip()]
+    bad = [x for x in args.phase_list if x not in PHASES]
+    if bad or not args.phase_list:
+        p.error(f"--phases: unknown {bad}; choose from {PHASES}")
+    return args
+
+
+def model_shape(args) -> common.LlamaShape:
+    return common.TINY if args.tiny else common.LLAMA_3_2_1B
+
+
+def train_config(args, objective=None):
+    from colar_core.config import ObjectiveConfig
+    from colar_core.training.config import TrainConfig
+
+    return TrainConfig(
+        backend="deepspeed", zero_stage=2, precision="fp32" if args.tiny else "bf16",
+        batch_size=args.micro_batch, grad_accum=1, max_steps=args.warmup + args.steps, lr=1e-5,
+        objective=objective or ObjectiveConfig(mode="colar"), seed=args.seed, checkpoint_every=0,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data and models
+# ----------------------------------------------------------------------------------------------
+def bench_encoder():
+    """A PromptEncoder for a small word-level tokenizer: supplies ###, pad, EOS, BOS and the speed
+    suffix ids; example token ids themselves are random (see :func:`synthetic_examples`)."""
+    from colar_core.text import PromptEncoder
+    from colar_core.tokenizer import build_tokenizer
+
+    return PromptEncoder(build_tokenizer([], max_number=200))
+
+
+def synthetic_examples(n: int, encoder, vocab_size: int, question: int, steps: int, answer: int,
+                       spread: float, seed: int) -> list:
+    """``n`` EncodedExamples shaped like the training text: BOS + question ids, step ids, then
+    ``###`` + answer ids + EOS, with lengths uniform in ``mean * (1 +- spread)``."""
+    import random
+
+    from colar_core.text import EncodedExample
+
+    rng = random.Random(seed)
+    lo = len(encoder.tokenizer) if len(encoder.tokenizer) < vocab_size else 0
+
+    def length(mean: int, minimum: int) -> int:
+        return max(minimum, round(rng.uniform(mean * (1 - spread), mean * (1 + spread))))
+
+    def ids(k: int) -> tuple[int, ...]:
+        return tuple(rng.randrange(lo, vocab_size) for _ in range(k))
+
+    out = []
+    for _ in range(n):
+        q = encoder.bos_ids + ids(length(question, 2) - len(encoder.bos_ids))
+        a = (encoder.think_id,) + ids(length(answer, 3) - 2) + (encoder.eos_id,)
+        out.append(EncodedExample(q, ids(length(steps, 1)), a, "0"))
+    return out
+
+
+def build_backbone(shape: common.LlamaShape, device, seed: int, attn_impl: str, pad_id=None):
+    """A random-weight causal LM of ``shape``, initialised directly on ``device`` (fp32; the engine
+    casts to bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(shape.hf_config(pad_id=pad_id), attn_implementation=attn_impl)
+    return model
+
+
+def build_colar(shape: common.LlamaShape, device, seed: int, attn_impl: str, encoder):
+    """``ColarModel`` around a random backbone, constructed directly (the vocabulary stays at the
+    backbone's size; the tokenizer is only needed for the special ids)."""
+    import torch
+
+    from colar_core.latent_head import LatentHead
+    from colar_core.model import ColarModel, ColarState
+
+    lm = build_backbone(shape, device, seed, attn_impl, pad_id=encoder.pad_id)
+    state = ColarState(base_model=f"random-{'tiny' if shape.vocab_size < 10000 else 'llama-3.2-1b'}-shape",
+                       hidden_size=shape.hidden_size, latent_intermediate_size=shape.hidden_size,
+                       embedding_scale=EMBEDDING_SCALE, embedding_scale_source="config",
+                       trained_compression_factors=[1, 2, 3, 4, 5])
+    with torch.device(device):
+        head = LatentHead(shape.hidden_size, shape.hidden_size)
+    return ColarModel(lm, head, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# One phase
+# ----------------------------------------------------------------------------------------------
+class _Recorder:
+    """train_loop callback: per-step metrics, and a synchronised clock around the timed steps."""
+
+    def __init__(self, device, warmup: int, total: int):
+        self.device, self.warmup, self.total = device, warmup, total
+        self.steps: list[dict] = []
+        self.t0 = self.t1 = None
+
+    def on_train_start(self, info: dict) -> None:
+        if self.warmup == 0:
+            self._mark("t0")
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        self.steps.append(dict(metrics, step=step))
+        if step == self.warmup:
+            self._mark("t0")
+        if step == self.total:
+            self._mark("t1")
+
+    def _mark(self, name: str) -> None:
+        import time
+
+        common.sync(self.device)
+        setattr(self, name, time.perf_counter())
+
+
+def run_phase(phase: str, args) -> dict:
+    """Build the model and engine for ``phase``, run warm-up + timed steps, return the numbers."""
+    import torch
+
+    from colar_core.training.engine import StepBatch, build_engine, train_loop
+
+    common.apply_threads(args.threads)
+    device = common.pick_device(args.device)
+    shape = model_shape(args)
+    n_params = shape.param_count()
+    emb_params = shape.vocab_size * shape.hidden_size
+    head_params = common.latent_head_param_count(shape.hidden_size)
+    total = args.warmup + args.steps
+    common.reset_peak_memory(device)
+    stats: list[dict] = []  # per step: positions, per-row lengths, LM-head rows, latent-head rows
+
+    if phase == "plain":
+        model = build_backbone(shape, device, args.seed, args.attn_impl)
+        cfg = train_config(args)
+        engine = build_engine(model, cfg)
+        g = torch.Generator(device="cpu").manual_seed(args.seed)
+        ids = torch.randint(0, shape.vocab_size, (args.micro_batch, args.seq_len), generator=g).to(engine.device)
+        n_pos = torch.tensor(float(ids.numel()), device=engine.device)
+        row = {"positions": ids.numel(), "rows": [args.seq_len] * args.micro_batch,
+               "lm_head_rows": ids.numel(), "latent_head_rows": 0}
+
+        def batches_fn(step: int):
+            stats.append(row)
+            return StepBatch([ids], {})
+
+        def loss_fn(m, batch):
+            out = m(input_ids=batch, labels=batch)  # HF shifts the labels; logits at every position
+            return {"loss": out.loss, "n_positions": n_pos}
+    else:
+        from colar_core.collate import IGNORE
+        from colar_core.config import ObjectiveConfig
+        from colar_core.training.sft import SFTBatches
+
+        encoder = bench_encoder()
+        model = build_colar(shape, device, args.seed, args.attn_impl, encoder)
+        obj = ObjectiveConfig(mode="colar", compression_factors=[1, 2, 3, 4, 5])
+        cfg = train_config(args, obj)
+        engine = build_engine(model, cfg)
+        examples = synthetic_examples(max(8 * args.micro_batch, 256), encoder, shape.vocab_size,
+                                      args.question_tokens, args.step_tokens, args.answer_tokens,
+                                      args.length_spread, args.seed)
+        batches = SFTBatches(examples, encoder, cfg, engine.rank, engine.world_size, engine.device)
+
+        def batches_fn(step: int):
+            sb = batches(step)
+            b = sb.micro_batches[0]
+            mask = torch.cat([b.prompt_mask, b.group_mask, b.answer_mask], dim=1)
+            rows = mask.sum(1)
+            labelled = int((b.group_labels != IGNORE).sum()) + int(b.answer_mask.sum())
+            stats.append({"positions": int(rows.sum()), "rows": rows.tolist(), "lm_head_rows": labelled,
+                          "latent_head_rows": int(b.step_group_mask[:, 1:].sum()), "width": mask.shape[1],
+                          "slots": mask.numel(), "r": b.r})
+            return sb
+
+        def loss_fn(m, batch):  # exactly train_sft's loss_fn
+            return m.sft_loss(batch.to(engine.device), obj, generator=batches.loss_gen)
+
+    rec = _Recorder(engine.device, args.warmup, total)
+    train_loop(engine, batches_fn, loss_fn, max_steps=total, callbacks=[rec], log_every=1)
+    wall = rec.t1 - rec.t0
+    timed_steps, timed_stats = rec.steps[args.warmup:], stats[args.warmup:total]
+
+    positions = sum(s["positions"] for s in timed_stats)
+    counted = sum(m.get("n_positions", 0.0) for m in timed_steps)  # what the loss function reported
+    nominal = sum(common.dense_train_flops(n_params, s["positions"]) + common.attention_train_flops(shape, s["rows"])
+                  for s in timed_stats)
+    executed = sum(
+        common.dense_train_flops(n_params - emb_params, s["positions"])
+        + common.dense_train_flops(emb_params, s["lm_head_rows"])
+        + common.dense_train_flops(head_params, s["latent_head_rows"])
+        + common.attention_train_flops(shape, s["rows"]) for s in timed_stats)
+    tps = counted / wall
+    out = {
+        "tokens_per_s": tps,
+        "tflops": common.tflops(nominal, wall),
+        "mfu": common.mfu(common.tflops(nominal, wall)),
+        "tflops_executed": common.tflops(executed, wall),
+        "step_time_ms": 1000 * wall / args.steps,
+        "tokens_per_step": counted / args.steps,
+        "timed_steps": args.steps,
+        "warmup_steps": args.warmup,
+        "wall_s": wall,
+        "loop_step_time_s_sum": sum(m["step_time_s"] for m in timed_steps),
+        "loss_first": rec.steps[0].get("loss"),
+        "loss_last": rec.steps[-1].get("loss"),
+        "peak_memory_gib": common.peak_memory_gib(device),
+        "attn_implementation": _backbone(engine.model).config._attn_implementation,
+        "zero_stage": getattr(engine, "zero_stage", None),
+        "precision": cfg.precision,
+    }
+    if abs(positions - counted) > 0.5:
+        out["positions_mismatch"] = {"collated": positions, "reported": counted}
+    if phase == "colar":
+        out.update(_per_r(timed_steps, timed_stats))
+        out["mean_padded_width"] = sum(s["width"] for s in timed_stats) / len(timed_stats)
+        out["padding_fraction"] = 1 - positions / sum(s["slots"] for s in timed_stats)
+        out["mean_lm_head_rows"] = sum(s["lm_head_rows"] for s in timed_stats) / len(timed_stats)
+    out["params"] = n_params + (head_params if phase == "colar" else 0)
+
+    _release(engine, device)
+    return out
+
+
+def _backbone(model):
+    return model.causal_lm if hasattr(model, "causal_lm") else model
+
+
+def _per_r(steps: list[dict], stats: list[dict]) -> dict:
+    """Per compression factor: step count, tokens/s from the loop's own step times, and the
+    'balanced' tokens/s a uniform draw of r would give in expectation (sum of per-r means)."""
+    by_r: dict[int, list] = {}
+    for m, s in zip(steps, stats):
+        by_r.setdefault(int(s["r"]), []).append((m["n_positions"], m["step_time_s"]))
+    per_r = {}
+    for r in sorted(by_r):
+        pos, secs = sum(p for p, _ in by_r[r]), sum(t for _, t in by_r[r])
+        per_r[str(r)] = {"steps": len(by_r[r]), "tokens_per_step": pos / len(by_r[r]),
+                         "step_time_ms": 1000 * secs / len(by_r[r]), "tokens_per_s": pos / secs}
+    mean_pos = sum(v["tokens_per_step"] for v in per_r.values())
+    mean_time = sum(v["step_time_ms"] for v in per_r.values()) / 1000
+    return {"per_r": per_r, "tokens_per_s_balanced_r": mean_pos / mean_time if mean_time else None,
+            "r_drawn": [int(s["r"]) for s in stats]}
+
+
+def _release(engine, device) -> None:
+    import torch
+
+    try:
+        engine.ds.destroy()
+    except Exception:  # pragma: no cover - best effort
+        pass
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+def _child_argv(argv: Sequence[str], phase: str, out: Path) -> list[str]:
+    keep, skip = [], False
+    for a in argv:  # drop --out / --isolate / --phases (the parent owns them)
+        if skip:
+            skip = False
+            continue
+        if a in ("--out", "--isolate", "--phases", "--phase", "--phase-out"):
+            skip = True
+            continue
+        if a.split("=", 1)[0] in ("--out", "--isolate", "--phases", "--phase", "--phase-out"):
+            continue
+        keep.append(a)
+    return [sys.executable, "-m", MODULE, *keep, "--isolate", "none", "--phase", phase, "--phase-out", str(out)]
+
+
+def _run_child(argv: Sequence[str], phase: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="colar-bench-") as tmp:
+        out = Path(tmp) / f"{phase}.json"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(common.REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # each child is its own job
+            env.pop(var, None)
+        proc = subprocess.run(_child_argv(argv, phase, out), cwd=common.REPO_ROOT, env=env)
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"{phase} phase failed (exit {proc.returncode})")
+        return json.loads(out.read_text())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.phase:  # child: one phase, result to --phase-out
+        result = run_phase(args.phase, args)
+        common.write_json(args.phase_out, result)
+        return result
+
+    common.apply_threads(args.threads)
+    device = common.pick_device(args.device)
+    results = {}
+    for phase in args.phase_list:
+        print(f"[sft_throughput] {phase} phase ...", flush=True)
+        results[phase] = _run_child(argv, phase) if args.isolate == "process" else run_phase(phase, args)
+        r = results[phase]
+        print(f"[sft_throughput] {phase}: {r['tokens_per_s']:.1f} tokens/s, {r['tflops']:.4g} TFLOP/s "
+              f"(MFU {100 * r['mfu']:.2f} % of 989), {r['step_time_ms']:.1f} ms/step", flush=True)
+
+    info = common.device_info(device)
+    shape = model_shape(args)
+    report = {
+        "benchmark": "sft_throughput",
+        "device": common.describe_device(info),
+        "device_info": info,
+        "tiny": args.tiny,
+        **results,
+        "config": {
+            "model": shape.as_dict(), "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+            "steps": args.steps, "warmup": args.warmup, "backend": "deepspeed", "zero_stage": 2,
+            "precision": "fp32" if args.tiny else "bf16", "optimizer": "torch AdamW (fused on CUDA) via TrainConfig",
+            "grad_clip": 1.0, "attn_implementation": args.attn_impl, "isolate": args.isolate,
+            "colar_data": {"question_tokens": args.question_tokens, "step_tokens": args.step_tokens,
+                           "answer_tokens": args.answer_tokens, "length_spread": args.length_spread,
+                           "compression_factors": [1, 2, 3, 4, 5], "objective": "ce 1 + soft_mse 1"},
+            "seed": args.seed, "threads": args.threads,
+        },
+        "flops": {
+            "tflops": "(6 * N * positions + 12 * L * d * sum_rows(n_row^2)) / s, N = backbone params with the "
+                      "tied embedding counted once, d = heads * head_dim, n_row = real positions in a row",
+            "tflops_executed": "as tflops, but the LM-head share (6 * V * H) only on rows whose logits are "
+                               "computed, plus 6 * latent-head params per latent prediction (CoLaR)",
+            "mfu": "tflops / 989 (H100 SXM dense bf16 spec peak; ~800 is the practical ceiling)",
+            "peak_tflops": common.H100_BF16_PEAK_FLOPS / 1e12,
+        },
+        "versions": common.versions(),
+        "command": common.command_line(MODULE, argv),
+        "timestamp": common.utc_now(),
+    }
+    if "plain" in results and "colar" in results:
+        ratio = results["colar"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
+        report["colar_over_plain_tokens_per_s"] = ratio
+        gpu = device.type == "cuda" and not args.tiny
+        report["targets"] = {
+            "colar_tokens_per_s_at_least_plain": {"value": ratio, "target": ">= 1.0", "met": ratio >= 1.0 if gpu else None},
+            "plain_tflops": {"value": results["plain"]["tflops"], "target": ">= 300",
+                             "met": results["plain"]["tflops"] >= 300 if gpu else None},
+            "note": "targets apply to the full-size bf16 run on an H100" + ("" if gpu else "; this run is a smoke run"),
+        }
+    out = Path(args.out) if args.out else common.default_out("sft_throughput", device, args.tiny)
+    common.write_json(out, report)
+    print(f"[sft_throughput] wrote {out}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

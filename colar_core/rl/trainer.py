@@ -1,0 +1,396 @@
+"""The RL stage: GRPO on a CoLaR-SFT model, on the SFT stage's engine, loop and checkpoints.
+
+One RL step (``RLConfig``):
+
+1. **Rollout** (``RLBatches.__call__``, no grad, model in eval mode, under ``engine.full_model()``
+   so ZeRO-3 works): the process's next ``questions_per_step`` questions, each repeated
+   ``group_size`` times (contiguous), go through
+   :func:`~colar_core.inference.generate_latent` at ``compression_factor`` with
+   ``return_trace=True``: latents sampled from the Gaussian head, answers sampled from the LM head.
+2. **Rewards** (:mod:`colar_core.rl.rewards`) and **group advantages**
+   (:func:`~colar_core.rl.grpo.group_advantages`).
+3. **Old log-probs** of every action, once, with no grad, through ``engine.forward`` on the same
+   micro-batches the loss will see (so the ratio is exactly 1 at the first update); reference
+   log-probs from a frozen copy of the starting model when ``kl_beta > 0``.
+4. **Updates**: ``update_epochs`` optimizer steps of the shared :func:`train_loop`, each over all
+   micro-batches with :func:`~colar_core.rl.grpo.grpo_loss` as ``loss_fn``.
+
+Rollout statistics (reward mean/std, accuracy, mean #L, share of zero-variance groups, ...) are
+summed over processes and logged with the step (``StepBatch.info``); the loss parts (pg loss,
+KL, clip fraction, ratio, latent-head entropy, log-probs) come from ``loss_fn``. Checkpoints hold
+the question order and the rollout generator's state besides the engine and the global RNGs, and
+are only written on rollout boundaries, so a resumed run samples exactly what an uninterrupted
+one would. The output is ``output_dir/model`` (``export_model`` with the tokenizer), loadable by
+inference and evaluation unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from colar_core.config import StrictModel
+from colar_core.inference import generate_latent
+from colar_core.rl.config import RLConfig
+from colar_core.rl.grpo import Trajectories, concat_traces, group_advantages, grpo_loss, policy_log_probs
+from colar_core.rl.rewards import compute_rewards
+from colar_core.text import PromptEncoder
+from colar_core.training.callbacks import ConsoleLogger, JsonlLogger
+from colar_core.training.checkpoint import CheckpointManager, export_model
+from colar_core.training.engine import StepBatch, build_engine, dist_env, train_loop
+from colar_core.training.sft import DataConfig, ModelStateKeeper, make_evaluator
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+CONFIG_FILE = "rl_config.json"
+MODEL_DIR = "model"
+ENTRY_MODULE = "colar_core.rl.rl_main"
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability in ``model`` to 0 (modules and HF attention-dropout floats).
+    Returns how many were non-zero."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and m.p:
+            m.p, changed = 0.0, changed + 1
+        p = getattr(m, "attention_dropout", None)
+        if isinstance(p, float) and p:
+            m.attention_dropout, changed = 0.0, changed + 1
+    return changed
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts -> micro-batches of trajectories
+# ----------------------------------------------------------------------------------------------
+class RLBatches:
+    """``batches_fn`` of the shared loop: rolls out every ``update_epochs`` optimizer steps and hands
+    the micro-batches of trajectories (with advantages and old log-probs) to the loss.
+
+    State (checkpointed): position in the seeded question order (epoch, index), the number of
+    rollouts, and the rollout sampling generator (per process).
+    """
+
+    def __init__(self, records: Sequence, encoder: PromptEncoder, cfg: RLConfig, engine,
+                 ref_model: Optional[nn.Module] = None):
+        self.records, self.encoder, self.cfg, self.engine = list(records), encoder, cfg, engine
+        self.ref_model = ref_model
+        self.rank, self.world_size = engine.rank, engine.world_size
+        self.global_q = cfg.questions_per_step * self.world_size
+        if len(self.records) < self.global_q:
+            raise ValueError(f"{len(self.records)} training questions cannot fill one RL step of "
+                             f"questions_per_step {cfg.questions_per_step} x {self.world_size} process(es)")
+        self.epoch, self.index, self.rollouts = 0, 0, 0
+        self._perm: Optional[list[int]] = None
+        self._perm_epoch = -1
+        self.gen_rng = torch.Generator(device=engine.device).manual_seed(cfg.seed * 7919 + 104729 * (self.rank + 1))
+        self._cache: Optional[tuple[list, dict]] = None
+        self.latent_actions = cfg.generation.sample_latents and not engine.model.state.deterministic_latents
+        self.temperature = cfg.generation.temperature if cfg.generation.do_sample else 1.0
+        self.think_id = encoder.think_id if cfg.continue_actions else None
+
+    # ----- question order (as SFTBatches: a seeded permutation per epoch, rank k takes slice k) ----
+    def _permutation(self) -> list[int]:
+        if self._perm_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+            self._perm = torch.randperm(len(self.records), generator=g).tolist()
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def _next_indices(self) -> list[int]:
+        if self.index + self.global_q > len(self.records):
+            self.epoch, self.index = self.epoch + 1, 0
+        perm = self._permutation()
+        lo = self.index + self.rank * self.cfg.questions_per_step
+        self.index += self.global_q
+        return perm[lo: lo + self.cfg.questions_per_step]
+
+    # ----- one rollout ----------------------------------------------------------------------------
+    def rollout(self) -> tuple[list[Trajectories], dict]:
+        cfg, gen, g = self.cfg, self.cfg.generation, self.cfg.group_size
+        t0 = time.perf_counter()
+        records = [self.records[i] for i in self._next_indices()]
+        questions = [r.question for r in records for _ in range(g)]
+        golds = [str(r.answer) for r in records for _ in range(g)]
+        gens, traces = [], []
+        with torch.no_grad(), self.engine.full_model() as model:
+            was_training = model.training
+            model.eval()
+            try:
+                for s in range(0, len(questions), gen.batch_size):
+                    out, trace = generate_latent(model, self.encoder, questions[s: s + gen.batch_size],
+                                                 cfg.compression_factor, gen, self.gen_rng, return_trace=True)
+                    gens += out
+                    traces.append(trace)
+            finally:
+                model.train(was_training)
+        self.rollouts += 1
+        t_rollout = time.perf_counter() - t0
+
+        traj = concat_traces(traces, self.encoder.pad_id).to(self.engine.device)
+        n_latents = [gg.n_latents for gg in gens]
+        rewards = compute_rewards([gg.answer for gg in gens], golds, n_latents, gen.max_latents,
+                                  cfg.rewards.correct, cfg.rewards.length, cfg.rewards.length_form)
+        total = torch.tensor(rewards["total"], dtype=torch.float64)
+        adv, constant = group_advantages(total, g)
+        traj.advantages = adv.to(self.engine.device)
+        micro = traj.split(cfg.micro_batch_size)
+        with torch.no_grad():
+            for mb in micro:
+                lat, cont, ans = self.engine.forward(self._logp_fn, mb)
+                mb.old_latent_logp, mb.old_answer_logp = lat.detach().float(), ans.detach().float()
+                mb.old_continue_logp = cont.detach().float() if cont is not None else None
+                if self.ref_model is not None:
+                    ref = policy_log_probs(self.ref_model, mb, self.temperature, self.think_id)
+                    mb.ref_latent_logp, mb.ref_answer_logp = ref.latent_logp, ref.answer_logp
+                    mb.ref_continue_logp = ref.continue_logp
+
+        correct = torch.tensor(rewards["correct"], dtype=torch.float64)
+        lengths = torch.tensor(n_latents, dtype=torch.float64)
+        answer_tokens = (traj.answer_mask.sum(1) - 1).double().cpu()  # without the closing '###'
+        sums = torch.stack([
+            total.sum(), (total ** 2).sum(), torch.tensor(float(len(total))), correct.sum(), lengths.sum(),
+            (lengths * correct).sum(), torch.tensor(float(constant.sum())), torch.tensor(float(constant.numel())),
+            answer_tokens.sum(), torch.tensor(rewards["length"], dtype=torch.float64).sum(), torch.tensor(t_rollout),
+        ])
+        sums = self.engine.all_reduce_sum(sums).tolist()
+        r_sum, r2_sum, n, c_sum, l_sum, lc_sum, const, groups, ans_sum, len_sum, t_sum = sums
+        mean = r_sum / n
+        info = {
+            "reward_mean": mean,
+            "reward_std": max(0.0, r2_sum / n - mean ** 2) ** 0.5,
+            "accuracy": c_sum / n,
+            "mean_latents": l_sum / n,
+            "mean_latents_correct": lc_sum / c_sum if c_sum else float("nan"),
+            "zero_var_groups": const / groups,
+            "mean_answer_tokens": ans_sum / n,
+            "reward_length": len_sum / n,
+            "rollout_time_s": t_sum / self.world_size,
+            "r": cfg.compression_factor,
+            "rollout": self.rollouts,
+            "epoch": self.epoch,
+        }
+        return micro, info
+
+    def _logp_fn(self, model, traj: Trajectories):
+        cur = policy_log_probs(model, traj, self.temperature, self.think_id)
+        return cur.latent_logp, cur.continue_logp, cur.answer_logp
+
+    def __call__(self, step: int) -> StepBatch:
+        e = self.cfg.update_epochs
+        if step % e == 0 or self._cache is None:
+            if step % e:
+                log.warning("step %d is inside a rollout's update passes but no rollout is cached: rolling out anew",
+                            step)
+            self._cache = self.rollout()
+        micro, info = self._cache
+        return StepBatch(micro, {**info, "update_pass": step % e})
+
+    def loss_fn(self, model, traj: Trajectories) -> dict:
+        c = self.cfg
+        return grpo_loss(model, traj, c.clip_eps, c.loss_aggregation, c.kl_beta, self.temperature,
+                         self.latent_actions, self.think_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "rollouts": self.rollouts,
+                "global_q": self.global_q, "gen_rng": self.gen_rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self.rollouts = int(state["epoch"]), int(state["index"]), int(state["rollouts"])
+        if int(state.get("global_q", self.global_q)) != self.global_q:
+            log.warning("questions per step changed (%s -> %s): question order continues from the same index",
+                        state.get("global_q"), self.global_q)
+        self.gen_rng.set_state(state["gen_rng"])
+        self._cache = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RLResult:
+    """What a finished RL stage hands on (also written to ``output_dir/result.json``)."""
+
+    model_dir: Path
+    final_step: int  # optimizer updates done (= rl_steps * update_epochs)
+    rl_steps: int  # rollouts done
+    metrics_path: Path
+    resumed_from: Optional[int] = None
+    best_val_accuracy: Optional[float] = None
+    best_model_dir: Optional[Path] = None
+    best_step: Optional[int] = None
+    stopped_early: bool = False
+    output_dir: Optional[Path] = None
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RLResult":
+        paths = ("model_dir", "metrics_path", "best_model_dir", "output_dir")
+        return cls(**{k: (Path(v) if k in paths and v is not None else v) for k, v in d.items()
+                      if k in cls.__dataclass_fields__})
+
+    @classmethod
+    def load(cls, output_dir) -> "RLResult":
+        return cls.from_dict(json.loads((Path(output_dir) / RESULT_FILE).read_text()))
+
+
+def train_rl(
+    model,
+    tokenizer,
+    train_records: Sequence,
+    val_records: Sequence = (),
+    cfg: Optional[RLConfig] = None,
+    output_dir: Union[str, Path] = "runs/rl",
+    callbacks: Sequence = (),
+    device: Optional[torch.device] = None,
+) -> RLResult:
+    """GRPO on ``model`` (a CoLaR-SFT :class:`~colar_core.model.ColarModel`) over ``train_records``'
+    questions and answers (their steps are not used).
+
+    Resumes from the newest complete checkpoint in ``output_dir`` (a finished stage returns at
+    once). Writes ``rl_config.json``, ``metrics.jsonl``, ``checkpoints/``, ``best/`` (with
+    validation) and ``model/``. Every process of a multi-process job calls this with the same
+    arguments; only rank 0 writes files and calls ``callbacks``.
+    """
+    cfg = cfg or RLConfig()
+    tcfg = cfg.train_config()
+    out = Path(output_dir)
+    env = dist_env(set_defaults=cfg.backend == "deepspeed")
+    manager = CheckpointManager(out, keep=cfg.keep_checkpoints)
+    encoder = PromptEncoder(tokenizer)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
+
+    ref_model = None
+    if cfg.kl_beta > 0:  # the starting policy, frozen, before the engine (or a resume) changes it
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    engine = build_engine(model, tcfg, device)
+    if ref_model is not None:
+        ref_model.to(engine.device)
+        if cfg.precision == "bf16":
+            ref_model.to(torch.bfloat16)
+    batches = RLBatches(train_records, encoder, cfg, engine, ref_model)
+
+    evaluate_fn = save_best = None
+    if cfg.eval_every and len(val_records):
+        evaluate = make_evaluator(engine, encoder, val_records, tcfg)
+        last_eval: dict = {}
+
+        def evaluate_fn(step: int) -> dict:
+            last_eval.clear()
+            last_eval.update(evaluate(step))
+            return last_eval
+
+        def save_best(step: int) -> Path:
+            return export_model(engine, manager.best_path(step), tokenizer,
+                                {"val_metrics.json": {"step": step, **last_eval}})
+
+    cbs = [JsonlLogger(out / METRICS_FILE), ConsoleLogger(), *callbacks] if engine.is_main else []
+    state = train_loop(
+        engine, batches, batches.loss_fn,
+        max_steps=tcfg.max_steps, checkpoints=manager, checkpoint_every=tcfg.checkpoint_every,
+        stateful={"data": batches, "model_state": ModelStateKeeper(model)}, callbacks=cbs,
+        evaluate=evaluate_fn, eval_every=tcfg.eval_every, save_best=save_best, keep_best=cfg.keep_best,
+        early_stopping_patience=cfg.early_stopping_patience, log_every=cfg.log_every,
+    )
+
+    best_dir = Path(state.best[0]["path"]) if state.best and state.best[0].get("path") else None
+    model_dir = out / MODEL_DIR
+    if cfg.final_model == "best" and best_dir is not None and best_dir.is_dir():
+        if engine.is_main:
+            _copy_dir_atomic(best_dir, model_dir)
+        engine.barrier()
+    else:
+        export_model(engine, model_dir, tokenizer)
+
+    result = RLResult(model_dir=model_dir, final_step=state.step, rl_steps=-(-state.step // cfg.update_epochs),
+                      metrics_path=out / METRICS_FILE, resumed_from=state.resumed_from,
+                      best_val_accuracy=state.best_score, best_model_dir=best_dir, best_step=state.best_step,
+                      stopped_early=state.stopped_early, output_dir=out)
+    if engine.is_main:
+        (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2))
+    engine.barrier()
+    return result
+
+
+def _copy_dir_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole job from one config file (what the launchers run)
+# ----------------------------------------------------------------------------------------------
+class RLJob(StrictModel):
+    """One RL stage as a file: what ``python -m colar_core.rl.rl_main --config job.json`` runs."""
+
+    output_dir: str = Field(..., description="Run directory (checkpoints, metrics.jsonl, model/); reused = resumed.")
+    init_from: str = Field(..., description="The CoLaR-SFT model directory to start from (e.g. the CoLaR SFT "
+                           "stage's output_dir/model); its tokenizer/ is used.")
+    rl: RLConfig = Field(default_factory=RLConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="train.jsonl (+ val.jsonl) from prepare_data; "
+                             "None = the built-in problems (as SFT).")
+
+    @classmethod
+    def from_file(cls, path) -> "RLJob":
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            return cls.model_validate(yaml.safe_load(text))
+        return cls.model_validate_json(text)
+
+
+def load_start_model(model_dir: Union[str, Path]):
+    """``(ColarModel, tokenizer)`` of a saved CoLaR model directory (trainable)."""
+    from colar_core.model import ColarModel
+    from colar_core.tokenizer import load_tokenizer
+
+    root = Path(model_dir)
+    return ColarModel.from_pretrained(root, is_trainable=True), load_tokenizer(str(root / "tokenizer"))
+
+
+def run_rl_job(job: RLJob, callbacks: Sequence = ()) -> RLResult:
+    """Load data and the starting model for ``job`` and train in this process (one of a launched
+    job's processes, or the only one)."""
+    train_records, val_records = job.data.load()
+    model, tokenizer = load_start_model(job.init_from)
+    return train_rl(model, tokenizer, train_records, val_records, job.rl, job.output_dir, callbacks)
+
+
+def run_rl_stage(job: RLJob, config_path: Optional[Union[str, Path]] = None, callbacks: Sequence = (),
+                 on_line: Optional[Callable[[str], None]] = None) -> RLResult:
+    """Run an :class:`RLJob` in this process when its launcher asks for one process, else through
+    :func:`colar_core.training.launch.launch` (the job is written to ``config_path``, default
+    ``output_dir/job.json``). ``callbacks`` only run in-process."""
+    from colar_core.training.launch import launch
+
+    if not job.rl.launcher.multi_process:
+        return run_rl_job(job, callbacks)
+    out = Path(job.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = Path(config_path) if config_path else out / "job.json"
+    path.write_text(job.model_dump_json(indent=2))
+    launch(path, job.rl.launcher, module=ENTRY_MODULE, on_line=on_line)
+    return RLResult.load(out)

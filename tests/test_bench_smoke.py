@@ -1,0 +1,97 @@
+"""The benchmark scripts run end to end at their tiniest size and write the JSON the docs promise.
+
+Each script runs as a subprocess (as a user would start it), on the CPU, with one or two steps;
+the numbers are not checked, only that they exist and have the right shape. GPU result files
+(``bench/results/sft_throughput.json`` / ``inference_speed.json``) are never written here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _run(module: str, *args: str, timeout: int = 120) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}  # a job of its own
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke size, even on a GPU machine
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@pytest.mark.slow
+def test_sft_throughput_tiny_writes_both_phases(tmp_path):
+    out = tmp_path / "sft.json"
+    _run("bench.sft_throughput", "--tiny", "--isolate", "none", "--steps", "1", "--warmup", "1",
+         "--micro-batch", "2", "--seq-len", "16", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert {"device", "plain", "colar", "config", "versions", "command", "flops", "targets"} <= set(data)
+    for phase in ("plain", "colar"):
+        assert {"tokens_per_s", "tflops", "mfu", "step_time_ms", "tokens_per_step"} <= set(data[phase])
+        assert data[phase]["tokens_per_s"] > 0 and data[phase]["tflops"] > 0
+    assert data["plain"]["tokens_per_step"] == 2 * 16  # micro-batch x seq-len
+    assert data["colar"]["per_r"] and 0 <= data["colar"]["padding_fraction"] < 1
+    assert data["tiny"] is True and data["targets"]["plain_tflops"]["met"] is None  # no verdict off-GPU
+    assert data["config"]["zero_stage"] == 2 and data["config"]["model"]["vocab_size"] == 2000
+    assert "bench.sft_throughput" in data["command"]
+
+
+@pytest.mark.slow
+def test_inference_speed_tiny_writes_ratios_and_questions_per_s(tmp_path):
+    out = tmp_path / "inf.json"
+    _run("bench.inference_speed", "--tiny", "--batch-sizes", "2", "--factors", "2,4", "--reps", "1",
+         "--warmup", "0", "--probe-start", "1", "--probe-steps", "2", "--cot-tokens", "8",
+         "--question-tokens", "20", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert {"device", "latent_step_over_token_step", "c4_over_cot", "questions_per_s", "batches", "config",
+            "versions", "command"} <= set(data)
+    assert set(data["questions_per_s"]["2"]) == {"cot", "c2", "c4"}
+    assert all(_number(v) and v > 0 for v in data["questions_per_s"]["2"].values())
+    b = data["batches"]["2"]
+    assert {"token_step_ms", "latent_step_ms", "e2e_ms", "over_cot", "components_ms"} <= set(b)
+    assert b["chain_lengths"] == {"cot": 8, "c2": 4, "c4": 2}
+    assert _number(data["c4_over_cot"]) and data["c4_over_cot"] == b["over_cot"]["c4"]
+
+
+def test_phase_children_get_the_parents_arguments_but_not_its_output():
+    from bench.sft_throughput import _child_argv
+
+    cmd = _child_argv(["--tiny", "--out", "x.json", "--steps", "3", "--phases=plain"], "colar", Path("p.json"))
+    assert cmd[1:3] == ["-m", "bench.sft_throughput"]
+    assert cmd[3:] == ["--tiny", "--steps", "3", "--isolate", "none", "--phase", "colar", "--phase-out", "p.json"]
+
+
+def test_cpu_and_tiny_runs_never_write_the_gpu_result_files():
+    import torch
+
+    from bench.common import default_out
+
+    assert default_out("sft_throughput", torch.device("cpu"), True).name == "sft_throughput_cpu_tiny.json"
+    assert default_out("inference_speed", torch.device("cuda"), True).name == "inference_speed_cuda_tiny.json"
+    assert default_out("inference_speed", torch.device("cuda"), False).name == "inference_speed.json"
+
+
+def test_flop_counts_match_the_model():
+    from bench.common import LLAMA_3_2_1B, TINY, attention_train_flops, latent_head_param_count
+    from colar_core.latent_head import LatentHead
+    from transformers import AutoModelForCausalLM
+
+    assert LLAMA_3_2_1B.param_count() == 1_235_814_400  # Llama-3.2-1B
+    model = AutoModelForCausalLM.from_config(TINY.hf_config())
+    assert sum(p.numel() for p in model.parameters()) == TINY.param_count()
+    assert sum(p.numel() for p in LatentHead(64).parameters()) == latent_head_param_count(64)
+    # 12 * L * d * n per token of an n-token row: 32 rows of 256 tokens
+    assert attention_train_flops(LLAMA_3_2_1B, [256] * 32) == 12 * 16 * 2048 * 256 * 256 * 32

@@ -1,0 +1,276 @@
+"""RL building blocks on hand-made inputs: rewards, group advantages, the latent log-density, the
+clipped loss, the config, and the log-prob recomputation against what generation actually saw."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from colar_core.collate import collate
+from colar_core.config import GenerationConfig, ObjectiveConfig
+from colar_core.inference import generate_latent
+from colar_core.losses import gaussian_log_prob
+from colar_core.rl.config import RewardConfig, RLConfig
+from colar_core.rl.grpo import (
+    Trajectories, aggregate, clipped_policy_loss, concat_traces, continue_mask, group_advantages, grpo_loss,
+    kl_k3, policy_log_probs, previous_real_position,
+)
+from colar_core.rl.rewards import combine, compute_rewards, correctness, length_bonus
+from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# rewards
+# ----------------------------------------------------------------------------------------------
+def test_correctness_uses_the_papers_answer_check():
+    assert correctness("23", "23") == 1.0
+    assert correctness("23.0", "23") == 1.0  # floats when both parse
+    assert correctness("1,200", "1200") == 1.0  # thousands commas dropped
+    assert correctness(" 7. ", "7") == 1.0
+    assert correctness("24", "23") == 0.0
+    assert correctness(None, "23") == 0.0  # no 'Answer:' in the text
+    assert correctness("abc", "abd") == 0.0 and correctness("abc", "abc") == 1.0
+
+
+def test_length_bonus_only_for_correct_answers_and_shorter_is_better():
+    assert length_bonus(0.0, 1, 64) == 0.0 and length_bonus(0.0, 1, 64, "inverse") == 0.0
+    assert length_bonus(1.0, 16, 64) == pytest.approx(0.75)
+    assert length_bonus(1.0, 64, 64) == 0.0 and length_bonus(1.0, 100, 64) == 0.0  # capped, never negative
+    assert length_bonus(1.0, 2, 64) > length_bonus(1.0, 3, 64)
+    assert length_bonus(1.0, 1, 64, "inverse") == 1.0 and length_bonus(1.0, 4, 64, "inverse") == 0.25
+    with pytest.raises(ValueError):
+        length_bonus(1.0, 2, 64, "square")
+
+
+def test_rewards_combine_by_weights_and_never_reward_a_wrong_answer():
+    out = compute_rewards(["23", "23", "5", None], ["23", "23", "23", "23"], [2, 8, 1, 1], max_latents=8,
+                          correct_weight=1.0, length_weight=0.5)
+    assert out["correct"] == [1.0, 1.0, 0.0, 0.0]
+    assert out["length"] == [pytest.approx(0.75), 0.0, 0.0, 0.0]
+    assert out["total"] == [pytest.approx(1.375), 1.0, 0.0, 0.0]
+    # whatever the weights, every correct rollout out-scores every wrong one
+    for w in (0.0, 0.1, 1.0, 10.0):
+        t = compute_rewards(["1", "2"], ["1", "1"], [8, 1], 8, 1.0, w)["total"]
+        assert t[1] == 0.0 and t[0] >= 1.0
+    assert combine({"a": [1, 2], "b": [3, 4]}, {"a": 1.0, "b": -1.0}) == [-2.0, -2.0]
+    with pytest.raises(KeyError):
+        combine({"a": [1]}, {})
+
+
+# ----------------------------------------------------------------------------------------------
+# advantages
+# ----------------------------------------------------------------------------------------------
+def test_group_advantages_normalise_each_group_and_zero_constant_groups():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0,   0.0, 0.0, 0.0, 0.0,   1.0, 1.0, 1.0, 1.0,   0.1, 0.1, 0.1, 0.1])
+    adv, constant = group_advantages(r, 4)
+    assert constant.tolist() == [False, True, True, True]
+    assert torch.isfinite(adv).all()
+    assert adv[4:].eq(0).all()  # constant groups: exactly zero, no 0/0 and no rounding residue
+    g = r[:4].double()
+    expected = (g - g.mean()) / (g.std() + 1e-8)  # sample std, as torch.std
+    assert torch.allclose(adv[:4].double(), expected, atol=1e-6)
+    assert adv[:4].sum().abs() < 1e-6
+
+
+def test_group_advantages_layout_is_contiguous_groups():
+    adv, _ = group_advantages(torch.tensor([0.0, 1.0, 5.0, 5.0, 3.0, 1.0]), 2)
+    assert adv[0] < 0 < adv[1] and adv[2] == adv[3] == 0 and adv[4] > 0 > adv[5]
+
+
+# ----------------------------------------------------------------------------------------------
+# densities and the loss
+# ----------------------------------------------------------------------------------------------
+def test_latent_log_density_is_the_normal_log_prob_mean_over_dims():
+    g = torch.Generator().manual_seed(0)
+    mean, log_std, x = (torch.randn(5, 7, generator=g) for _ in range(3))
+    expected = torch.distributions.Normal(mean, log_std.exp()).log_prob(x).mean(-1)
+    assert torch.allclose(gaussian_log_prob(mean, log_std, x), expected, atol=1e-6)
+
+
+def test_clipped_loss_equals_the_written_out_formula():
+    eps = 0.2
+    ratio = torch.tensor([[0.5, 1.0, 1.5, 1.1], [0.7, 1.3, 0.9, 2.0]])
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    old = torch.log(torch.tensor([[0.3, 0.2, 0.1, 0.4], [0.5, 0.25, 0.6, 0.05]]))
+    logp = old + torch.log(ratio)
+
+    # row 0, A = +1: min(r A, clip(r) A) = min(0.5, 0.8)=0.5, min(1,1)=1, min(1.5,1.2)=1.2; mean -> -(2.7/3)
+    # row 1, A = -2: min(-1.4,-1.6)=-1.6, min(-2.6,-2.4)=-2.6, min(-1.8,-1.8)=-1.8, min(-4,-2.4)=-4
+    row0 = -(0.5 + 1.0 + 1.2) / 3
+    row1 = -(-1.6 - 2.6 - 1.8 - 4.0) / 4
+    out = clipped_policy_loss(logp, old, adv, mask, eps, "token_mean")
+    assert out["loss"].item() == pytest.approx((row0 + row1) / 2, rel=1e-5)
+    out_sum = clipped_policy_loss(logp, old, adv, mask, eps, "sum")
+    assert out_sum["loss"].item() == pytest.approx((row0 * 3 + row1 * 4) / 2, rel=1e-5)
+    # clipped branch active: row 0 ratio 1.5 (A>0, r>1.2); row 1 ratio 0.7 (A<0, r<0.8). 2 of 7 actions
+    assert out["clip_frac"].item() == pytest.approx(2 / 7)
+    # generic check against the formula on random inputs
+    g = torch.Generator().manual_seed(1)
+    logp, old = torch.randn(6, 9, generator=g) * 0.3, torch.randn(6, 9, generator=g) * 0.3
+    adv, mask = torch.randn(6, generator=g), torch.rand(6, 9, generator=g) > 0.3
+    r = torch.exp(logp - old)
+    per = -torch.minimum(r * adv[:, None], torch.clamp(r, 1 - eps, 1 + eps) * adv[:, None])
+    per_row = (per * mask).sum(1) / mask.sum(1).clamp(min=1)
+    assert torch.allclose(clipped_policy_loss(logp, old, adv, mask, eps)["loss"], per_row.mean(), atol=1e-6)
+
+
+def test_kl_term_is_k3_and_zero_at_the_reference():
+    logp = torch.tensor([[-1.0, -2.0]])
+    assert kl_k3(logp, logp).abs().max() == 0
+    d = torch.tensor([[0.5, -0.3]])
+    assert torch.allclose(kl_k3(logp, logp + d), torch.exp(d) - d - 1)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    with_kl = clipped_policy_loss(logp, logp, torch.zeros(1), mask, 0.2, ref_logp=logp + d, kl_beta=0.1)
+    assert with_kl["loss"].item() == pytest.approx(0.1 * (torch.exp(d) - d - 1).mean().item(), rel=1e-5)
+
+
+def test_aggregate_and_masks():
+    per = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    m = torch.tensor([[True, True, False], [False, False, False]])
+    assert aggregate(per, m, "token_mean").item() == pytest.approx((1.5 + 0.0) / 2)
+    assert aggregate(per, m, "sum").item() == pytest.approx(1.5)
+    mask = torch.tensor([[False, False, True, False, True, False]])
+    assert previous_real_position(mask).tolist() == [[-1, -1, -1, 2, 2, 4]]
+    assert continue_mask(torch.tensor([[True, True, True, False]])).tolist() == [[True, True, False, False]]
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+def test_config_defaults_follow_the_reference_and_validate():
+    c = RLConfig()
+    assert (c.group_size, c.clip_eps, c.lr, c.grad_clip, c.kl_beta, c.update_epochs) == (8, 0.2, 1e-6, 1.0, 0.0, 1)
+    assert c.loss_aggregation == "token_mean" and c.compression_factor == 2
+    assert c.rewards.correct == 1.0 and c.rewards.length == 0.0
+    assert c.generation.sample_latents and c.generation.do_sample
+    with pytest.raises(ValueError, match="compression_factor"):
+        RLConfig(compression_factor=0)
+    with pytest.raises(ValueError, match="group_siz"):
+        RLConfig(group_siz=4)  # typo: refused, not ignored
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        RLConfig(questions_per_step=3, group_size=4, micro_batch_size=5)
+    with pytest.raises(ValueError, match="identical"):
+        RLConfig(generation=GenerationConfig(do_sample=False, sample_latents=False))
+    with pytest.raises(ValueError, match="all zero"):
+        RewardConfig(correct=0.0, length=0.0)
+    t = RLConfig(max_steps=10, update_epochs=3, checkpoint_every=4, questions_per_step=4, group_size=8,
+                 micro_batch_size=16, backend="torch").train_config()
+    assert (t.max_steps, t.checkpoint_every, t.batch_size, t.grad_accum, t.lr) == (30, 12, 16, 2, 1e-6)
+    assert t.eval_factors() == [2]
+
+
+# ----------------------------------------------------------------------------------------------
+# log-probs recomputed = log-probs the rollout sampled from
+# ----------------------------------------------------------------------------------------------
+def briefly_trained(tok, enc, steps=60):
+    """A tiny model after a few CoLaR SFT steps: it emits '###' sometimes, so chains are ragged."""
+    torch.manual_seed(0)
+    model = tiny_model(tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    examples, g = [enc.encode(r) for r in PROBLEMS], torch.Generator().manual_seed(0)
+    for step in range(steps):
+        loss = model.sft_loss(collate(examples, enc, 1 + step % 2, generator=g), ObjectiveConfig(), g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    """Sampled rollouts of a tiny model, with the token logits and Gaussian parameters that
+    generation computed recorded as it went."""
+    tok = tiny_tokenizer()
+    enc = encoder_for(tok)
+    model = briefly_trained(tok, enc)
+    calls, heads = [], []
+    original = model.token_logits
+
+    def recording(h):
+        out = original(h)
+        calls.append(out.detach())
+        return out
+
+    model.token_logits = recording
+    hook = model.latent_head.register_forward_hook(lambda mod, inp, out: heads.append([o.detach() for o in out]))
+    questions = [p.question for p in PROBLEMS for _ in range(3)]
+    gens, trace = generate_latent(model, enc, questions, 2, GenerationConfig(max_latents=10, max_answer_tokens=6),
+                                  torch.Generator().manual_seed(3), return_trace=True)
+    hook.remove()
+    del model.token_logits
+    return model, enc, gens, trace, calls, heads
+
+
+def test_recomputed_log_probs_equal_those_seen_during_generation(rollout):
+    model, enc, gens, trace, calls, heads = rollout
+    n = trace.latent_mask.sum(1)
+    k, t = trace.latents.shape[1], trace.answer_ids.shape[1]
+    assert len(set(n.tolist())) > 1 and len(calls) == k + t - 1  # ragged chains; K stop checks + T-1 tokens
+    with torch.no_grad():
+        lp = policy_log_probs(model, Trajectories.from_trace(trace), think_id=enc.think_id)
+    for i in range(len(gens)):
+        # the closing '###' is predicted at the last latent's position (the stop check there)
+        want = torch.log_softmax(calls[n[i] - 1][i].float(), -1)[enc.think_id]
+        assert lp.answer_logp[i, 0].item() == pytest.approx(want.item(), abs=1e-5)
+        for j in range(1, t):
+            if trace.answer_mask[i, j]:
+                want = torch.log_softmax(calls[k + j - 1][i].float(), -1)[trace.answer_ids[i, j]]
+                assert lp.answer_logp[i, j].item() == pytest.approx(want.item(), abs=1e-5)
+            else:
+                assert lp.answer_logp[i, j] == 0
+        for kk in range(k):
+            if trace.latent_mask[i, kk]:
+                mean, log_std = heads[kk][0][i], heads[kk][1][i]
+                want = torch.distributions.Normal(mean, log_std.exp()).log_prob(trace.latents[i, kk]).mean()
+                assert lp.latent_logp[i, kk].item() == pytest.approx(want.item(), abs=1e-5)
+            if kk < n[i] - 1:  # the chain went on after latent kk: log(1 - p('###')) at that stop check
+                p_stop = torch.softmax(calls[kk][i].float(), -1)[enc.think_id]
+                assert lp.continue_logp[i, kk].item() == pytest.approx(math.log1p(-p_stop.item()), abs=1e-5)
+            else:
+                assert lp.continue_logp[i, kk] == 0
+
+
+def test_ratio_is_one_at_the_first_update_and_micro_batching_changes_nothing(rollout):
+    model, enc, gens, trace, _, _ = rollout
+    traj = Trajectories.from_trace(trace)
+    traj.advantages = torch.linspace(-1, 1, len(traj))
+    whole = policy_log_probs(model, traj, think_id=enc.think_id)
+    parts = traj.split(5)  # ragged chunks, padding columns dropped per chunk
+    assert [len(p) for p in parts] == [5, 5, 2]
+    got = torch.cat([policy_log_probs(model, p, think_id=enc.think_id).answer_logp.sum(1) for p in parts])
+    assert torch.allclose(got, whole.answer_logp.sum(1), atol=1e-5)
+    for p in parts:
+        with torch.no_grad():
+            old = policy_log_probs(model, p, think_id=enc.think_id)
+        p.old_latent_logp, p.old_answer_logp, p.old_continue_logp = old.latent_logp, old.answer_logp, old.continue_logp
+        out = grpo_loss(model, p, think_id=enc.think_id)
+        assert out["ratio_mean"].item() == pytest.approx(1.0, abs=1e-6) and out["clip_frac"] == 0
+        out["loss"].backward()  # differentiable
+    assert model.latent_head.mean.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
+def test_concatenated_rollout_chunks_keep_every_rows_log_probs(rollout):
+    model, enc, gens, trace, _, _ = rollout
+    traj = Trajectories.from_trace(trace)
+    a, b = traj.select(range(0, 4)), traj.select(range(4, len(traj)))
+    joined = concat_traces([a, b], enc.pad_id)
+    assert len(joined) == len(traj)
+    with torch.no_grad():
+        x = policy_log_probs(model, joined)
+        y = policy_log_probs(model, traj)
+    m = traj.answer_mask
+    assert torch.allclose(x.answer_logp[:, : m.shape[1]][m], y.answer_logp[m], atol=1e-5)
+    lm = traj.latent_mask
+    assert torch.allclose(x.latent_logp[:, : lm.shape[1]][lm], y.latent_logp[lm], atol=1e-5)
