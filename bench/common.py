@@ -203,29 +203,39 @@ def sync(device=None) -> None:
 
 
 class Timer:
-    """``with Timer(device) as t: ...`` -> ``t.seconds``, synchronised on CUDA at both ends."""
+    """``with Timer(device) as t: ...`` -> ``t.seconds``, synchronised on CUDA at both ends.
 
-    def __init__(self, device=None):
-        self.device = device
-        self.seconds = float("nan")
+    ``clock="wall"`` (default) measures elapsed time; ``clock="process"`` measures this process's
+    CPU time, which on a shared, busy CPU box with one torch thread leaves out the time other jobs
+    held the cores (a CPU smoke-run choice; never meaningful for CUDA). Both are kept
+    (``wall_s``, ``cpu_s``).
+    """
+
+    def __init__(self, device=None, clock: str = "wall"):
+        if clock not in ("wall", "process"):
+            raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}")
+        self.device, self.clock = device, clock
+        self.seconds = self.wall_s = self.cpu_s = float("nan")
 
     def __enter__(self) -> "Timer":
         sync(self.device)
-        self._t0 = time.perf_counter()
+        self._w0, self._c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
         sync(self.device)
-        self.seconds = time.perf_counter() - self._t0
+        self.wall_s = time.perf_counter() - self._w0
+        self.cpu_s = time.process_time() - self._c0
+        self.seconds = self.wall_s if self.clock == "wall" else self.cpu_s
 
 
-def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device=None) -> list[float]:
+def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device=None, clock: str = "wall") -> list[float]:
     """Seconds of ``reps`` synchronised calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(reps):
-        with Timer(device) as t:
+        with Timer(device, clock) as t:
             fn()
         out.append(t.seconds)
     return out

@@ -34,7 +34,7 @@ MODULE = "bench.inference_speed"
 EMBEDDING_SCALE = 0.018  # the paper's constant for Llama-3.2-1B
 
 FULL = dict(batch_sizes="64,256", reps=5, probe_start=8, probe_steps=32)
-TINY = dict(batch_sizes="4,16", reps=3, probe_start=4, probe_steps=16)
+TINY = dict(batch_sizes="4,16", reps=5, probe_start=4, probe_steps=32)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -47,12 +47,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="answer tokens decoded after ### incl. EOS, e.g. 'Answer' ':' '18' EOS (default 4)")
     p.add_argument("--question-tokens", type=int, default=100, help="mean question length incl. BOS (default 100)")
     p.add_argument("--length-spread", type=float, default=0.1, help="question lengths uniform in mean*(1 +- spread)")
-    p.add_argument("--reps", type=int, help="timed repetitions per measurement; the median is reported (5; tiny 3)")
+    p.add_argument("--reps", type=int, help="timed repetitions per measurement; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each configuration first (default 1)")
     p.add_argument("--probe-start", type=int, help="per-step probe: shorter chain length (default 8; tiny 4)")
-    p.add_argument("--probe-steps", type=int, help="per-step probe: extra steps K of the longer chain (32; tiny 16)")
+    p.add_argument("--probe-steps", type=int, help="per-step probe: extra steps K of the longer chain (default 32)")
     p.add_argument("--greedy", action="store_true", help="argmax tokens instead of sampling (default: sample, as the paper)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default 1 on CPU: faster on a busy 2-core box)")
+    p.add_argument("--clock", choices=("wall", "process"),
+                   help="wall: elapsed time (default on CUDA); process: this process's CPU time (default on "
+                        "CPU, where other jobs share the cores; meaningful with one thread)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", help="result JSON (default bench/results/inference_speed.json on CUDA, "
@@ -65,6 +68,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.threads is None and device.type == "cpu":
         args.threads = 1
+    if args.clock is None:
+        args.clock = "wall" if device.type == "cuda" else "process"
     args.batch_list = [int(x) for x in str(args.batch_sizes).split(",") if x.strip()]
     args.factor_list = [int(x) for x in str(args.factors).split(",") if x.strip()]
     if not args.batch_list or min(args.batch_list) < 1 or not args.factor_list or min(args.factor_list) < 1:
@@ -163,7 +168,7 @@ class Bench:
         times: dict[str, list] = {k: [] for k in configs}
         for _ in range(self.args.reps):
             for name, fn in configs.items():
-                with common.Timer(self.device) as t:
+                with common.Timer(self.device, self.args.clock) as t:
                     fn()
                 times[name].append(t.seconds)
         return {k: statistics.median(v) for k, v in times.items()}, times
@@ -177,7 +182,7 @@ class Bench:
         m, g = self.model, self.gen(max_answer_tokens=1)
         prompts = [self.encoder.prompt_ids(self.encoder.encode_question(q), 4) for q in questions]
         with torch.no_grad():
-            with common.Timer(self.device) as t_prefill:
+            with common.Timer(self.device, self.args.clock) as t_prefill:
                 state = _Decoder(m, prompts, self.encoder.pad_id)
             keep = torch.ones(len(prompts), dtype=torch.bool, device=m.device)
             tok = _pick(m.token_logits(state.hidden), g, self.generator)
@@ -191,7 +196,7 @@ class Bench:
             out = {"prefill": 1000 * t_prefill.seconds}
             for name, fn in pieces.items():
                 fn()
-                with common.Timer(self.device) as t:
+                with common.Timer(self.device, self.args.clock) as t:
                     for _ in range(n):
                         fn()
                 out[name] = 1000 * t.seconds / n
@@ -299,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "warmup": args.warmup, "sampling": "greedy" if args.greedy else "multinomial (temperature 1)",
             "latents": "sampled from the Gaussian head", "attn_implementation": model.causal_lm.config._attn_implementation,
             "forced_lengths": "###, EOS and pad logits masked to the dtype minimum in token_logits", "seed": args.seed,
-            "threads": args.threads,
+            "threads": args.threads, "clock": args.clock,
         },
         "versions": common.versions(),
         "command": common.command_line(MODULE, argv),

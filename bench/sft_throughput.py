@@ -39,14 +39,14 @@ PHASES = ("plain", "colar")
 EMBEDDING_SCALE = 0.018  # the paper's constant for Llama-3.2-1B (the scale does not change the cost)
 
 FULL = dict(micro_batch=32, seq_len=256, steps=30, warmup=5, question_tokens=100, step_tokens=120, answer_tokens=10)
-TINY = dict(micro_batch=4, seq_len=64, steps=6, warmup=2, question_tokens=25, step_tokens=30, answer_tokens=4)
+TINY = dict(micro_batch=4, seq_len=64, steps=20, warmup=3, question_tokens=25, step_tokens=30, answer_tokens=4)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="small model, CPU smoke size (automatic without CUDA)")
-    p.add_argument("--steps", type=int, help="timed optimizer steps per phase (default 30; tiny 6)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 5; tiny 2)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per phase (default 30; tiny 20)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 5; tiny 3)")
     p.add_argument("--micro-batch", type=int, help="sequences per step, both phases (default 32; tiny 4)")
     p.add_argument("--seq-len", type=int, help="plain-step sequence length (default 256; tiny 64)")
     p.add_argument("--question-tokens", type=int, help="CoLaR data: mean question length incl. BOS (100; tiny 25)")

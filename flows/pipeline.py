@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -33,12 +34,22 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def _run_stage(task_fn, stage_name: str, section, inputs: dict, output_dir: str, **kwargs):
-    """Call a stage task with its key and folder; re-run it if its cached folder was deleted."""
+def _run_stage(task_fn, stage_name: str, section, inputs: dict, output_dir: str, timings: dict, **kwargs):
+    """Call a stage task with its key and folder; re-run it if its cached folder was deleted.
+
+    Records in ``timings`` the stage's wall time as the flow sees it and the time of its own work
+    (the colar_core call), so the orchestration overhead (Prefect + MLflow) is their difference.
+    """
     key = stage_key(stage_name, section, inputs)
     out = stage_dir(output_dir, stage_name, key)
     fn = task_fn if (out / RESULT_FILE).is_file() else task_fn.with_options(refresh_cache=True)
-    return fn(out_dir=str(out), key=key, **kwargs)
+    t0 = time.perf_counter()
+    state = fn(out_dir=str(out), key=key, return_state=True, **kwargs)
+    wall = time.perf_counter() - t0
+    result = state.result()  # raises the stage's exception if it failed
+    if state.name != "Cached" and "work_s" in result:
+        timings[stage_name] = {"wall_s": wall, "work_s": result["work_s"], "overhead_s": wall - result["work_s"]}
+    return result
 
 
 @flow(name="colar-pipeline", log_prints=True)
@@ -62,15 +73,16 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
         MlflowClient().set_tag(parent_run_id, "prefect.flow_run_id.retry", str(flow_run.get_id() or ""))
     logger.info("MLflow parent run %s", parent_run_id)
 
+    timings: dict = {}
     try:
         out_root = cfg.output_dir
-        prep = _run_stage(prepare_stage, "prepare", {"data": conf["data"], "model": conf["model"]}, {}, out_root,
+        prep = _run_stage(prepare_stage, "prepare", {"data": conf["data"], "model": conf["model"]}, {}, out_root, timings,
                           data=conf["data"], model=conf["model"], parent_run_id=parent_run_id)
         data_inputs = {"data": prep["digest"]}
 
         def sft(stage: str, section: dict, init_dir: Optional[str], init_key: str = ""):
             return _run_stage(sft_stage, stage, {"train": section, "model": conf["model"]},
-                              {**data_inputs, "init": init_key}, out_root, stage=stage, train=section,
+                              {**data_inputs, "init": init_key}, out_root, timings, stage=stage, train=section,
                               model=conf["model"], init_model_dir=init_dir, data_dir=prep["data_dir"],
                               tokenizer_dir=prep["tokenizer_dir"], parent_run_id=parent_run_id)
 
@@ -84,7 +96,7 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
         evaluation = _run_stage(
             evaluate_stage, "evaluate", conf["eval"],
             {"colar": colar["model_digest"], "cot": cot and cot["model_digest"], "nocot": nocot and nocot["model_digest"],
-             **data_inputs}, out_root,
+             **data_inputs}, out_root, timings,
             eval_cfg=conf["eval"], colar_model_dir=colar["model_dir"], cot_model_dir=cot and cot["model_dir"],
             nocot_model_dir=nocot and nocot["model_dir"], data_dir=prep["data_dir"], parent_run_id=parent_run_id)
         from colar_core.data.prepare import load_split
@@ -94,10 +106,23 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
                               str(Path(out_root).resolve() / "reports" / parent_run_id),
                               cfg.tracking.registered_model_name, example)
     except BaseException:
+        _log_timings(parent_run_id, timings)
         end_run(parent_run_id, "FAILED")
         raise
+    _log_timings(parent_run_id, timings)
     end_run(parent_run_id, "FINISHED")
     return {"parent_run_id": parent_run_id, "metrics": evaluation["metrics"], **report}
+
+
+def _log_timings(parent_run_id: str, timings: dict) -> None:
+    """``time/{stage}/{wall_s,work_s,overhead_s}`` on the parent run, for stages that ran (not cached)."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.stages import _metric_list
+
+    flat = {f"time/{stage}/{k}": v for stage, t in timings.items() for k, v in t.items()}
+    if flat:
+        MlflowClient().log_batch(parent_run_id, metrics=_metric_list(flat))
 
 
 def run_pipeline(cfg: PipelineConfig, parent_run_id: Optional[str] = None, return_state: bool = False):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -81,6 +82,7 @@ def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key
     client = _client()
     try:
         builtin = data["builtin"] if data["source"] == "builtin" else None
+        t0 = time.perf_counter()
         manifest = prepare_data(data["source"], out / "data", format=data["format"], policy=data["policy"],
                                 val_fraction=data["val_fraction"], test_fraction=data["test_fraction"],
                                 seed=data["seed"], builtin=builtin)
@@ -99,6 +101,7 @@ def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key
         if model_cfg.name_or_path == "tiny" and model_cfg.tokenizer is None:
             tokenizer_dir = str(out / "tokenizer")
             build_tokenizer(load_split(out / "data" / "train.jsonl"), tokenizer_dir)
+        work_s = time.perf_counter() - t0
         client.log_artifact(run_id, str(out / "data" / "manifest.json"))
         logger.info("prepared %s: %s (digest %s)", data["source"], manifest["counts"], manifest["digest"][:12])
         end_run(run_id, "FINISHED")
@@ -106,7 +109,7 @@ def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key
         end_run(run_id, "FAILED")
         raise
     return _finish(out, {"data_dir": str(out / "data"), "digest": manifest["digest"], "tokenizer_dir": tokenizer_dir,
-                         "counts": manifest["counts"], "mlflow_run_id": run_id})
+                         "counts": manifest["counts"], "mlflow_run_id": run_id, "work_s": work_s})
 
 
 @task(name="sft", cache_key_fn=cache_key_from_param, persist_result=True, retries=0)
@@ -134,7 +137,9 @@ def sft_stage(stage: str, train: dict, model: dict, init_model_dir: Optional[str
     client = _client()
     metrics_cb = MlflowMetricsCallback(client, run_id)
     try:
+        t0 = time.perf_counter()
         result = run_sft_stage(job, callbacks=[metrics_cb, _FailOnce(stage, out)], on_line=logger.info).to_dict()
+        result["work_s"] = time.perf_counter() - t0
         metrics_cb.close()
         if job.train.launcher.multi_process:
             _log_metrics_file(client, run_id, out / "metrics.jsonl")
@@ -229,6 +234,7 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
     run_id = _with_child_run(parent_run_id, "evaluate", {"eval": eval_cfg})
     client = _client()
     try:
+        t0 = time.perf_counter()
         records = load_split(Path(data_dir) / "test.jsonl")[: cfg.n_examples]
         metrics, rows = {}, []
 
@@ -246,6 +252,7 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
                 m, r = evaluate_text(base, base_enc, records, mode, cfg.seeds, cfg.generation)
                 metrics.update(m)
                 rows += r
+        work_s = time.perf_counter() - t0
         client.log_batch(run_id, metrics=_metric_list(metrics))
         table = pd.DataFrame(rows)
         table.to_csv(out / "predictions.csv", index=False)
@@ -257,7 +264,8 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
     except BaseException:
         end_run(run_id, "FAILED")
         raise
-    return _finish(out, {"metrics": metrics, "predictions": str(out / "predictions.csv"), "mlflow_run_id": run_id})
+    return _finish(out, {"metrics": metrics, "predictions": str(out / "predictions.csv"), "mlflow_run_id": run_id,
+                         "work_s": work_s})
 
 
 def _metric_list(metrics: dict, step: int = 0):

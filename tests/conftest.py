@@ -135,6 +135,11 @@ def prefect_server(tmp_path_factory) -> str:
     os.environ["PREFECT_API_URL"] = url
     _refresh_prefect_settings()
     yield url
+    # Send the logs Prefect still holds while the server is up; otherwise its log worker retries
+    # the dead server for about a minute at interpreter exit.
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
     os.environ.pop("PREFECT_API_URL", None)
     _refresh_prefect_settings()
     stop_servers(state_dir)

@@ -274,6 +274,7 @@ def train_rl(
     encoder = PromptEncoder(tokenizer)
     if cfg.disable_dropout:
         disable_dropout(model)
+    model.zero_grad(set_to_none=True)  # stale gradients of whoever trained it would join the first update
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
