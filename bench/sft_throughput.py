@@ -60,6 +60,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="run each phase in a child process (default) or both in this one")
     p.add_argument("--threads", type=int,
                    help="torch.set_num_threads (default 1 on CPU: measured faster on a busy 2-core box)")
+    p.add_argument("--clock", choices=("wall", "process"),
+                   help="wall: elapsed time (default on CUDA); process: this process's CPU time (default on "
+                        "CPU, where other jobs share the cores; meaningful with one thread)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", help="result JSON (default bench/results/sft_throughput.json on CUDA, "
@@ -74,6 +77,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.threads is None and device.type == "cpu":
         args.threads = 1
+    if args.clock is None:
+        args.clock = "wall" if device.type == "cuda" else "process"
     args.phase_list = [x.strip() for x in args.phases.split(",") if x.strip()]
     bad = [x for x in args.phase_list if x not in PHASES]
     if bad or not args.phase_list:
@@ -172,7 +177,7 @@ class _Recorder:
     def __init__(self, device, warmup: int, total: int):
         self.device, self.warmup, self.total = device, warmup, total
         self.steps: list[dict] = []
-        self.t0 = self.t1 = None
+        self.t0 = self.t1 = self.c0 = self.c1 = None
 
     def on_train_start(self, info: dict) -> None:
         if self.warmup == 0:
@@ -190,6 +195,7 @@ class _Recorder:
 
         common.sync(self.device)
         setattr(self, name, time.perf_counter())
+        setattr(self, "c" + name[1:], time.process_time())
 
 
 def run_phase(phase: str, args) -> dict:
@@ -256,7 +262,8 @@ def run_phase(phase: str, args) -> dict:
 
     rec = _Recorder(engine.device, args.warmup, total)
     train_loop(engine, batches_fn, loss_fn, max_steps=total, callbacks=[rec], log_every=1)
-    wall = rec.t1 - rec.t0
+    wall, cpu = rec.t1 - rec.t0, rec.c1 - rec.c0
+    secs = wall if args.clock == "wall" else cpu
     timed_steps, timed_stats = rec.steps[args.warmup:], stats[args.warmup:total]
 
     positions = sum(s["positions"] for s in timed_stats)
@@ -268,17 +275,19 @@ def run_phase(phase: str, args) -> dict:
         + common.dense_train_flops(emb_params, s["lm_head_rows"])
         + common.dense_train_flops(head_params, s["latent_head_rows"])
         + common.attention_train_flops(shape, s["rows"]) for s in timed_stats)
-    tps = counted / wall
     out = {
-        "tokens_per_s": tps,
-        "tflops": common.tflops(nominal, wall),
-        "mfu": common.mfu(common.tflops(nominal, wall)),
-        "tflops_executed": common.tflops(executed, wall),
-        "step_time_ms": 1000 * wall / args.steps,
+        "tokens_per_s": counted / secs,
+        "tflops": common.tflops(nominal, secs),
+        "mfu": common.mfu(common.tflops(nominal, secs)),
+        "tflops_executed": common.tflops(executed, secs),
+        "step_time_ms": 1000 * secs / args.steps,
         "tokens_per_step": counted / args.steps,
         "timed_steps": args.steps,
         "warmup_steps": args.warmup,
+        "clock": args.clock,
         "wall_s": wall,
+        "process_cpu_s": cpu,
+        "tokens_per_s_wall": counted / wall,
         "loop_step_time_s_sum": sum(m["step_time_s"] for m in timed_steps),
         "loss_first": rec.steps[0].get("loss"),
         "loss_last": rec.steps[-1].get("loss"),
@@ -305,7 +314,7 @@ def _backbone(model):
 
 
 def _per_r(steps: list[dict], stats: list[dict]) -> dict:
-    """Per compression factor: step count, tokens/s from the loop's own step times, and the
+    """Per compression factor: step count, tokens/s from the loop's own (wall-clock) step times, and the
     'balanced' tokens/s a uniform draw of r would give in expectation (sum of per-r means)."""
     by_r: dict[int, list] = {}
     for m, s in zip(steps, stats):
@@ -399,7 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "colar_data": {"question_tokens": args.question_tokens, "step_tokens": args.step_tokens,
                            "answer_tokens": args.answer_tokens, "length_spread": args.length_spread,
                            "compression_factors": [1, 2, 3, 4, 5], "objective": "ce 1 + soft_mse 1"},
-            "seed": args.seed, "threads": args.threads,
+            "seed": args.seed, "threads": args.threads, "clock": args.clock,
         },
         "flops": {
             "tflops": "(6 * N * positions + 12 * L * d * sum_rows(n_row^2)) / s, N = backbone params with the "

@@ -121,3 +121,23 @@ def test_retry_skips_finished_stages_and_resumes_the_failed_one(tmp_path, mlflow
     colar_dir = next((tmp_path / "runs").glob("sft-colar-*"))
     result = SFTResult.load(colar_dir)
     assert result.resumed_from == 2 and result.final_step == 6
+
+
+def test_compare_tables_finished_runs_and_plots(tmp_path, mlflow_server, prefect_server, capsys):
+    """Runs after the end-to-end test in this module (same session servers); runs one itself if alone."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.cli import main
+    from flows.compare import compare_runs
+    from flows.pipeline import run_pipeline
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("colar")
+    if exp is None or not client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'"):
+        assert run_pipeline(tiny_config(tmp_path, "tracking.registered_model_name=null"),
+                            return_state=True).is_completed()
+    table = compare_runs("colar", str(tmp_path / "cmp.png"))
+    assert {"accuracy/c1", "mean_latents/c2", "wall_min", "trained_c"} <= set(table.columns)
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    assert main(["compare", "--plot", str(tmp_path / "cmp2.png")]) == 0
+    assert "accuracy/c1" in capsys.readouterr().out
