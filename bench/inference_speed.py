@@ -160,18 +160,22 @@ class Bench:
             raise RuntimeError(f"latent rows ran {bad[:4]} latents, expected {n_latents}: length forcing failed")
         return out
 
-    def timed(self, configs: dict) -> dict:
-        """Median seconds of each ``name -> fn`` after warm-up, repetitions interleaved."""
+    def timed(self, configs: dict) -> tuple[dict, dict, dict]:
+        """Median seconds of each ``name -> fn`` (on the run's clock) after warm-up, repetitions
+        interleaved; also every repetition, and the median wall-clock seconds."""
         for fn in configs.values():
             for _ in range(self.args.warmup):
                 fn()
         times: dict[str, list] = {k: [] for k in configs}
+        walls: dict[str, list] = {k: [] for k in configs}
         for _ in range(self.args.reps):
             for name, fn in configs.items():
                 with common.Timer(self.device, self.args.clock) as t:
                     fn()
                 times[name].append(t.seconds)
-        return {k: statistics.median(v) for k, v in times.items()}, times
+                walls[name].append(t.wall_s)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        return med, times, {k: statistics.median(v) for k, v in walls.items()}
 
     def components(self, questions, n: int = 16) -> dict:
         """Milliseconds per call of the pieces of one step, on a live _Decoder (cache ~ the prompt)."""
@@ -210,7 +214,7 @@ def run_batch(bench: Bench, questions: list[str], args) -> dict:
     n_lat = {c: math.ceil(chain / c) for c in args.factor_list}
 
     # per step: difference of two chain lengths, same prompt (speed 4 for latents, 1 for CoT)
-    probe, probe_all = bench.timed({
+    probe, probe_all, probe_wall = bench.timed({
         "latent_lo": lambda: bench.latent(questions, 4, s0),
         "latent_hi": lambda: bench.latent(questions, 4, s0 + k),
         "cot_lo": lambda: bench.cot(questions, s0),
@@ -222,7 +226,7 @@ def run_batch(bench: Bench, questions: list[str], args) -> dict:
     configs = {"cot": lambda: bench.cot(questions, chain)}
     for c in args.factor_list:
         configs[f"c{c}"] = (lambda c=c: bench.latent(questions, c, n_lat[c]))
-    e2e, e2e_all = bench.timed(configs)
+    e2e, e2e_all, e2e_wall = bench.timed(configs)
     comps = bench.components(questions)
     prefill = comps["prefill"] / 1000
 
@@ -233,6 +237,7 @@ def run_batch(bench: Bench, questions: list[str], args) -> dict:
         "latent_step_ms": 1000 * latent_step,
         "latent_step_over_token_step": latent_step / token_step if token_step > 0 else None,
         "e2e_ms": {k2: 1000 * v for k2, v in e2e.items()},
+        "e2e_wall_ms": {k2: 1000 * v for k2, v in e2e_wall.items()},
         "questions_per_s": {k2: b / v for k2, v in e2e.items()},
         "over_cot": {k2: v / e2e["cot"] for k2, v in e2e.items() if k2 != "cot"},
         "decode_only_over_cot": {k2: (v - prefill) / (e2e["cot"] - prefill) for k2, v in e2e.items() if k2 != "cot"},
@@ -241,7 +246,7 @@ def run_batch(bench: Bench, questions: list[str], args) -> dict:
         # also feeds the last token it picks (see docs/BENCHMARKS.md)
         "decoder_calls": {"cot": 1 + chain + 1 + a, **{f"c{c}": 1 + n + 1 + a for c, n in n_lat.items()}},
         "components_ms": comps,
-        "probe": {"start": s0, "extra_steps": k, "median_s": probe, "all_s": probe_all},
+        "probe": {"start": s0, "extra_steps": k, "median_s": probe, "all_s": probe_all, "median_wall_s": probe_wall},
         "e2e_all_s": e2e_all,
         "prompt_tokens_mean": statistics.mean(
             len(bench.encoder.prompt_ids(bench.encoder.encode_question(q), 4)) for q in questions),

@@ -172,30 +172,33 @@ def build_colar(shape: common.LlamaShape, device, seed: int, attn_impl: str, enc
 # One phase
 # ----------------------------------------------------------------------------------------------
 class _Recorder:
-    """train_loop callback: per-step metrics, and a synchronised clock around the timed steps."""
+    """train_loop callback: per-step metrics, and synchronised clocks (wall and process CPU time)
+    read at the end of every step, so the timed window and each step's time come from one clock."""
 
     def __init__(self, device, warmup: int, total: int):
         self.device, self.warmup, self.total = device, warmup, total
         self.steps: list[dict] = []
-        self.t0 = self.t1 = self.c0 = self.c1 = None
+        self.marks: list[tuple[float, float]] = []  # (wall, cpu) at train start and after each step
 
     def on_train_start(self, info: dict) -> None:
-        if self.warmup == 0:
-            self._mark("t0")
+        self._mark()
 
     def on_step(self, step: int, metrics: dict) -> None:
-        self.steps.append(dict(metrics, step=step))
-        if step == self.warmup:
-            self._mark("t0")
-        if step == self.total:
-            self._mark("t1")
+        self._mark()
+        wall = self.marks[-1][0] - self.marks[-2][0]
+        cpu = self.marks[-1][1] - self.marks[-2][1]
+        self.steps.append(dict(metrics, step=step, bench_wall_s=wall, bench_cpu_s=cpu))
 
-    def _mark(self, name: str) -> None:
+    def _mark(self) -> None:
         import time
 
-        common.sync(self.device)
-        setattr(self, name, time.perf_counter())
-        setattr(self, "c" + name[1:], time.process_time())
+        common.sync(self.device)  # train_loop already synchronises each step; this makes it explicit
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def window(self) -> tuple[float, float]:
+        """(wall, cpu) seconds from the end of the warm-up to the end of the last step."""
+        (w0, c0), (w1, c1) = self.marks[self.warmup], self.marks[self.total]
+        return w1 - w0, c1 - c0
 
 
 def run_phase(phase: str, args) -> dict:
@@ -262,7 +265,7 @@ def run_phase(phase: str, args) -> dict:
 
     rec = _Recorder(engine.device, args.warmup, total)
     train_loop(engine, batches_fn, loss_fn, max_steps=total, callbacks=[rec], log_every=1)
-    wall, cpu = rec.t1 - rec.t0, rec.c1 - rec.c0
+    wall, cpu = rec.window()
     secs = wall if args.clock == "wall" else cpu
     timed_steps, timed_stats = rec.steps[args.warmup:], stats[args.warmup:total]
 
@@ -288,7 +291,7 @@ def run_phase(phase: str, args) -> dict:
         "wall_s": wall,
         "process_cpu_s": cpu,
         "tokens_per_s_wall": counted / wall,
-        "loop_step_time_s_sum": sum(m["step_time_s"] for m in timed_steps),
+        "loop_step_time_s_sum": sum(m["step_time_s"] for m in timed_steps),  # train_loop's own wall clock
         "loss_first": rec.steps[0].get("loss"),
         "loss_last": rec.steps[-1].get("loss"),
         "peak_memory_gib": common.peak_memory_gib(device),
@@ -299,7 +302,7 @@ def run_phase(phase: str, args) -> dict:
     if abs(positions - counted) > 0.5:
         out["positions_mismatch"] = {"collated": positions, "reported": counted}
     if phase == "colar":
-        out.update(_per_r(timed_steps, timed_stats))
+        out.update(_per_r(timed_steps, timed_stats, "bench_wall_s" if args.clock == "wall" else "bench_cpu_s"))
         out["mean_padded_width"] = sum(s["width"] for s in timed_stats) / len(timed_stats)
         out["padding_fraction"] = 1 - positions / sum(s["slots"] for s in timed_stats)
         out["mean_lm_head_rows"] = sum(s["lm_head_rows"] for s in timed_stats) / len(timed_stats)
@@ -313,12 +316,13 @@ def _backbone(model):
     return model.causal_lm if hasattr(model, "causal_lm") else model
 
 
-def _per_r(steps: list[dict], stats: list[dict]) -> dict:
-    """Per compression factor: step count, tokens/s from the loop's own (wall-clock) step times, and the
-    'balanced' tokens/s a uniform draw of r would give in expectation (sum of per-r means)."""
+def _per_r(steps: list[dict], stats: list[dict], clock_key: str) -> dict:
+    """Per compression factor: step count, tokens per step, step time and tokens/s (on the run's
+    clock), and the 'balanced' tokens/s a uniform draw of r gives in expectation (sum of per-r
+    mean tokens / sum of per-r mean step times), which removes the luck of the r draw."""
     by_r: dict[int, list] = {}
     for m, s in zip(steps, stats):
-        by_r.setdefault(int(s["r"]), []).append((m["n_positions"], m["step_time_s"]))
+        by_r.setdefault(int(s["r"]), []).append((m["n_positions"], m[clock_key]))
     per_r = {}
     for r in sorted(by_r):
         pos, secs = sum(p for p, _ in by_r[r]), sum(t for _, t in by_r[r])

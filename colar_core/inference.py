@@ -93,12 +93,12 @@ def _decode_tokens(state: _Decoder, model, max_new: int, eos_id: int, pad_id: in
     b = state.hidden.shape[0]
     done = torch.zeros(b, dtype=torch.bool, device=state.hidden.device)
     out = []
-    for _ in range(max_new):
+    for i in range(max_new):
         tok = _pick(model.token_logits(state.hidden), gen, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out.append(tok)
         done = done | (tok == eos_id)
-        if bool(done.all()):
+        if i == max_new - 1 or bool(done.all()):  # the last pick is never fed back
             break
         state.feed(model.embed(tok), ~done)
     return torch.stack(out, dim=1) if out else torch.empty((b, 0), dtype=torch.long, device=state.hidden.device)

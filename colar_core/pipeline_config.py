@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from colar_core.config import EvalConfig, GenerationConfig, ModelConfig, ObjectiveConfig, StrictModel
+from colar_core.rl.config import RLConfig
 from colar_core.training.config import TrainConfig
 
 
@@ -69,6 +70,8 @@ class PipelineConfig(StrictModel):
         tiny=dict(arch="llama", hidden_size=128, num_layers=3, num_heads=4)))
     sft_cot: Optional[TrainConfig] = Field(default_factory=_default_cot, description="CoT warm-up (None = skip).")
     sft_colar: TrainConfig = Field(default_factory=_default_colar)
+    rl: Optional[RLConfig] = Field(None, description="GRPO over the latents after CoLaR SFT (None = skip). "
+                                   "Evaluation and the registered model then use the RL model.")
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(
         compression_factors=[1, 2, 3], seeds=[0, 1, 2], n_examples=200,
         generation=GenerationConfig(max_latents=32, max_cot_tokens=64, batch_size=100)))
@@ -85,6 +88,9 @@ class PipelineConfig(StrictModel):
         if too_big:
             raise ValueError(f"eval.compression_factors: {too_big} above the trained maximum {max(trained)} "
                              f"(sft_colar.objective.compression_factors = {trained})")
+        if self.rl is not None and self.rl.compression_factor > max(trained):
+            raise ValueError(f"rl.compression_factor: {self.rl.compression_factor} is above the trained maximum "
+                             f"{max(trained)}")
         return self
 
     def digest(self) -> str:

@@ -1,4 +1,4 @@
-"""The CoLaR pipeline as a Prefect flow: prepare -> SFT (CoT) -> SFT (CoLaR) -> evaluate -> report.
+"""The CoLaR pipeline as a Prefect flow: prepare -> SFT (CoT) -> SFT (CoLaR) -> RL -> evaluate -> report.
 
 The flow validates the whole config first, opens (or, on retry, reuses) one MLflow parent run,
 and hands each stage a cache key built from its config section, the digests of its inputs and the
@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from colar_core.pipeline_config import PipelineConfig
 from tasks.keys import code_version, stage_dir, stage_key
 from tasks.report import report_stage
-from tasks.stages import RESULT_FILE, evaluate_stage, prepare_stage, sft_stage
+from tasks.stages import RESULT_FILE, evaluate_stage, prepare_stage, rl_stage, sft_stage
 from tasks.tracking import end_run, flatten_params, start_parent_run
 
 
@@ -88,6 +88,11 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
 
         cot = sft("sft-cot", conf["sft_cot"], None) if cfg.sft_cot else None
         colar = sft("sft-colar", conf["sft_colar"], cot and cot["model_dir"], cot and cot["model_digest"] or "")
+        final = colar
+        if cfg.rl is not None:
+            final = _run_stage(rl_stage, "rl", conf["rl"], {**data_inputs, "init": colar["model_digest"]}, out_root,
+                               timings, rl=conf["rl"], init_model_dir=colar["model_dir"], data_dir=prep["data_dir"],
+                               parent_run_id=parent_run_id)
         nocot = None
         if cfg.eval.nocot_baseline:
             section = json.loads(json.dumps(conf["sft_cot"] or conf["sft_colar"]))
@@ -95,14 +100,14 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
             nocot = sft("sft-nocot", section, None)
         evaluation = _run_stage(
             evaluate_stage, "evaluate", conf["eval"],
-            {"colar": colar["model_digest"], "cot": cot and cot["model_digest"], "nocot": nocot and nocot["model_digest"],
+            {"colar": final["model_digest"], "cot": cot and cot["model_digest"], "nocot": nocot and nocot["model_digest"],
              **data_inputs}, out_root, timings,
-            eval_cfg=conf["eval"], colar_model_dir=colar["model_dir"], cot_model_dir=cot and cot["model_dir"],
+            eval_cfg=conf["eval"], colar_model_dir=final["model_dir"], cot_model_dir=cot and cot["model_dir"],
             nocot_model_dir=nocot and nocot["model_dir"], data_dir=prep["data_dir"], parent_run_id=parent_run_id)
         from colar_core.data.prepare import load_split
 
         example = load_split(Path(prep["data_dir"]) / "test.jsonl")[0].question
-        report = report_stage(parent_run_id, evaluation["metrics"], colar["model_dir"],
+        report = report_stage(parent_run_id, evaluation["metrics"], final["model_dir"],
                               str(Path(out_root).resolve() / "reports" / parent_run_id),
                               cfg.tracking.registered_model_name, example)
     except BaseException:

@@ -112,36 +112,18 @@ def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key
                          "counts": manifest["counts"], "mlflow_run_id": run_id, "work_s": work_s})
 
 
-@task(name="sft", cache_key_fn=cache_key_from_param, persist_result=True, retries=0)
-def sft_stage(stage: str, train: dict, model: dict, init_model_dir: Optional[str], data_dir: str,
-              tokenizer_dir: Optional[str], out_dir: str, parent_run_id: str, key: str) -> dict:
-    """One SFT stage (CoT warm-up, CoLaR, or answer-only) on the DeepSpeed engine; resumes if interrupted.
-
-    One process: trains here, metrics stream to MLflow. Several GPUs/nodes (``train.launcher``): the
-    job runs under the ``deepspeed``/``torchrun`` launcher as a subprocess whose output goes to the
-    Prefect log, and its ``metrics.jsonl`` is logged to MLflow afterwards.
-    """
-    from colar_core.training.launch import run_sft_stage
-    from colar_core.training.sft import DataConfig as JobData
-    from colar_core.training.sft import SFTJob
-
+def _training_stage(stage: str, job, runner, launched: bool, params: dict, out: Path, parent_run_id: str) -> dict:
+    """Shared body of the SFT and RL tasks: child run, metrics callback, run, model artifact, curves."""
     logger = get_run_logger()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model_cfg = dict(model)
-    if tokenizer_dir:
-        model_cfg["tokenizer"] = tokenizer_dir
-    job = SFTJob(output_dir=str(out), train=train, model=model_cfg, init_from=init_model_dir,
-                 data=JobData(train=str(Path(data_dir) / "train.jsonl"), val=str(Path(data_dir) / "val.jsonl")))
-    run_id = _with_child_run(parent_run_id, stage, {"train": train, "model": model_cfg, "init": init_model_dir})
+    run_id = _with_child_run(parent_run_id, stage, params)
     client = _client()
     metrics_cb = MlflowMetricsCallback(client, run_id)
     try:
         t0 = time.perf_counter()
-        result = run_sft_stage(job, callbacks=[metrics_cb, _FailOnce(stage, out)], on_line=logger.info).to_dict()
+        result = runner(job, callbacks=[metrics_cb, _FailOnce(stage, out)], on_line=logger.info).to_dict()
         result["work_s"] = time.perf_counter() - t0
         metrics_cb.close()
-        if job.train.launcher.multi_process:
+        if launched:  # the launched processes wrote metrics.jsonl; the callbacks ran nowhere
             _log_metrics_file(client, run_id, out / "metrics.jsonl")
         result["model_digest"] = directory_digest(result["model_dir"])
         log_artifact_dir(client, run_id, result["model_dir"], "model")
@@ -155,6 +137,46 @@ def sft_stage(stage: str, train: dict, model: dict, init_model_dir: Optional[str
     logger.info("%s finished at step %s (resumed from %s): %s", stage, result.get("final_step"),
                 result.get("resumed_from"), result["model_dir"])
     return _finish(out, result)
+
+
+def _job_data(data_dir: str):
+    from colar_core.training.sft import DataConfig as JobData
+
+    return JobData(train=str(Path(data_dir) / "train.jsonl"), val=str(Path(data_dir) / "val.jsonl"))
+
+
+@task(name="sft", cache_key_fn=cache_key_from_param, persist_result=True, retries=0)
+def sft_stage(stage: str, train: dict, model: dict, init_model_dir: Optional[str], data_dir: str,
+              tokenizer_dir: Optional[str], out_dir: str, parent_run_id: str, key: str) -> dict:
+    """One SFT stage (CoT warm-up, CoLaR, or answer-only) on the DeepSpeed engine; resumes if interrupted.
+
+    One process: trains here, metrics stream to MLflow. Several GPUs/nodes (``train.launcher``): the
+    job runs under the ``deepspeed``/``torchrun`` launcher as a subprocess whose output goes to the
+    Prefect log, and its ``metrics.jsonl`` is logged to MLflow afterwards.
+    """
+    from colar_core.training.launch import run_sft_stage
+    from colar_core.training.sft import SFTJob
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = dict(model)
+    if tokenizer_dir:
+        model_cfg["tokenizer"] = tokenizer_dir
+    job = SFTJob(output_dir=str(out), train=train, model=model_cfg, init_from=init_model_dir, data=_job_data(data_dir))
+    return _training_stage(stage, job, run_sft_stage, job.train.launcher.multi_process,
+                           {"train": train, "model": model_cfg, "init": init_model_dir}, out, parent_run_id)
+
+
+@task(name="rl", cache_key_fn=cache_key_from_param, persist_result=True, retries=0)
+def rl_stage(rl: dict, init_model_dir: str, data_dir: str, out_dir: str, parent_run_id: str, key: str) -> dict:
+    """GRPO over the latents of the CoLaR-SFT model; same engine, checkpoints and resume as SFT."""
+    from colar_core.rl.trainer import RLJob, run_rl_stage
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    job = RLJob(output_dir=str(out), init_from=init_model_dir, rl=rl, data=_job_data(data_dir))
+    return _training_stage("rl", job, run_rl_stage, job.rl.launcher.multi_process,
+                           {"rl": rl, "init": init_model_dir}, out, parent_run_id)
 
 
 def directory_digest(path) -> str:

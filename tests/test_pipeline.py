@@ -54,7 +54,8 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
 
     from flows.pipeline import run_pipeline
 
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, "rl.max_steps=2", "rl.questions_per_step=2", "rl.group_size=2",
+                      "rl.checkpoint_every=0", "rl.compression_factor=2", "rl.lr=0.0001")
     state = run_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
@@ -66,7 +67,8 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
     assert parent.data.params["sft_colar.max_steps"] == "6"
 
     children = {r.data.tags["colar.stage"]: r for r in _children(client, parent.info.run_id)}
-    assert set(children) == {"prepare", "sft-cot", "sft-colar", "evaluate"}
+    assert set(children) == {"prepare", "sft-cot", "sft-colar", "rl", "evaluate"}
+    assert "reward_mean" in children["rl"].data.metrics
     assert all(r.info.status == "FINISHED" for r in children.values())
 
     for c in (1, 2):

@@ -79,7 +79,8 @@ class RLConfig(StrictModel):
         "answer tokens, then trajectories are averaged (reference main setting); 'sum': summed over the "
         "trajectory's tokens (the reference shows #L then runs to the cap).")
     kl_beta: float = Field(0.0, ge=0.0, description="Weight of the k3 KL estimate to the frozen starting policy "
-                           "(0 = off and no reference copy is kept, as in the reference).")
+                           "(0 = off, as in the reference). When on, every process keeps a full frozen copy of "
+                           "the starting model.")
     continue_actions: bool = Field(
         False, description="Also count the 'go on' decisions, log(1 - p('###')) after every latent the chain "
         "continued from, as actions: the objective then holds the exact likelihood of the chain's length. Off = "

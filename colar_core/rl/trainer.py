@@ -15,9 +15,17 @@ One RL step (``RLConfig``):
 4. **Updates**: ``update_epochs`` optimizer steps of the shared :func:`train_loop`, each over all
    micro-batches with :func:`~colar_core.rl.grpo.grpo_loss` as ``loss_fn``.
 
-Rollout statistics (reward mean/std, accuracy, mean #L, share of zero-variance groups, ...) are
-summed over processes and logged with the step (``StepBatch.info``); the loss parts (pg loss,
-KL, clip fraction, ratio, latent-head entropy, log-probs) come from ``loss_fn``. Checkpoints hold
+Per-step metrics (``metrics.jsonl`` and every callback's ``on_step``):
+
+* rollout statistics, summed over processes (``StepBatch.info``): ``reward_mean``, ``reward_std``
+  (over all the step's rollouts), ``accuracy``, ``mean_latents`` (#L), ``mean_latents_correct``,
+  ``zero_var_groups`` (share of groups whose rewards are all equal: no signal),
+  ``reward_length`` (mean length bonus), ``mean_answer_tokens``, ``rollout_time_s``, ``r``,
+  ``rollout``, ``update_pass``, ``epoch``;
+* loss parts from ``loss_fn``, averaged over micro-batches and processes: ``loss``, ``pg_loss``,
+  ``kl``, ``clip_frac``, ``ratio_mean``, ``ratio_max``, ``latent_entropy`` (entropy per dim of the
+  latent head's Gaussian at the sampled latents), ``latent_logp``, ``answer_logp``;
+* from the loop: ``lr``, ``grad_norm``, ``step_time_s``, ``tokens_per_s``. Checkpoints hold
 the question order and the rollout generator's state besides the engine and the global RNGs, and
 are only written on rollout boundaries, so a resumed run samples exactly what an uninterrupted
 one would. The output is ``output_dir/model`` (``export_model`` with the tokenizer), loadable by

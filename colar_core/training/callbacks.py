@@ -192,7 +192,7 @@ class ConsoleLogger(CallbackBase):
         if step % self.every and step != self.max_steps:
             return
         parts = [f"loss {metrics.get('loss', float('nan')):.4f}"]
-        for k in ("ce", "latent"):
+        for k in ("ce", "latent", "reward_mean", "accuracy", "mean_latents"):
             if k in metrics:
                 parts.append(f"{k} {metrics[k]:.4f}")
         if "r" in metrics:

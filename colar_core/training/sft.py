@@ -259,6 +259,7 @@ def train_sft(
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
 
+    model.zero_grad(set_to_none=True)  # leftover .grad on a model passed in memory would join the first update
     engine = build_engine(model, cfg, device)
     batches = SFTBatches(examples, encoder, cfg, engine.rank, engine.world_size, engine.device)
 

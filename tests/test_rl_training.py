@@ -1,0 +1,178 @@
+"""The RL stage end to end on CPU: GRPO lifts a partly-trained tiny model's accuracy, the length
+bonus shortens its chains, and an interrupted run resumes exactly.
+
+The start: a 2-layer Llama (hidden 64) trained with CoLaR SFT (r alternating 1, 2) for 100 steps
+on the four two-step problems of ``tests/tiny.py``, saved as a model directory with its tokenizer.
+Under sampling at c=2 it is right about 58 % of the time. RL runs at lr 1e-3, far above the
+reference's 1e-6: a few dozen steps on a 100k-parameter model need it (1e-6 would move nothing in
+60 steps). Accuracy is measured on those four questions, 64 samples each at two fixed seeds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colar_core.collate import collate
+from colar_core.config import GenerationConfig, ObjectiveConfig
+from colar_core.inference import generate
+from colar_core.model import ColarModel
+from colar_core.rl.config import RLConfig
+from colar_core.rl.trainer import RLResult, load_start_model, train_rl
+from colar_core.scoring import answers_match
+from colar_core.training.callbacks import read_metrics
+from colar_core.training.checkpoint import latest_checkpoint
+from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
+
+GEN = GenerationConfig(max_latents=16, max_answer_tokens=6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sft_start(out_dir, seed: int = 0, steps: int = 100):
+    """Colar SFT on the four problems, briefly: right only part of the time under sampling."""
+    tok = tiny_tokenizer()
+    enc = encoder_for(tok)
+    torch.manual_seed(seed)
+    model = tiny_model(tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    examples, g = [enc.encode(r) for r in PROBLEMS], torch.Generator().manual_seed(seed)
+    objective = ObjectiveConfig(compression_factors=[1, 2])
+    for step in range(steps):
+        loss = model.sft_loss(collate(examples, enc, 1 + step % 2, generator=g), objective, g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.state.trained_compression_factors = [1, 2]
+    return model.save_pretrained(out_dir, tok)
+
+
+def sampled_accuracy(model_dir, n: int = 64, seeds=(101, 202)) -> tuple[float, float]:
+    """(accuracy, mean #L) at c=2 over ``n`` samples per problem and seed, of a saved model dir."""
+    model, tok = load_start_model(model_dir)
+    enc = encoder_for(tok)
+    right = lengths = total = 0
+    for seed in seeds:
+        gens = generate(model, enc, [p.question for p in PROBLEMS for _ in range(n)], "latent", 2, GEN, seed=seed)
+        golds = [p.answer for p in PROBLEMS for _ in range(n)]
+        right += sum(answers_match(g.answer, y) for g, y in zip(gens, golds))
+        lengths += sum(g.n_latents for g in gens)
+        total += len(gens)
+    return right / total, lengths / total
+
+
+def rl_cfg(**kw) -> RLConfig:
+    base = dict(max_steps=60, questions_per_step=4, group_size=8, compression_factor=2, lr=1e-3, backend="torch",
+                generation=GEN, checkpoint_every=0, seed=0)
+    base.update(kw)
+    return RLConfig(**base)
+
+
+def run(start_dir, out_dir, cfg: RLConfig, **kw) -> RLResult:
+    model, tok = load_start_model(start_dir)
+    return train_rl(model, tok, PROBLEMS, (), cfg, out_dir, **kw)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl-start")
+    model_dir = sft_start(root / "sft-model")
+    return model_dir, sampled_accuracy(model_dir)
+
+
+@pytest.fixture(scope="module")
+def plain_run(start, tmp_path_factory):
+    """GRPO with the reference objective (correctness reward, token mean, no KL), 60 steps."""
+    model_dir, _ = start
+    out = tmp_path_factory.mktemp("rl-plain")
+    result = run(model_dir, out, rl_cfg())
+    return result, sampled_accuracy(result.model_dir)
+
+
+def test_grpo_raises_sampled_accuracy_of_a_partly_trained_model(start, plain_run):
+    """Measured (seeded, CPU, one thread): accuracy 0.578 -> 0.861 after 60 RL steps (#L 6.3 -> 15.9:
+    with the plain correctness reward this tiny policy lengthens its chains to the cap). Other SFT /
+    RL seeds checked while writing it: 0.748 -> 0.818, 0.625 -> 0.826, 0.762 -> 0.930; RL seeds 1, 2
+    from this start: 0.578 -> 0.859, 0.900."""
+    (_, (acc0, len0)), (result, (acc1, len1)) = start, plain_run
+    assert 0.3 <= acc0 <= 0.7, f"the start should be right only part of the time, got {acc0:.3f}"
+    assert acc1 >= acc0 + 0.1, (f"RL did not help: sampled accuracy {acc0:.3f} -> {acc1:.3f} "
+                                f"(#L {len0:.2f} -> {len1:.2f})")
+
+    steps = read_metrics(result.metrics_path, "step")
+    assert [s["step"] for s in steps] == list(range(1, 61))
+    keys = {"reward_mean", "reward_std", "accuracy", "mean_latents", "zero_var_groups", "clip_frac",
+            "latent_entropy", "loss", "pg_loss", "kl", "ratio_mean", "answer_logp", "latent_logp", "grad_norm", "lr"}
+    assert keys <= set(steps[0])
+    assert all(s["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and s["clip_frac"] == 0 for s in steps)  # one pass
+    assert all(0 <= s["zero_var_groups"] <= 1 and s["reward_mean"] == s["accuracy"] for s in steps)
+    first, last = steps[:10], steps[-10:]
+    assert sum(s["accuracy"] for s in last) > sum(s["accuracy"] for s in first)  # the rollouts saw it too
+    assert result.final_step == result.rl_steps == 60 and RLResult.load(result.output_dir).final_step == 60
+    loaded = ColarModel.from_pretrained(result.model_dir)
+    assert loaded.state.trained_compression_factors == [1, 2]  # the SFT model's state travels through RL
+
+
+def test_length_bonus_shortens_chains_without_losing_accuracy(start, plain_run, tmp_path):
+    """Measured with the linear bonus (weight 1, rewards correct * (1 + 1 - #L/16)), same seeds:
+    accuracy 0.578 -> 0.822 (plain RL: 0.861), mean #L 6.28 -> 7.92 (plain RL: 15.9). Other
+    starts, plain vs length bonus: #L 15.5 vs 3.3, 15.4 vs 14.3, 10.3 vs 1.2; accuracy never
+    below the start."""
+    (_, (acc0, len0)), (_, (acc_plain, len_plain)) = start, plain_run
+    result = run(start[0], tmp_path, rl_cfg(rewards={"correct": 1.0, "length": 1.0}))
+    acc, length = sampled_accuracy(result.model_dir)
+    msg = (f"start {acc0:.3f} / #L {len0:.2f}; plain RL {acc_plain:.3f} / {len_plain:.2f}; "
+           f"with length bonus {acc:.3f} / {length:.2f}")
+    assert length < 0.75 * len_plain, msg
+    assert acc > acc0 and acc > acc_plain - 0.1, msg
+    steps = read_metrics(result.metrics_path, "step")
+    assert all(s["reward_length"] >= 0 for s in steps) and any(s["reward_length"] > 0 for s in steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# resume exactness
+# ----------------------------------------------------------------------------------------------
+class _Crash(Exception):
+    pass
+
+
+class _CrashAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, step, metrics):
+        if step == self.step:
+            raise _Crash(step)
+
+
+def test_interrupted_run_resumes_exactly(start, tmp_path):
+    """Two updates per rollout, KL to the start, 'go on' actions and two micro-batches: a run killed
+    between checkpoints and restarted logs the same rollouts, losses and weights as one that never
+    stopped (the rollout generator and the question order are in the checkpoint)."""
+    cfg = rl_cfg(max_steps=6, update_epochs=2, checkpoint_every=2, questions_per_step=2, group_size=4,
+                 micro_batch_size=4, kl_beta=0.05, continue_actions=True, lr=3e-4)
+    a = run(start[0], tmp_path / "a", cfg)
+    with pytest.raises(_Crash):
+        run(start[0], tmp_path / "b", cfg, callbacks=[_CrashAt(7)])
+    assert latest_checkpoint(tmp_path / "b").name == "step_00000004"  # RL step 2 = update 4
+    b = run(start[0], tmp_path / "b", cfg)
+    assert b.resumed_from == 4 and b.final_step == 12 and b.rl_steps == 6
+
+    sa, sb = read_metrics(a.metrics_path, "step"), read_metrics(b.metrics_path, "step")
+    assert [s["step"] for s in sb] == list(range(1, 13))
+    assert [s["update_pass"] for s in sa] == [0, 1] * 6 and [s["rollout"] for s in sa][::2] == [1, 2, 3, 4, 5, 6]
+    for key in ("reward_mean", "mean_latents", "loss", "kl", "ratio_mean", "latent_entropy", "grad_norm"):
+        assert [s[key] for s in sb] == pytest.approx([s[key] for s in sa], rel=1e-6, abs=1e-9), key
+    assert any(s["clip_frac"] > 0 or s["ratio_mean"] != pytest.approx(1.0) for s in sa if s["update_pass"] == 1)
+    assert any(s["kl"] > 0 for s in sa)
+    wa = ColarModel.from_pretrained(a.model_dir).state_dict()
+    wb = ColarModel.from_pretrained(b.model_dir).state_dict()
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+    again = run(start[0], tmp_path / "b", cfg)  # a finished stage returns at once
+    assert again.final_step == 12 and again.resumed_from == 12
