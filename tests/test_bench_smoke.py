@@ -95,3 +95,19 @@ def test_flop_counts_match_the_model():
     assert sum(p.numel() for p in LatentHead(64).parameters()) == latent_head_param_count(64)
     # 12 * L * d * n per token of an n-token row: 32 rows of 256 tokens
     assert attention_train_flops(LLAMA_3_2_1B, [256] * 32) == 12 * 16 * 2048 * 256 * 256 * 32
+
+
+def test_quality_bench_runs_every_stage_at_tiny_size(tmp_path):
+    """All stages (data, no-CoT, CoT, CoLaR, RL, eval) run and the JSON has the issue's keys."""
+    import json
+
+    from bench.quality import main
+
+    results = tmp_path / "quality.json"
+    assert main(["--tiny", "--out", str(tmp_path / "work"), "--results", str(results)]) == 0
+    data = json.loads(results.read_text())
+    assert {"device", "nocot", "cot", "colar", "colar_rl"} <= set(data)
+    assert set(data["colar"]) == {"1", "2", "3", "4", "5"}
+    assert {"accuracy", "ci95", "mean_len"} <= set(data["cot"])
+    assert {"c", "accuracy", "ci95", "mean_len", "sft_accuracy", "sft_mean_len"} <= set(data["colar_rl"])
+    assert (tmp_path / "quality.png").stat().st_size > 1000

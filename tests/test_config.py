@@ -52,3 +52,8 @@ def test_bad_files_and_override_syntax(tmp_path):
 def test_digest_changes_with_any_field():
     assert PipelineConfig().digest() == PipelineConfig().digest()
     assert load_config(None, ["sft_colar.max_steps=901"]).digest() != PipelineConfig().digest()
+
+
+def test_shipped_gpu_config_validates():
+    cfg = load_config(str(REPO / "configs" / "gpu.yaml"))
+    assert cfg.rl is not None and cfg.eval.nocot_baseline and cfg.sft_colar.precision == "bf16"
