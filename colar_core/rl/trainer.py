@@ -35,11 +35,10 @@ inference and evaluation unchanged.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -56,12 +55,12 @@ from colar_core.text import PromptEncoder
 from colar_core.training.callbacks import ConsoleLogger, JsonlLogger
 from colar_core.training.checkpoint import CheckpointManager, export_model
 from colar_core.training.engine import StepBatch, build_engine, dist_env, train_loop
+from colar_core.training.result import StageResultMixin
 from colar_core.training.sft import DataConfig, ModelStateKeeper, make_evaluator
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
 CONFIG_FILE = "rl_config.json"
 MODEL_DIR = "model"
 ENTRY_MODULE = "colar_core.rl.rl_main"
@@ -228,7 +227,7 @@ class RLBatches:
 # The stage
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class RLResult:
+class RLResult(StageResultMixin):
     """What a finished RL stage hands on (also written to ``output_dir/result.json``)."""
 
     model_dir: Path
@@ -242,18 +241,6 @@ class RLResult:
     stopped_early: bool = False
     output_dir: Optional[Path] = None
 
-    def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RLResult":
-        paths = ("model_dir", "metrics_path", "best_model_dir", "output_dir")
-        return cls(**{k: (Path(v) if k in paths and v is not None else v) for k, v in d.items()
-                      if k in cls.__dataclass_fields__})
-
-    @classmethod
-    def load(cls, output_dir) -> "RLResult":
-        return cls.from_dict(json.loads((Path(output_dir) / RESULT_FILE).read_text()))
 
 
 def train_rl(
@@ -334,7 +321,7 @@ def train_rl(
                       best_val_accuracy=state.best_score, best_model_dir=best_dir, best_step=state.best_step,
                       stopped_early=state.stopped_early, output_dir=out)
     if engine.is_main:
-        (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2))
+        result.save(out)
     engine.barrier()
     return result
 

@@ -50,6 +50,11 @@ _PREFIX = "step_"
 _TMP = ".tmp-"
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written (unwritable directory, disk full...). The previous complete
+    checkpoint, if any, is untouched: fix the cause and run the stage again to resume from it."""
+
+
 def step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
@@ -148,7 +153,30 @@ class CheckpointManager:
 
     # ----- save ---------------------------------------------------------------------------------
     def save(self, engine, state: LoopState, stateful: Optional[dict] = None) -> Path:
-        """Write a checkpoint of step ``state.step``; returns its final path."""
+        """Write a checkpoint of step ``state.step``; returns its final path.
+
+        An OS error while writing (permissions, disk full) raises :class:`CheckpointError` naming the
+        directory and the previous complete checkpoint, which stays valid (everything is written into
+        a temp directory that is renamed into place only when complete).
+        """
+        try:
+            return self._save(engine, state, stateful)
+        except CheckpointError:
+            raise
+        except OSError as err:
+            tmp = self.root / f"{_TMP}{step_dir_name(state.step)}"
+            if engine.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest()
+            kept = (f"the previous checkpoint {previous} is intact and a rerun resumes from it" if previous
+                    else "there is no earlier checkpoint")
+            error = CheckpointError(f"cannot write checkpoint step {state.step} under {self.root}: "
+                                    f"{err.strerror or err} ({getattr(err, 'filename', None) or tmp}); {kept}. "
+                                    "Make the directory writable or free space, then run the stage again")
+            error.errno = err.errno
+            raise error from err
+
+    def _save(self, engine, state: LoopState, stateful: Optional[dict] = None) -> Path:
         stateful = stateful or {}
         name = step_dir_name(state.step)
         final, tmp = self.root / name, self.root / f"{_TMP}{name}"

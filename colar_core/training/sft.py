@@ -37,13 +37,13 @@ from colar_core.scoring import accuracy
 from colar_core.text import AUTO_SPEED, PromptEncoder
 from colar_core.training.callbacks import ConsoleLogger, JsonlLogger
 from colar_core.training.checkpoint import CheckpointManager, export_model
+from colar_core.training.result import StageResultMixin
 from colar_core.training.config import TrainConfig
 from colar_core.training.engine import StepBatch, build_engine, dist_env, train_loop
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
 CONFIG_FILE = "train_config.json"
 MODEL_DIR = "model"
 
@@ -191,7 +191,7 @@ def make_evaluator(engine, encoder: PromptEncoder, val_records: Sequence, cfg: T
 # The stage
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class SFTResult:
+class SFTResult(StageResultMixin):
     """What a finished SFT stage hands on (also written to ``output_dir/result.json``)."""
 
     model_dir: Path
@@ -204,18 +204,6 @@ class SFTResult:
     resumed_from: Optional[int] = None
     output_dir: Optional[Path] = None
 
-    def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SFTResult":
-        paths = ("model_dir", "metrics_path", "best_model_dir", "output_dir")
-        return cls(**{k: (Path(v) if k in paths and v is not None else v) for k, v in d.items()
-                      if k in cls.__dataclass_fields__})
-
-    @classmethod
-    def load(cls, output_dir) -> "SFTResult":
-        return cls.from_dict(json.loads((Path(output_dir) / RESULT_FILE).read_text()))
 
 
 def train_sft(
@@ -302,7 +290,7 @@ def train_sft(
                        metrics_path=out / METRICS_FILE, best_model_dir=best_dir, best_step=state.best_step,
                        stopped_early=state.stopped_early, resumed_from=state.resumed_from, output_dir=out)
     if engine.is_main:
-        (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2))
+        result.save(out)
     engine.barrier()
     return result
 
