@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
@@ -80,9 +82,9 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _stages_agree(self):
         if self.sft_cot is not None and self.sft_cot.objective.mode != "cot":
-            raise ValueError("sft_cot.objective.mode must be 'cot'")
+            raise ValueError("sft_cot.objective.mode: must be 'cot'")
         if self.sft_colar.objective.mode != "colar":
-            raise ValueError("sft_colar.objective.mode must be 'colar'")
+            raise ValueError("sft_colar.objective.mode: must be 'colar'")
         trained = self.sft_colar.objective.compression_factors
         too_big = [c for c in self.eval.compression_factors if c > max(trained)]
         if too_big:
@@ -123,8 +125,12 @@ def parse_overrides(pairs: Iterable[str]) -> list[tuple[str, Any]]:
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
+        loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        named = re.match(r"([A-Za-z_][\w.]*): (.*)", msg, re.S)
+        if not loc and named:  # a cross-field check names its field first: "eval.compression_factors: ..."
+            loc, msg = named.groups()
+        loc = loc or "(config)"
         lines.append(f"field '{loc}': {msg}")
     return "invalid config: " + "; ".join(lines)
 
@@ -149,6 +155,100 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), base:
         return PipelineConfig.model_validate(_deep_merge(PipelineConfig().model_dump(mode="json"), tree))
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
+
+
+_PATH_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet", ".gz")
+HUB_CHECK_TIMEOUT_S = 5.0
+
+
+def _looks_like_path(name: str, suffixes: tuple = ()) -> bool:
+    """A name meant as a local path rather than a hub id ``org/name`` (same rule as the readers)."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or (bool(suffixes) and Path(name).suffix.lower() in suffixes))
+
+
+def _hub_cached(repo_id: str, repo_type: str) -> bool:
+    """True if the local Hugging Face cache holds a snapshot of ``repo_id`` (no network)."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return False
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots"
+    if snapshots.is_dir() and any(snapshots.iterdir()):
+        return True
+    if repo_type == "dataset":  # datasets' own processed cache: ~/.cache/huggingface/datasets/org___name
+        try:
+            from datasets import config as ds_config
+
+            return (Path(ds_config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")).is_dir()
+        except ImportError:  # pragma: no cover
+            return False
+    return False
+
+
+def _hub_problem(repo_id: str, repo_type: str) -> Optional[str]:
+    """None when ``repo_id`` can be resolved (local cache, or one quick Hub query), else why not.
+
+    Offline (``HF_HUB_OFFLINE``) only the cache counts. Online, one metadata request with a short
+    timeout and no retries: a dead network or a 404 answers in well under a second.
+    """
+    try:
+        from huggingface_hub import HfApi, constants
+        from huggingface_hub.utils import validate_repo_id
+    except ImportError:  # pragma: no cover
+        return "huggingface_hub is not installed"
+    try:
+        validate_repo_id(repo_id)
+    except Exception as err:  # HFValidationError
+        return f"not a valid Hugging Face {repo_type} id ({err})"
+    if _hub_cached(repo_id, repo_type):
+        return None
+    offline = constants.HF_HUB_OFFLINE or os.environ.get(
+        "HF_DATASETS_OFFLINE" if repo_type == "dataset" else "TRANSFORMERS_OFFLINE", "") in ("1", "true", "TRUE")
+    if offline:
+        return f"not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF offline mode is on"
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=HUB_CHECK_TIMEOUT_S)
+        return None
+    except Exception as err:  # noqa: BLE001 - not found, gated without token, no network: all say why
+        name = type(err).__name__
+        if name == "GatedRepoError":  # exists; access is checked when it is downloaded
+            return None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return (f"not in the local Hugging Face cache and the Hub could not resolve it "
+                f"({name}: {first[:200]})")
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Checks that need the outside world (files, the Hugging Face cache/Hub), run before any server
+    or stage starts; cheap (no model or data is loaded). Raises :class:`ConfigError` naming the field.
+
+    - ``model.name_or_path``: 'tiny', an existing directory, or a hub model id that resolves
+      (local cache, else one quick Hub query unless offline);
+    - ``model.tokenizer``: the same, when set;
+    - ``data.source``: 'builtin', an existing file or directory, or a hub dataset id that resolves.
+    """
+    problems = []
+    for field, name in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
+        if name is None or name == "tiny" or Path(name).is_dir():
+            continue
+        if Path(name).exists():
+            problems.append(f"field '{field}': {name!r} is a file; expected 'tiny', a model directory or a hub id")
+        elif _looks_like_path(name):
+            problems.append(f"field '{field}': directory {name!r} does not exist")
+        elif (why := _hub_problem(name, "model")) is not None:
+            problems.append(f"field '{field}': {name!r} is not 'tiny', an existing directory or a known hub "
+                            f"model: {why}")
+    source = cfg.data.source
+    if source != "builtin" and not Path(source).exists():
+        if _looks_like_path(source, _PATH_SUFFIXES):
+            problems.append(f"field 'data.source': file or directory {source!r} does not exist")
+        elif (why := _hub_problem(source, "dataset")) is not None:
+            problems.append(f"field 'data.source': {source!r} is not 'builtin', an existing path or a known "
+                            f"Hugging Face dataset: {why}")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

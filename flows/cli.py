@@ -13,7 +13,10 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from colar_core.pipeline_config import ConfigError, PipelineConfig, load_config
+from colar_core.pipeline_config import ConfigError, PipelineConfig, load_config, preflight
+
+#: Exit codes: 0 done, 1 the pipeline failed, 2 bad config / usage, 3 a server could not be reached.
+EXIT_CONFIG, EXIT_SERVER = 2, 3
 
 
 def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optional[str], flow_run_id: Optional[str]):
@@ -26,10 +29,14 @@ def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optiona
     print("Stop the local servers with: colar servers stop")
 
 
-def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None) -> int:
-    from flows.servers import ensure_servers
+def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, command: str = "run") -> int:
+    from flows.servers import ServerError, ensure_servers
 
-    urls = ensure_servers()
+    try:
+        urls = ensure_servers()
+    except ServerError as err:
+        print(f"colar {command}: {err}", file=sys.stderr)
+        return EXIT_SERVER
     print(f"MLflow tracking server: {urls['mlflow']}\nPrefect API: {urls['prefect']}", flush=True)
     from flows.pipeline import run_pipeline
 
@@ -64,9 +71,10 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None) -> int:
 def cmd_run(args) -> int:
     try:
         cfg = load_config(args.config, args.set or [])
+        preflight(cfg)  # model path, dataset id: before any server or stage starts
     except ConfigError as err:
         print(f"colar run: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     return _run(cfg)
 
 
@@ -91,21 +99,36 @@ def resolve_parent_run(run: str):
 
 
 def cmd_retry(args) -> int:
-    from flows.servers import ensure_servers
+    from flows.servers import ServerError, ensure_servers
 
-    ensure_servers()
+    try:
+        ensure_servers()
+    except ServerError as err:
+        print(f"colar retry: {err}", file=sys.stderr)
+        return EXIT_SERVER
     from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import still_running
 
     try:
         parent = resolve_parent_run(args.run)
     except LookupError as err:
         print(f"colar retry: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    if (alive := still_running(parent)) is not None:
+        print(f"colar retry: pipeline run {parent.info.run_id} is still running ({alive}); "
+              "wait for it or stop it first", file=sys.stderr)
+        return EXIT_CONFIG
     path = MlflowClient().download_artifacts(parent.info.run_id, "config.json")
     with open(path) as fh:
         cfg = PipelineConfig.model_validate(json.load(fh))
+    try:
+        preflight(cfg)
+    except ConfigError as err:
+        print(f"colar retry: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"retrying pipeline run {parent.info.run_id} ({parent.info.status})", flush=True)
-    return _run(cfg, parent_run_id=parent.info.run_id)
+    return _run(cfg, parent_run_id=parent.info.run_id, command="retry")
 
 
 def cmd_compare(args) -> int:

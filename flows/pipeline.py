@@ -8,8 +8,10 @@ again in its own folder and resumes from its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,11 +20,13 @@ from typing import Optional
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from colar_core.pipeline_config import PipelineConfig
+from colar_core.pipeline_config import PipelineConfig, preflight
 from tasks.keys import code_version, stage_dir, stage_key
 from tasks.report import report_stage
 from tasks.stages import RESULT_FILE, evaluate_stage, prepare_stage, rl_stage, sft_stage
-from tasks.tracking import end_run, flatten_params, start_parent_run
+from tasks.tracking import end_orphaned_children, end_run, flatten_params, start_parent_run
+
+PROCESS_TAG = "colar.process"  # "host:pid:start-ticks" of the process running the flow (see still_running)
 
 
 def git_commit() -> Optional[str]:
@@ -34,6 +38,57 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def _process_identity(pid: Optional[int] = None) -> str:
+    """``host:pid:start`` of a process (start = its start time in clock ticks, so a recycled pid differs;
+    ``?`` when the process is gone or a zombie)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        start = "?" if fields[0] == "Z" else fields[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{socket.gethostname()}:{pid}:{start}"
+
+
+def still_running(parent_run) -> Optional[str]:
+    """Why the pipeline of ``parent_run`` (an MLflow Run) is still running, or None if it is not.
+
+    A RUNNING parent whose recorded process is alive on this host is running; a RUNNING parent whose
+    process is gone (SIGKILL, power loss) is an orphan that ``colar retry`` may take over. A process
+    on another host cannot be checked from here and counts as gone.
+    """
+    if parent_run.info.status != "RUNNING":
+        return None
+    recorded = parent_run.data.tags.get(PROCESS_TAG, "")
+    host, _, rest = recorded.partition(":")
+    pid, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    if not recorded.endswith(":?") and _process_identity(int(pid)) == recorded:
+        return f"process {pid} on {host}"
+    return None
+
+
+@contextlib.contextmanager
+def _stage_lock(out: Path):
+    """Exclusive lock on a stage folder across processes: two pipelines whose stages share a key
+    (same output_dir, same section and inputs) do that stage one after the other, and the second
+    finds it finished, instead of both writing the same checkpoints. Released by the kernel if
+    the holder dies."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(out.parent / f".{out.name}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _run_stage(task_fn, stage_name: str, section, inputs: dict, output_dir: str, timings: dict, **kwargs):
     """Call a stage task with its key and folder; re-run it if its cached folder was deleted.
 
@@ -42,10 +97,11 @@ def _run_stage(task_fn, stage_name: str, section, inputs: dict, output_dir: str,
     """
     key = stage_key(stage_name, section, inputs)
     out = stage_dir(output_dir, stage_name, key)
-    fn = task_fn if (out / RESULT_FILE).is_file() else task_fn.with_options(refresh_cache=True)
-    t0 = time.perf_counter()
-    state = fn(out_dir=str(out), key=key, return_state=True, **kwargs)
-    wall = time.perf_counter() - t0
+    with _stage_lock(out):
+        fn = task_fn if (out / RESULT_FILE).is_file() else task_fn.with_options(refresh_cache=True)
+        t0 = time.perf_counter()
+        state = fn(out_dir=str(out), key=key, return_state=True, **kwargs)
+        wall = time.perf_counter() - t0
     result = state.result()  # raises the stage's exception if it failed
     if state.name != "Cached" and "work_s" in result:
         timings[stage_name] = {"wall_s": wall, "work_s": result["work_s"], "overhead_s": wall - result["work_s"]}
@@ -57,20 +113,30 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
     """Run every stage of ``config`` (a PipelineConfig as a dict). ``parent_run_id`` resumes a run."""
     logger = get_run_logger()
     cfg = PipelineConfig.model_validate(config)
+    preflight(cfg)  # model path, dataset id: fail before any stage (the CLI checked already)
     conf = cfg.model_dump(mode="json")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
     if parent_run_id is None:
         tags = {"colar.config_hash": cfg.digest(), "colar.code_version": code_version()[:16],
-                "prefect.flow_run_id": str(flow_run.get_id() or ""), "colar.pipeline": cfg.name}
+                "prefect.flow_run_id": str(flow_run.get_id() or ""), "colar.pipeline": cfg.name,
+                PROCESS_TAG: _process_identity()}
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
         parent_run_id = start_parent_run(cfg.tracking.experiment, cfg.name, tags, flatten_params(conf))
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient().log_text(parent_run_id, json.dumps(conf, indent=2, sort_keys=True), "config.json")
+        client.log_text(parent_run_id, json.dumps(conf, indent=2, sort_keys=True), "config.json")
     else:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient().set_tag(parent_run_id, "prefect.flow_run_id.retry", str(flow_run.get_id() or ""))
+        parent = client.get_run(parent_run_id)
+        if (alive := still_running(parent)) is not None:
+            raise RuntimeError(f"pipeline run {parent_run_id} is still running ({alive}); not retrying it twice")
+        previous = [parent.data.tags.get(t) for t in ("prefect.flow_run_id", "prefect.flow_run_id.retry")]
+        client.set_tag(parent_run_id, "prefect.flow_run_id.retry", str(flow_run.get_id() or ""))
+        client.set_tag(parent_run_id, PROCESS_TAG, _process_identity())
+        # A killed attempt (SIGKILL, lost machine) left its stage runs RUNNING: close them as KILLED.
+        for run_id in end_orphaned_children(parent_run_id, client=client):
+            logger.warning("MLflow child run %s was left RUNNING by a dead attempt: marked KILLED", run_id)
+        _crash_orphaned_flow_runs([p for p in previous if p and p != str(flow_run.get_id())], logger)
     logger.info("MLflow parent run %s", parent_run_id)
 
     timings: dict = {}
@@ -117,6 +183,25 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
     _log_timings(parent_run_id, timings)
     end_run(parent_run_id, "FINISHED")
     return {"parent_run_id": parent_run_id, "metrics": evaluation["metrics"], **report}
+
+
+def _crash_orphaned_flow_runs(flow_run_ids: list, logger) -> None:
+    """Mark earlier flow runs of this pipeline that Prefect still shows running as Crashed (their
+    process is gone: ``still_running`` said so). Best effort: a failure here never stops a retry."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as pc:
+            for fid in flow_run_ids:
+                state = pc.read_flow_run(fid).state
+                if state is not None and not state.is_final():
+                    pc.set_flow_run_state(fid, Crashed(message="process gone; superseded by colar retry"),
+                                          force=True)
+                    logger.warning("Prefect flow run %s was left %s by a dead process: marked Crashed", fid,
+                                   state.name)
+    except Exception as err:  # noqa: BLE001
+        logger.warning("could not update earlier Prefect flow runs %s: %r", flow_run_ids, err)
 
 
 def _log_timings(parent_run_id: str, timings: dict) -> None:

@@ -525,6 +525,12 @@ def ensure_servers(
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    # Servers named by MLFLOW_TRACKING_URI / PREFECT_API_URL are only probed (seconds): probe them
+    # first, so a dead one fails the command at once instead of after the other server has started.
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        ensure_mlflow(state_dir)
+    if os.environ.get("PREFECT_API_URL"):
+        ensure_prefect(state_dir)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="colar-servers") as pool:
         mlflow_f = pool.submit(ensure_mlflow, state_dir)
         prefect_f = pool.submit(ensure_prefect, state_dir)

@@ -42,10 +42,12 @@ __all__ = [
     "PARENT_TAG",
     "MASK",
     "flatten_params",
+    "mask_secrets",
     "start_parent_run",
     "start_child_run",
     "end_run",
     "find_child_run",
+    "end_orphaned_children",
     "MlflowMetricsCallback",
     "log_artifact_dir",
     "log_dataset_input",
@@ -125,6 +127,12 @@ def _mask_value(text: str, secrets: list[str]) -> str:
         if len(s) >= _MIN_SECRET_SUBSTRING and s in text:
             text = text.replace(s, MASK)
     return _URL_PASSWORD.sub(rf"\1{MASK}\3", text)
+
+
+def mask_secrets(text: Any) -> str:
+    """``text`` (stringified) with secret environment values and URL passwords replaced by ``***``:
+    the masking of :func:`flatten_params`, for run names, tags and log lines."""
+    return _mask_value(_stringify(text), _secret_env_values())
 
 
 def _to_plain(value: Any) -> Any:
@@ -218,7 +226,9 @@ def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) ->
 
 
 def _str_tags(tags: Optional[Mapping[str, Any]]) -> dict[str, str]:
-    return {str(k): _stringify(v) for k, v in (tags or {}).items() if v is not None}
+    """Tags as strings, secrets masked (a tag value is as visible as a param)."""
+    secrets = _secret_env_values()
+    return {str(k): _mask_value(_stringify(v), secrets) for k, v in (tags or {}).items() if v is not None}
 
 
 def start_parent_run(
@@ -236,7 +246,8 @@ def start_parent_run(
     """
     client = _client(client)
     exp_id = _experiment_id(client, experiment)
-    run = client.create_run(exp_id, tags=_str_tags(tags), run_name=run_name)
+    name = None if run_name is None else mask_secrets(run_name)
+    run = client.create_run(exp_id, tags=_str_tags(tags), run_name=name)
     if params:
         _log_params(client, run.info.run_id, flatten_params(params))
     return run.info.run_id
@@ -259,7 +270,7 @@ def start_child_run(
     client = _client(client)
     parent = client.get_run(parent_run_id)
     all_tags = {**_str_tags(tags), PARENT_TAG: parent_run_id, STAGE_TAG: stage_name}
-    run = client.create_run(parent.info.experiment_id, tags=all_tags, run_name=run_name or stage_name)
+    run = client.create_run(parent.info.experiment_id, tags=all_tags, run_name=mask_secrets(run_name or stage_name))
     if params:
         _log_params(client, run.info.run_id, flatten_params(params))
     return run.info.run_id
@@ -275,6 +286,29 @@ def end_run(run_id: str, status: str = "FINISHED", *, client: Optional[MlflowCli
     if name not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"end_run: status must be FINISHED, FAILED or KILLED, not {status!r}")
     _client(client).set_terminated(run_id, status=name)
+
+
+ORPHAN_TAG = "colar.end_reason"
+
+
+def end_orphaned_children(
+    parent_run_id: str, status: str = "KILLED", *, client: Optional[MlflowClient] = None
+) -> list[str]:
+    """Terminate the children of ``parent_run_id`` still RUNNING (their process died without
+    ending them: SIGKILL, lost machine) with ``status`` and a ``colar.end_reason`` tag; return their ids.
+
+    Call it only when no live process owns the pipeline (``colar retry`` checks that first).
+    """
+    client = _client(client)
+    parent = client.get_run(parent_run_id)
+    flt = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    ended = []
+    for run in client.search_runs([parent.info.experiment_id], filter_string=flt, max_results=1000):
+        client.set_tag(run.info.run_id, ORPHAN_TAG, "orphaned: its process died while the run was RUNNING; "
+                       "ended when the pipeline was retried")
+        end_run(run.info.run_id, status, client=client)
+        ended.append(run.info.run_id)
+    return ended
 
 
 def find_child_run(
@@ -501,7 +535,7 @@ class MlflowMetricsCallback:
                 return
             with self._lock:
                 self._metrics.append(Metric("checkpoint_step", float(step), _now_ms(), int(step)))
-                self._tags["colar.checkpoint.latest"] = str(path)
+                self._tags["colar.checkpoint.latest"] = mask_secrets(path)
                 self._tags["colar.checkpoint.step"] = str(int(step))
             self.flush(wait=False)
         except Exception as e:  # pragma: no cover
@@ -582,7 +616,7 @@ class MlflowMetricsCallback:
             with self._lock:
                 for k, v in info.items():
                     if v is not None:
-                        self._tags[f"colar.train.{metric_key(str(k))}"] = _stringify(v)[:MAX_PARAM_VALUE]
+                        self._tags[f"colar.train.{metric_key(str(k))}"] = mask_secrets(v)[:MAX_PARAM_VALUE]
         except Exception as e:  # pragma: no cover
             self.last_error = e
 

@@ -30,8 +30,11 @@ def test_prefect_yaml_deploys_and_a_run_executes_on_a_worker(tmp_path, mlflow_se
 
     from colar_core.pipeline_config import load_config
 
-    env = {**os.environ, "COLAR_REPO": str(REPO), "PREFECT_API_URL": prefect_server,
-           "MLFLOW_TRACKING_URI": mlflow_server, "CI": "1"}
+    # Not the launcher variables an in-process training run of this pytest process set for itself
+    # (its MASTER_PORT is taken: the worker's flow would fail with EADDRINUSE).
+    launch_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    env = {**{k: v for k, v in os.environ.items() if k not in launch_vars}, "COLAR_REPO": str(REPO),
+           "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": mlflow_server, "CI": "1"}
     _prefect(["work-pool", "create", "colar-process", "--type", "process", "--overwrite"], env)
     _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env)
 

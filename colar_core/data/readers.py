@@ -14,9 +14,9 @@ Formats (``format=``):
 * ``auto`` — decided from the path (extension, directory contents) and the first record.
 
 Every record is validated the same way (non-empty question, numeric answer, each step an
-equation that holds). ``policy="fail"`` raises the first :class:`DataError`; ``"skip"`` drops bad
-records, counting them and keeping their messages. Structural problems (missing or empty file,
-a DatasetDict without a chosen split) always raise.
+equation that holds; a line over ``MAX_LINE_BYTES`` is a bad record). ``policy="fail"`` raises the
+first :class:`DataError`; ``"skip"`` drops bad records, counting them and keeping their messages.
+Structural problems (missing or empty file, a DatasetDict without a chosen split) always raise.
 """
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ FORMATS = ("auto", "gsm8k-aug", "jsonl", "gsm8k", "hf")
 _ALIASES = {"aug": "gsm8k-aug", "icot": "gsm8k-aug", "txt": "gsm8k-aug", "json": "jsonl"}
 _EQUATION = re.compile(r"<<(.*?)>>")
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+#: A line (one record) longer than this is refused: a reasoning problem is a few KB, and a runaway
+#: line (a binary blob, a file without newlines) would otherwise reach the tokenizer and the GPU.
+MAX_LINE_BYTES = 1 << 20
 
 
 @dataclass
@@ -169,6 +172,10 @@ def _text_lines(source: str) -> Iterator[tuple[int, str | DataError]]:
         if not raw.strip():
             continue
         any_line = True
+        if len(raw) > MAX_LINE_BYTES:
+            yield number, DataError(source, number, "record",
+                                    f"line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit of one record")
+            continue
         try:
             yield number, raw.decode("utf-8")
         except UnicodeDecodeError as err:

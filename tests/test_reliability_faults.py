@@ -1,0 +1,333 @@
+"""Reliability, faults: a pipeline SIGKILLed mid-stage and retried, MLflow down at start or lost
+mid-training, an unwritable checkpoint directory.
+
+Library-level exact resume after SIGKILL is tested in tests/test_training_distributed.py (SFT) and
+tests/test_rl_jobs.py / tests/test_rl_training.py (RL); here the whole pipeline is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from colar_core.training.checkpoint import COMPLETE, CheckpointError, CheckpointManager, latest_checkpoint
+from colar_core.training.config import TrainConfig
+from colar_core.training.engine import StepBatch, TorchEngine, train_loop
+from tests.test_pipeline import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+#: Evaluation metrics of a killed-and-retried run vs an uninterrupted one. Training resumes exactly
+#: (weights, optimizer, RNG and data position are checkpointed) and evaluation sampling is seeded,
+#: so they are expected to be equal; the tolerance only absorbs float formatting.
+METRIC_TOL = 1e-9
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(**extra) -> dict:
+    """Environment of a `colar` subprocess: no launcher variables inherited from in-process training
+    in this pytest process (its MASTER_PORT is taken), one torch thread like the in-process runs."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", CI="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p), **extra)
+    return env
+
+
+def colar_cmd(*args: str, overrides=()) -> list[str]:
+    cmd = [sys.executable, "-m", "colar_core.cli", *args]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow down at start
+
+
+def test_colar_run_with_dead_mlflow_fails_fast_naming_the_uri(tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    uri = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # it must not start a Prefect server meanwhile
+    monkeypatch.setenv("COLAR_HOME", str(tmp_path / "home"))
+    t0 = time.monotonic()
+    code = main(["run", "--set", f"output_dir={tmp_path / 'out'}"])
+    elapsed = time.monotonic() - t0
+    try:
+        err = capsys.readouterr().err
+        assert code == 3
+        assert err.startswith(f"colar run: MLflow server at {uri} (from $MLFLOW_TRACKING_URI) does not answer"), err
+        assert elapsed < 10
+        assert not (tmp_path / "home" / "servers.json").exists()  # no server started
+        assert not (tmp_path / "out").exists()
+    finally:
+        from flows.servers import stop_servers
+
+        stop_servers(tmp_path / "home")
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow lost mid-training
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+
+def _toy_loop(out, max_steps=30, callbacks=(), checkpoint_every=10):
+    """A real training loop (torch engine, checkpoints) on a toy regression: the SFT/RL loop's code path."""
+    torch.manual_seed(0)
+    model = _Toy()
+    cfg = TrainConfig(backend="torch", lr=0.1, grad_clip=0.0, max_steps=max_steps, checkpoint_every=checkpoint_every)
+    engine = TorchEngine(model, cfg)
+    x, w = torch.randn(64, 4), torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+    def batches(step):
+        idx = [(step * 8 + i) % 64 for i in range(8)]
+        return StepBatch([(x[idx], x[idx] @ w)])
+
+    def loss_fn(m, b):
+        return {"loss": ((m.lin(b[0]) - b[1]) ** 2).mean()}
+
+    manager = CheckpointManager(out, keep=2)
+    return train_loop(engine, batches, loss_fn, max_steps=max_steps, checkpoints=manager,
+                      checkpoint_every=checkpoint_every, callbacks=list(callbacks))
+
+
+@pytest.mark.slow
+def test_mlflow_lost_mid_training_training_goes_on_and_metrics_are_flushed_when_it_returns(tmp_path):
+    """A real MLflow server is stopped at step 10 and restarted on the same port (same store) at step 20."""
+    from mlflow import MlflowClient
+
+    from flows.servers import ensure_mlflow, stop_servers
+    from tasks.tracking import MlflowMetricsCallback, end_run, start_parent_run
+
+    state_dir, port = tmp_path / "mlflow", _free_port()
+    uri = ensure_mlflow(state_dir, port=port)
+    try:
+        client = MlflowClient(uri)
+        run_id = start_parent_run("colar-reliability", "outage", client=client)
+        fallback = tmp_path / "unflushed.jsonl"
+        metrics_cb = MlflowMetricsCallback(client, run_id, flush_every=2, max_retries=1, backoff_s=0.05,
+                                           fallback_path=fallback)
+        seen = {}
+
+        class Outage:
+            def on_step(self, step, metrics):
+                if step == 10:
+                    assert metrics_cb.flush(wait=True)  # steps 1-10 reached the server
+                    stop_servers(state_dir)
+                    seen["down_at"] = time.monotonic()
+                elif step == 15:
+                    assert metrics_cb.flush(wait=True, timeout_s=30) is False  # a flush fails: buffer kept
+                    seen["pending"] = metrics_cb.pending()
+                elif step == 20:
+                    seen["steps_11_20_s"] = time.monotonic() - seen["down_at"]
+                    assert ensure_mlflow(state_dir, port=port) == uri  # back, same port and store
+
+        state = _toy_loop(tmp_path / "run", callbacks=[metrics_cb, Outage()])
+        assert state.step == 30 and state.finished  # training went on through the outage
+        assert seen["pending"] >= 5 * 2  # loss + lr of steps 11-15 at least, held in memory
+        assert seen["steps_11_20_s"] < 40  # no step waited for the server (the flush at 15 is bounded)
+        metrics_cb.close()
+        assert metrics_cb.pending() == 0 and not fallback.exists()
+        history = client.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(1, 31))  # every step, none twice
+        end_run(run_id, client=client)
+    finally:
+        stop_servers(state_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint directory unwritable
+
+
+@contextlib.contextmanager
+def unwritable(path: Path):
+    """Make ``path`` refuse new entries: chmod for a normal user; root ignores modes, so chattr +i
+    (immutable) there. If neither works, creating entries in it is made to fail with EACCES."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield "chmod"
+        finally:
+            path.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+        try:
+            yield "chattr"
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        return
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if Path(self).parent == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "mkdir", mkdir)
+        yield "simulated"
+
+
+def test_unwritable_checkpoint_directory_is_a_clear_error_and_the_previous_checkpoint_stays_valid(tmp_path):
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    with contextlib.ExitStack() as stack:
+        class LockAfterFirst:
+            def on_checkpoint(self, step, path):
+                if step == 10:
+                    stack.enter_context(unwritable(root))
+
+        with pytest.raises(CheckpointError) as info:
+            _toy_loop(out, callbacks=[LockAfterFirst()])
+    msg = str(info.value)
+    assert f"cannot write checkpoint step 20 under {root}" in msg
+    assert "step_00000010 is intact" in msg and "run the stage again" in msg
+    assert re.search(r"not permitted|denied", msg)
+    assert latest_checkpoint(out).name == "step_00000010" and (root / "step_00000010" / COMPLETE).is_file()
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+
+    resumed = _toy_loop(out)  # writable again: the same run resumes from step 10 and finishes
+    assert resumed.resumed_from == 10 and resumed.step == 30
+    assert latest_checkpoint(out).name == "step_00000030"
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL mid-pipeline, then `colar retry`
+
+
+def test_still_running_tells_a_live_pipeline_process_from_a_dead_one():
+    from types import SimpleNamespace
+
+    from flows.pipeline import PROCESS_TAG, _process_identity, still_running
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = SimpleNamespace(info=SimpleNamespace(status="RUNNING"),
+                              data=SimpleNamespace(tags={PROCESS_TAG: _process_identity(proc.pid)}))
+        assert still_running(run) == f"process {proc.pid} on {socket.gethostname()}"
+        run.info.status = "FAILED"
+        assert still_running(run) is None
+        run.info.status = "RUNNING"
+        proc.kill()
+        deadline = time.time() + 10
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert still_running(run) is None  # killed, not yet reaped (a zombie): gone
+    finally:
+        proc.kill()
+        proc.wait()
+    assert still_running(run) is None  # killed: an orphan that retry may take over
+
+
+def _children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+@pytest.mark.slow
+def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrupted_run(
+        tmp_path, mlflow_server, prefect_server, one_thread):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from colar_core.pipeline_config import load_config
+    from colar_core.training.sft import SFTResult
+    from flows.cli import main
+    from flows.pipeline import run_pipeline
+
+    overrides = TINY + ["tracking.registered_model_name=null", "sft_colar.max_steps=40",
+                        "sft_colar.checkpoint_every=4"]
+    killed_root = tmp_path / "killed" / "runs"
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(colar_cmd("run", overrides=overrides + ["name=rel-kill", f"output_dir={killed_root}"]),
+                                env=cli_env(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server),
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not list(killed_root.glob(f"sft-colar-*/checkpoints/step_*/{COMPLETE}")):
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.time() < deadline, "sft-colar wrote no checkpoint"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    colar_dir = next(killed_root.glob("sft-colar-*"))
+    killed_at = int(latest_checkpoint(colar_dir).name.split("_")[1])
+    assert 4 <= killed_at < 40
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("colar")
+    parent = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'rel-kill'")[0]
+    parent_id, flow_run_id = parent.info.run_id, parent.data.tags["prefect.flow_run_id"]
+    # What SIGKILL leaves behind: everything RUNNING.
+    assert parent.info.status == "RUNNING"
+    orphan = {r.data.tags["colar.stage"]: r for r in _children(client, parent_id)}["sft-colar"]
+    assert orphan.info.status == "RUNNING"
+    with get_client(sync_client=True) as pc:
+        assert pc.read_flow_run(flow_run_id).state.is_running()
+
+    assert main(["retry", parent_id]) == 0
+
+    stages = sorted((r.data.tags["colar.stage"], r.info.status) for r in _children(client, parent_id))
+    assert stages == [("evaluate", "FINISHED"), ("prepare", "FINISHED"), ("sft-colar", "FINISHED"),
+                      ("sft-colar", "KILLED"), ("sft-cot", "FINISHED")]
+    orphan = client.get_run(orphan.info.run_id)
+    assert orphan.info.status == "KILLED" and "orphaned" in orphan.data.tags["colar.end_reason"]
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    with get_client(sync_client=True) as pc:
+        assert pc.read_flow_run(flow_run_id).state.type.value == "CRASHED"
+    result = SFTResult.load(colar_dir)
+    assert result.resumed_from == killed_at and result.final_step == 40
+
+    # The same config, uninterrupted, in another output dir.
+    reference = run_pipeline(load_config(None, overrides + ["name=rel-kill-ref", f"output_dir={tmp_path / 'ref'}"]),
+                             return_state=True)
+    assert reference.is_completed(), reference.message
+    expected = reference.result()["metrics"]
+    evaluate = next(r for r in _children(client, parent_id)
+                    if r.data.tags["colar.stage"] == "evaluate" and r.info.status == "FINISHED")
+    got = {k: v for k, v in evaluate.data.metrics.items() if k in expected}
+    assert set(got) == set(expected) and any(k.startswith("accuracy/c") for k in got)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=METRIC_TOL), key
+    # The tiny model's evaluation metrics are nearly degenerate, so compare what they come from too:
+    # the resumed CoLaR model is bit-identical to the uninterrupted one, and so is its last loss.
+    from colar_core.training.callbacks import read_metrics
+    from tasks.stages import directory_digest
+
+    ref_colar = next((tmp_path / "ref").glob("sft-colar-*"))
+    assert colar_dir.name == ref_colar.name  # same stage key: same config, data and code
+    assert directory_digest(colar_dir / "model") == directory_digest(ref_colar / "model")
+    last = [read_metrics(d / "metrics.jsonl", "step")[-1] for d in (colar_dir, ref_colar)]
+    assert last[0]["step"] == last[1]["step"] == 40 and last[0]["loss"] == last[1]["loss"]
