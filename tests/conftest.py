@@ -42,6 +42,10 @@ _TEST_ENV = {
     "PREFECT_HOME": str(_SESSION_TMP / "prefect-home"),
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "COLAR_HOME": str(_SESSION_TMP / "colar-home"),
+    # Tests never reach a model/dataset hub: only loopback is allowed on these machines.
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
 }
 _UNSET = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_PROFILE")
 
