@@ -13,31 +13,20 @@ The job file is an :class:`~colar_core.rl.trainer.RLJob` (JSON or YAML). The res
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
 import sys
+
+from colar_core.training.launch import job_entry_main
+
+
+def _run(path: str):
+    from colar_core.rl.trainer import RLJob, run_rl_job
+
+    return run_rl_job(RLJob.from_file(path))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m colar_core.rl.rl_main", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="RLJob file (JSON or YAML)")
-    # the deepspeed launcher passes --local_rank; the environment carries the same value
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    logging.basicConfig(level=os.environ.get("COLAR_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from colar_core.rl.trainer import RLJob, run_rl_job
-
-    job = RLJob.from_file(args.config)
-    result = run_rl_job(job)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"result": result.to_dict()}), flush=True)
-    return 0
+    return job_entry_main(argv, prog="python -m colar_core.rl.rl_main", description=__doc__.split("\n")[0], job_name="RLJob",
+                          run_file=_run)
 
 
 if __name__ == "__main__":

@@ -150,3 +150,26 @@ def run_sft_stage(job, config_path: Optional[Union[str, Path]] = None, callbacks
     path.write_text(job.model_dump_json(indent=2))
     launch(path, job.train.launcher, on_line=on_line)
     return SFTResult.load(out)
+
+
+def job_entry_main(argv, *, prog: str, description: str, job_name: str, run_file: Callable[[str], object]) -> int:
+    """The body of a launcher entry point (``sft_main``, ``rl_main``): parse ``--config`` (and the
+    ``--local_rank`` the deepspeed launcher adds), run the job file in this process, and print the
+    result as one JSON line on rank 0."""
+    import argparse
+    import json
+    import logging
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help=f"{job_name} file (JSON or YAML)")
+    # the deepspeed launcher passes --local_rank; the environment carries the same value
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    logging.basicConfig(level=os.environ.get("COLAR_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run_file(args.config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"result": result.to_dict()}), flush=True)
+    return 0
