@@ -78,6 +78,9 @@ class PipelineConfig(StrictModel):
         compression_factors=[1, 2, 3], seeds=[0, 1, 2], n_examples=200,
         generation=GenerationConfig(max_latents=32, max_cot_tokens=64, batch_size=100)))
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    training_retries: int = Field(
+        1, ge=0, description="Prefect retries of a failed training stage (sft-*, rl); each retry resumes from the "
+        "stage's newest checkpoint. A stage that still fails is re-triggered later with `colar retry`.")
 
     @model_validator(mode="after")
     def _stages_agree(self):

@@ -146,8 +146,10 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
                           data=conf["data"], model=conf["model"], parent_run_id=parent_run_id)
         data_inputs = {"data": prep["digest"]}
 
+        retrying = dict(retries=cfg.training_retries, retry_delay_seconds=5)
+
         def sft(stage: str, section: dict, init_dir: Optional[str], init_key: str = ""):
-            return _run_stage(sft_stage, stage, {"train": section, "model": conf["model"]},
+            return _run_stage(sft_stage.with_options(**retrying), stage, {"train": section, "model": conf["model"]},
                               {**data_inputs, "init": init_key}, out_root, timings, stage=stage, train=section,
                               model=conf["model"], init_model_dir=init_dir, data_dir=prep["data_dir"],
                               tokenizer_dir=prep["tokenizer_dir"], parent_run_id=parent_run_id)
@@ -156,7 +158,7 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
         colar = sft("sft-colar", conf["sft_colar"], cot and cot["model_dir"], cot and cot["model_digest"] or "")
         final = colar
         if cfg.rl is not None:
-            final = _run_stage(rl_stage, "rl", conf["rl"], {**data_inputs, "init": colar["model_digest"]}, out_root,
+            final = _run_stage(rl_stage.with_options(**retrying), "rl", conf["rl"], {**data_inputs, "init": colar["model_digest"]}, out_root,
                                timings, rl=conf["rl"], init_model_dir=colar["model_dir"], data_dir=prep["data_dir"],
                                parent_run_id=parent_run_id)
         nocot = None

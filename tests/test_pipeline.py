@@ -103,7 +103,7 @@ def test_retry_skips_finished_stages_and_resumes_the_failed_one(tmp_path, mlflow
     from flows.pipeline import run_pipeline
     from tasks.stages import FAIL_SWITCH
 
-    cfg = tiny_config(tmp_path, "name=test-retry", "tracking.registered_model_name=null")
+    cfg = tiny_config(tmp_path, "name=test-retry", "tracking.registered_model_name=null", "training_retries=0")
     monkeypatch.setenv(FAIL_SWITCH, "sft-colar:3")  # fails once, after the step-2 checkpoint
     state = run_pipeline(cfg, return_state=True)
     assert state.is_failed()
@@ -143,3 +143,25 @@ def test_compare_tables_finished_runs_and_plots(tmp_path, mlflow_server, prefect
     assert (tmp_path / "cmp.png").stat().st_size > 1000
     assert main(["compare", "--plot", str(tmp_path / "cmp2.png")]) == 0
     assert "accuracy/c1" in capsys.readouterr().out
+
+
+def test_a_failed_training_stage_is_retried_by_prefect_and_resumes(tmp_path, mlflow_server, prefect_server,
+                                                                   monkeypatch):
+    """With training_retries=1 (the default) a stage that fails once is retried inside the same
+    flow run, and the retry resumes from the stage's checkpoint instead of step 0."""
+    from mlflow.tracking import MlflowClient
+
+    from colar_core.training.sft import SFTResult
+    from flows.pipeline import run_pipeline
+    from tasks.stages import FAIL_SWITCH
+
+    cfg = tiny_config(tmp_path, "name=test-auto-retry", "tracking.registered_model_name=null",
+                      "eval.cot_baseline=false")
+    monkeypatch.setenv(FAIL_SWITCH, "sft-colar:3")
+    state = run_pipeline(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    children = _children(MlflowClient(), state.result()["parent_run_id"])
+    colar_runs = sorted(r.info.status for r in children if r.data.tags["colar.stage"] == "sft-colar")
+    assert colar_runs == ["FAILED", "FINISHED"]
+    result = SFTResult.load(next((tmp_path / "runs").glob("sft-colar-*")))
+    assert result.resumed_from == 2 and result.final_step == 6
