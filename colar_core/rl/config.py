@@ -20,7 +20,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from colar_core.config import GenerationConfig, ObjectiveConfig, StrictModel
-from colar_core.training.config import LauncherConfig, TrainConfig
+from colar_core.training.config import LauncherConfig, TrainConfig, check_eval_factors, check_zero_stage
 
 
 class RewardConfig(StrictModel):
@@ -134,18 +134,12 @@ class RLConfig(StrictModel):
     @field_validator("zero_stage")
     @classmethod
     def _known_stage(cls, v):
-        if v is not None and v not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {v}")
-        return v
+        return check_zero_stage(v)
 
     @field_validator("eval_compression_factors")
     @classmethod
     def _eval_factors(cls, v):
-        if v is not None:
-            if not v or any(r < 1 for r in v):
-                raise ValueError(f"eval_compression_factors must be factors >= 1, got {v}")
-            return sorted(set(v))
-        return v
+        return check_eval_factors(v)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +55,7 @@ from colar_core.training.callbacks import ConsoleLogger, JsonlLogger
 from colar_core.training.checkpoint import CheckpointManager, export_model
 from colar_core.training.engine import StepBatch, build_engine, dist_env, train_loop
 from colar_core.training.result import StageResultMixin
-from colar_core.training.sft import DataConfig, ModelStateKeeper, make_evaluator
+from colar_core.training.sft import DataConfig, ModelStateKeeper, copy_dir_atomic, make_evaluator
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +310,7 @@ def train_rl(
     model_dir = out / MODEL_DIR
     if cfg.final_model == "best" and best_dir is not None and best_dir.is_dir():
         if engine.is_main:
-            _copy_dir_atomic(best_dir, model_dir)
+            copy_dir_atomic(best_dir, model_dir)
         engine.barrier()
     else:
         export_model(engine, model_dir, tokenizer)
@@ -324,15 +323,6 @@ def train_rl(
         result.save(out)
     engine.barrier()
     return result
-
-
-def _copy_dir_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,23 @@ from pydantic import Field, field_validator, model_validator
 from colar_core.config import GenerationConfig, ObjectiveConfig, StrictModel
 
 
+
+def check_zero_stage(v):
+    """DeepSpeed ZeRO stage 0-3, or None (the stage of the DeepSpeed config file, else 2)."""
+    if v is not None and v not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {v}")
+    return v
+
+
+def check_eval_factors(v):
+    """Validation compression factors: None, or a non-empty list of factors >= 1 (sorted, unique)."""
+    if v is not None:
+        if not v or any(r < 1 for r in v):
+            raise ValueError(f"eval_compression_factors must be factors >= 1, got {v}")
+        return sorted(set(v))
+    return v
+
+
 class LauncherConfig(StrictModel):
     """How many processes run the stage, and where. One process (the default) runs in-process;
     more are started with the ``deepspeed`` launcher or ``torchrun`` (see ``launch.py``)."""
@@ -100,18 +117,12 @@ class TrainConfig(StrictModel):
     @field_validator("zero_stage")
     @classmethod
     def _known_stage(cls, v):
-        if v is not None and v not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {v}")
-        return v
+        return check_zero_stage(v)
 
     @field_validator("eval_compression_factors")
     @classmethod
     def _eval_factors(cls, v):
-        if v is not None:
-            if not v or any(r < 1 for r in v):
-                raise ValueError(f"eval_compression_factors must be factors >= 1, got {v}")
-            return sorted(set(v))
-        return v
+        return check_eval_factors(v)
 
     @model_validator(mode="after")
     def _consistent(self):

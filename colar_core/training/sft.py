@@ -281,7 +281,7 @@ def train_sft(
     model_dir = out / MODEL_DIR
     if cfg.final_model == "best" and best_dir is not None and best_dir.is_dir():
         if engine.is_main:
-            _copy_atomic(best_dir, model_dir)
+            copy_dir_atomic(best_dir, model_dir)
         engine.barrier()
     else:
         export_model(engine, model_dir, tokenizer)
@@ -295,7 +295,8 @@ def train_sft(
     return result
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
+def copy_dir_atomic(src: Path, dst: Path) -> None:
+    """Replace ``dst`` with a copy of ``src`` (copied to a temp name first, then renamed)."""
     tmp = dst.with_name(f".tmp-{dst.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
