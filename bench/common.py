@@ -90,6 +90,11 @@ class LlamaShape:
 LLAMA_3_2_1B = LlamaShape(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
                           vocab_size=128256)
 #: What ``--tiny`` runs: small enough for a CPU smoke run of every code path.
+# CPU proxy: small enough for one core, proportioned like the 1B shape where it matters for the
+# CoLaR-vs-plain comparison: the tied LM head is ~21 % of the parameters (1B: 262.7 M of 1,235.8 M)
+# and the data keeps the full-size lengths (256-token rows).
+PROXY = LlamaShape(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1024,
+                   vocab_size=4096, llama3_rope_scaling=False, max_position_embeddings=4096)
 TINY = LlamaShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vocab_size=2000,
                   llama3_rope_scaling=False, max_position_embeddings=4096)
 
@@ -270,14 +275,15 @@ def command_line(module: str, argv: Optional[Sequence[str]] = None) -> str:
     return " ".join(["python", "-m", module, *map(shlex.quote, args)])
 
 
-def default_out(name: str, device, tiny: bool) -> Path:
-    """``bench/results/<name>.json`` for a full-size CUDA run; ``<name>_<device>_tiny.json`` otherwise.
+def default_out(name: str, device, tiny: bool, size: str = "") -> Path:
+    """``bench/results/<name>.json`` for a full-size CUDA run; ``<name>_<device>_<size>.json`` otherwise
+    (size ``tiny`` unless named, e.g. ``proxy``).
 
     The GPU result files are never written by a CPU or tiny run.
     """
     if device.type == "cuda" and not tiny:
         return RESULTS_DIR / f"{name}.json"
-    return RESULTS_DIR / f"{name}_{device.type}_tiny.json"
+    return RESULTS_DIR / f"{name}_{device.type}_{size or 'tiny'}.json"
 
 
 def write_json(path, data: dict) -> Path:

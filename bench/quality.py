@@ -28,7 +28,7 @@ FULL = dict(
     data=dict(n_train=100_000, n_val=500, n_test=1000, difficulty="hard"),
     model=dict(arch="llama", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
                max_position_embeddings=512),
-    precision="bf16", batch_size=256, lr=1e-3,
+    precision="bf16", batch_size=256, lr=1e-3, length_grouping=16,
     steps=dict(nocot=3000, cot=3000, colar=8000, rl=300),
     rl=dict(questions_per_step=32, group_size=8, lr=1e-5),
     eval=dict(seeds=[0, 1, 2], n_test=1000, max_latents=64),
@@ -36,7 +36,7 @@ FULL = dict(
 TINY = dict(
     data=dict(n_train=400, n_val=20, n_test=40, difficulty="tiny"),
     model=dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=256),
-    precision="fp32", batch_size=16, lr=3e-3,
+    precision="fp32", batch_size=16, lr=3e-3, length_grouping=16,
     steps=dict(nocot=20, cot=20, colar=30, rl=4),
     rl=dict(questions_per_step=4, group_size=4, lr=1e-4),
     eval=dict(seeds=[0, 1, 2], n_test=40, max_latents=24),
@@ -51,7 +51,8 @@ def _train_cfg(preset: dict, stage: str, mode: str, factors):
     return TrainConfig(objective=ObjectiveConfig(mode=mode, compression_factors=factors), max_steps=steps,
                        batch_size=preset["batch_size"], lr=preset["lr"], warmup_steps=min(100, steps // 10),
                        lr_schedule="cosine", min_lr_ratio=0.1, precision=preset["precision"],
-                       checkpoint_every=max(1, min(500, steps // 4)), zero_stage=2)
+                       checkpoint_every=max(1, min(500, steps // 4)), zero_stage=2,
+                       length_grouping=preset["length_grouping"])
 
 
 def stage_data(out: Path, preset: dict) -> None:

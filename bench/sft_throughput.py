@@ -40,11 +40,16 @@ EMBEDDING_SCALE = 0.018  # the paper's constant for Llama-3.2-1B (the scale does
 
 FULL = dict(micro_batch=32, seq_len=256, steps=30, warmup=5, question_tokens=100, step_tokens=120, answer_tokens=10)
 TINY = dict(micro_batch=4, seq_len=64, steps=20, warmup=3, question_tokens=25, step_tokens=30, answer_tokens=4)
+# CPU proxy (--proxy): common.PROXY model, full-size data lengths, few steps
+PROXY = dict(micro_batch=8, seq_len=256, steps=8, warmup=2, question_tokens=100, step_tokens=120, answer_tokens=10)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="small model, CPU smoke size (automatic without CUDA)")
+    p.add_argument("--proxy", action="store_true",
+                   help="CPU proxy: a 256-wide 4-layer model whose LM head is ~21 %% of its parameters, as in the "
+                        "1B shape, on full-size data lengths (micro-batch 8); fp32; not GPU evidence")
     p.add_argument("--steps", type=int, help="timed optimizer steps per phase (default 30; tiny 20)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5; tiny 3)")
     p.add_argument("--micro-batch", type=int, help="sequences per step, both phases (default 32; tiny 4)")
@@ -54,6 +59,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--answer-tokens", type=int, help="CoLaR data: mean answer length incl. ### and EOS (10; tiny 4)")
     p.add_argument("--length-spread", type=float, default=0.2,
                    help="CoLaR data: lengths are uniform in mean*(1 +- spread) (default 0.2)")
+    p.add_argument("--length-grouping", type=int, default=64,
+                   help="CoLaR phase: TrainConfig.length_grouping, pools of k micro-batches sorted by length "
+                        "(default 64; 0 = off, random batches)")
     p.add_argument("--phases", default="plain,colar", help="comma-separated subset of plain,colar")
     p.add_argument("--attn-impl", default="sdpa", help="transformers attention implementation (default sdpa)")
     p.add_argument("--isolate", choices=("process", "none"), default="process",
@@ -71,8 +79,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
-    args.tiny = bool(args.tiny or device.type != "cuda")
-    for key, value in (TINY if args.tiny else FULL).items():
+    args.tiny = bool(args.tiny or args.proxy or device.type != "cuda")
+    for key, value in (PROXY if args.proxy else TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.threads is None and device.type == "cpu":
@@ -87,7 +95,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def model_shape(args) -> common.LlamaShape:
-    return common.TINY if args.tiny else common.LLAMA_3_2_1B
+    return common.PROXY if args.proxy else common.TINY if args.tiny else common.LLAMA_3_2_1B
 
 
 def train_config(args, objective=None):
@@ -98,6 +106,7 @@ def train_config(args, objective=None):
         backend="deepspeed", zero_stage=2, precision="fp32" if args.tiny else "bf16",
         batch_size=args.micro_batch, grad_accum=1, max_steps=args.warmup + args.steps, lr=1e-5,
         objective=objective or ObjectiveConfig(mode="colar"), seed=args.seed, checkpoint_every=0,
+        length_grouping=args.length_grouping,
     )
 
 
@@ -235,7 +244,6 @@ def run_phase(phase: str, args) -> dict:
             out = m(input_ids=batch, labels=batch)  # HF shifts the labels; logits at every position
             return {"loss": out.loss, "n_positions": n_pos}
     else:
-        from colar_core.collate import IGNORE
         from colar_core.config import ObjectiveConfig
         from colar_core.training.sft import SFTBatches
 
@@ -244,7 +252,7 @@ def run_phase(phase: str, args) -> dict:
         obj = ObjectiveConfig(mode="colar", compression_factors=[1, 2, 3, 4, 5])
         cfg = train_config(args, obj)
         engine = build_engine(model, cfg)
-        examples = synthetic_examples(max(8 * args.micro_batch, 256), encoder, shape.vocab_size,
+        examples = synthetic_examples(max(64 * args.micro_batch, 256), encoder, shape.vocab_size,
                                       args.question_tokens, args.step_tokens, args.answer_tokens,
                                       args.length_spread, args.seed)
         batches = SFTBatches(examples, encoder, cfg, engine.rank, engine.world_size, engine.device)
@@ -252,12 +260,11 @@ def run_phase(phase: str, args) -> dict:
         def batches_fn(step: int):
             sb = batches(step)
             b = sb.micro_batches[0]
-            mask = torch.cat([b.prompt_mask, b.group_mask, b.answer_mask], dim=1)
-            rows = mask.sum(1)
-            labelled = int((b.group_labels != IGNORE).sum()) + int(b.answer_mask.sum())
-            stats.append({"positions": int(rows.sum()), "rows": rows.tolist(), "lm_head_rows": labelled,
-                          "latent_head_rows": int(b.step_group_mask[:, 1:].sum()), "width": mask.shape[1],
-                          "slots": mask.numel(), "r": b.r})
+            rows = b.packed_mask.sum(1)  # the backbone runs on the packed layout (pads only at row ends)
+            unpacked = b.prompt_mask.shape[1] + b.group_mask.shape[1] + b.answer_mask.shape[1]
+            stats.append({"positions": int(rows.sum()), "rows": rows.tolist(), "lm_head_rows": b.label_index.numel(),
+                          "latent_head_rows": b.latent_src.numel(), "width": b.packed_mask.shape[1],
+                          "unpacked_width": unpacked, "slots": b.packed_mask.numel(), "r": b.r})
             return sb
 
         def loss_fn(m, batch):  # exactly train_sft's loss_fn
@@ -304,6 +311,7 @@ def run_phase(phase: str, args) -> dict:
     if phase == "colar":
         out.update(_per_r(timed_steps, timed_stats, "bench_wall_s" if args.clock == "wall" else "bench_cpu_s"))
         out["mean_padded_width"] = sum(s["width"] for s in timed_stats) / len(timed_stats)
+        out["mean_unpacked_width"] = sum(s["unpacked_width"] for s in timed_stats) / len(timed_stats)
         out["padding_fraction"] = 1 - positions / sum(s["slots"] for s in timed_stats)
         out["mean_lm_head_rows"] = sum(s["lm_head_rows"] for s in timed_stats) / len(timed_stats)
     out["params"] = n_params + (head_params if phase == "colar" else 0)
@@ -403,6 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "device": common.describe_device(info),
         "device_info": info,
         "tiny": args.tiny,
+        "proxy": args.proxy,
         **results,
         "config": {
             "model": shape.as_dict(), "micro_batch": args.micro_batch, "seq_len": args.seq_len,
@@ -411,7 +420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "grad_clip": 1.0, "attn_implementation": args.attn_impl, "isolate": args.isolate,
             "colar_data": {"question_tokens": args.question_tokens, "step_tokens": args.step_tokens,
                            "answer_tokens": args.answer_tokens, "length_spread": args.length_spread,
-                           "compression_factors": [1, 2, 3, 4, 5], "objective": "ce 1 + soft_mse 1"},
+                           "compression_factors": [1, 2, 3, 4, 5], "objective": "ce 1 + soft_mse 1",
+                           "length_grouping": args.length_grouping},
             "seed": args.seed, "threads": args.threads, "clock": args.clock,
         },
         "flops": {
@@ -436,7 +446,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                              "met": results["plain"]["tflops"] >= 300 if gpu else None},
             "note": "targets apply to the full-size bf16 run on an H100" + ("" if gpu else "; this run is a smoke run"),
         }
-    out = Path(args.out) if args.out else common.default_out("sft_throughput", device, args.tiny)
+    out = Path(args.out) if args.out else common.default_out("sft_throughput", device, args.tiny,
+                                                                  "proxy" if args.proxy else "")
     common.write_json(out, report)
     print(f"[sft_throughput] wrote {out}", flush=True)
     return report

@@ -12,6 +12,14 @@ the merge itself is one tensor operation on the device (see ``colar_core.merging
 
 Each group gets one label, drawn uniformly from its real tokens; the ``###`` group gets none (it
 is predicted from a question position, and question positions are ignored).
+
+What the backbone sees is the *packed* form of that layout: each row's real positions moved to the
+front in order (prompt, groups, answer), pads only at the end. Only trailing pads are left, so the
+backbone runs with plain causal attention (no padding mask; on a GPU this keeps SDPA's flash kernel
+available) and a batch is as wide as its longest row, not as the sum of the three blocks' widths.
+``collate`` computes, on the CPU, every index the loss needs in packed coordinates (where each
+packed slot comes from, which slots carry a next-token label, which slots predict which group), so
+the loss on the device is gathers only: no boolean-mask indexing and no host synchronisation.
 """
 
 from __future__ import annotations
@@ -39,6 +47,13 @@ class ColarBatch:
     answer_ids: torch.Tensor  # [B, La] long, right-padded; starts with '###', ends with EOS
     answer_mask: torch.Tensor  # [B, La] bool
     r: int
+    # packed layout (see the module docstring); T = Lp + G + La, W = longest row
+    pack_index: torch.Tensor  # [B * W] long: flat index into the [B * T] concatenated blocks
+    packed_mask: torch.Tensor  # [B, W] bool: real positions (a prefix of each row)
+    label_index: torch.Tensor  # [N] long: flat packed slots whose next position has a label
+    label_targets: torch.Tensor  # [N] long: those labels
+    latent_src: torch.Tensor  # [M] long: flat packed slots that predict a compressed embedding
+    latent_tgt: torch.Tensor  # [M] long: flat index into [B * G] of the group each one predicts
 
     @property
     def group_mask(self) -> torch.Tensor:
@@ -123,4 +138,47 @@ def collate(
 
     labels = sample_group_labels(group_ids, token_mask, generator)
     labels[think_group] = IGNORE  # the '###' group is predicted from a question position: ignored
-    return ColarBatch(prompt_ids, prompt_mask, group_ids, token_mask, labels, answer_ids, answer_mask, r)
+    packing = pack_layout(prompt_mask, token_mask.any(-1), labels, answer_ids, answer_mask)
+    return ColarBatch(prompt_ids, prompt_mask, group_ids, token_mask, labels, answer_ids, answer_mask, r, **packing)
+
+
+def pack_layout(prompt_mask: torch.Tensor, group_mask: torch.Tensor, group_labels: torch.Tensor,
+                answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Indices of the packed layout (CPU): real positions first in each row, pads at the end.
+
+    Slot order inside a row, and row-major order of ``label_index`` and ``latent_src``, follow the
+    padded layout exactly, so losses (and the noise drawn for each latent) do not depend on packing.
+    """
+    b, lp = prompt_mask.shape
+    g = group_mask.shape[1]
+    mask = torch.cat([prompt_mask, group_mask, answer_mask], dim=1)  # [B, T]
+    t = mask.shape[1]
+    lengths = mask.sum(1)
+    width = int(lengths.max()) if b else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # real slots first, in order
+    packed_mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    rows = torch.arange(b).unsqueeze(1)
+    pack_index = (rows * t + order).reshape(-1)
+
+    labels = torch.cat([torch.full((b, lp), IGNORE, dtype=torch.long), group_labels,
+                        answer_ids.masked_fill(~answer_mask, IGNORE)], dim=1)
+    packed_labels = labels.gather(1, order).masked_fill(~packed_mask, IGNORE)
+    next_labels = torch.cat([packed_labels[:, 1:], torch.full((b, 1), IGNORE, dtype=torch.long)], dim=1)
+    labelled = next_labels != IGNORE
+    label_index = labelled.reshape(-1).nonzero().squeeze(-1)
+
+    # group position j predicts the compressed embedding of group j+1 when that one holds steps
+    step_groups = group_labels != IGNORE
+    predicts = torch.zeros_like(step_groups)
+    predicts[:, :-1] = step_groups[:, 1:]
+    slot_of = mask.long().cumsum(1) - 1  # packed slot of each real position of the padded layout
+    src_slot = slot_of[:, lp: lp + g]
+    bi, gj = predicts.nonzero(as_tuple=True)
+    return {
+        "pack_index": pack_index,
+        "packed_mask": packed_mask,
+        "label_index": label_index,
+        "label_targets": next_labels.reshape(-1)[label_index],
+        "latent_src": bi * width + src_slot[bi, gj],
+        "latent_tgt": bi * g + gj + 1,
+    }

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from colar_core.collate import IGNORE, ColarBatch
+from colar_core.collate import ColarBatch
 from colar_core.config import LoraConfig, ModelConfig, ObjectiveConfig
 from colar_core.latent_head import LatentHead
 from colar_core.losses import latent_loss, token_cross_entropy
@@ -247,8 +247,11 @@ class ColarModel(nn.Module):
         return self.causal_lm.get_output_embeddings()(hidden)
 
     def run_decoder(self, inputs_embeds, attention_mask, position_ids, past_key_values=None, use_cache=False):
+        """Hidden states of the body; ``attention_mask`` None means plain causal attention (no pads
+        before a real position)."""
         out = self.decoder(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), position_ids=position_ids,
+            inputs_embeds=inputs_embeds, position_ids=position_ids,
+            attention_mask=None if attention_mask is None else attention_mask.long(),
             past_key_values=past_key_values, use_cache=use_cache,
         )
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
@@ -260,64 +263,58 @@ class ColarModel(nn.Module):
         return self.state.embedding_scale
 
     # ----- SFT ----------------------------------------------------------------------------------
+    def sft_inputs(self, batch: ColarBatch, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, W, H]`` packed input embeddings of a batch (``groups``: merged groups to use instead)."""
+        if groups is None:
+            groups = merge_groups(self.embed(batch.group_ids), batch.group_token_mask, self.state.pooling)
+        blocks = torch.cat([self.embed(batch.prompt_ids), groups, self.embed(batch.answer_ids)], dim=1)
+        b, t, h = blocks.shape
+        return blocks.reshape(b * t, h).index_select(0, batch.pack_index).view(b, -1, h)
+
     def sft_loss(
         self, batch: ColarBatch, objective: ObjectiveConfig, generator: Optional[torch.Generator] = None
     ) -> dict[str, torch.Tensor]:
         """Losses of one SFT batch. Returns ``loss`` (the weighted total) and its parts.
 
-        Vocabulary logits are computed only at labelled positions, which is most of the saving
-        that makes a CoLaR step as cheap as a plain causal-LM step.
+        The backbone runs on the packed layout (pads only at the end of rows, plain causal attention)
+        and vocabulary logits are computed only at labelled positions: together that is what makes
+        a CoLaR step as cheap per position as a plain causal-LM step. Every index comes from
+        ``collate``, so nothing here waits on the device.
         """
-        prompt = self.embed(batch.prompt_ids)
         groups = merge_groups(self.embed(batch.group_ids), batch.group_token_mask, self.state.pooling)
-        answer = self.embed(batch.answer_ids)
-        inputs = torch.cat([prompt, groups, answer], dim=1)
-        mask = torch.cat([batch.prompt_mask, batch.group_mask, batch.answer_mask], dim=1)
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        inputs = self.sft_inputs(batch, groups)
+        b, w, h = inputs.shape
+        position_ids = torch.arange(w, device=inputs.device).unsqueeze(0).expand(b, -1)
 
-        b, lp, g = batch.prompt_ids.shape[0], batch.prompt_ids.shape[1], groups.shape[1]
-        labels = torch.cat(
-            [
-                torch.full((b, lp), IGNORE, dtype=torch.long, device=inputs.device),
-                batch.group_labels,
-                batch.answer_ids.masked_fill(~batch.answer_mask, IGNORE),
-            ],
-            dim=1,
-        )
-        next_labels = torch.cat([labels[:, 1:], torch.full((b, 1), IGNORE, dtype=torch.long, device=inputs.device)], 1)
-        labelled = next_labels != IGNORE
-
-        hidden, _ = self.run_decoder(inputs, mask, position_ids)
-        ce = token_cross_entropy(self.token_logits(hidden[labelled]), next_labels[labelled])
+        hidden, _ = self.run_decoder(inputs, None, position_ids)
+        flat = hidden.reshape(b * w, h)
+        ce = token_cross_entropy(self.token_logits(flat.index_select(0, batch.label_index)), batch.label_targets)
         zero = ce.new_zeros(())
         parts = {"ce": ce, "latent": zero, "entropy": zero, "second_pass": zero}
         total = objective.ce_weight * ce
 
         wants_latent = objective.mode == "colar" and (objective.latent_weight > 0 or objective.second_pass_weight > 0
                                                       or objective.entropy_weight > 0)
-        # group position j predicts the compressed embedding of group j+1 when that is a step group
-        predicts = torch.zeros_like(batch.step_group_mask)
-        predicts[:, :-1] = batch.step_group_mask[:, 1:]
-        if wants_latent and bool(predicts.any()):
+        if wants_latent and batch.latent_src.numel() > 0:
             scale = self.state.embedding_scale
-            mean, log_std = self.latent_head(hidden[:, lp: lp + g][predicts])
-            target = (groups[:, 1:][predicts[:, :-1]] / scale).detach()
+            mean, log_std = self.latent_head(flat.index_select(0, batch.latent_src))
+            flat_groups = groups.reshape(-1, h)
+            target = (flat_groups.index_select(0, batch.latent_tgt) / scale).detach()
             lat, entropy, sample = latent_loss(
                 mean, log_std, target, objective.latent_loss, self.state.deterministic_latents, generator
             )
             parts["latent"], parts["entropy"] = lat, entropy
             total = total + objective.latent_weight * lat - objective.entropy_weight * entropy
             if objective.second_pass_weight > 0:
-                replaced = groups.clone()
-                replaced[:, 1:][predicts[:, :-1]] = (sample * scale).to(replaced.dtype)
-                inputs2 = torch.cat([prompt, replaced, answer], dim=1)
-                hidden2, _ = self.run_decoder(inputs2, mask, position_ids)
-                ce2 = token_cross_entropy(self.token_logits(hidden2[labelled]), next_labels[labelled])
+                replaced = flat_groups.index_copy(0, batch.latent_tgt, (sample * scale).to(flat_groups.dtype))
+                hidden2, _ = self.run_decoder(self.sft_inputs(batch, replaced.view_as(groups)), None, position_ids)
+                logits2 = self.token_logits(hidden2.reshape(b * w, h).index_select(0, batch.label_index))
+                ce2 = token_cross_entropy(logits2, batch.label_targets)
                 parts["second_pass"] = ce2
                 total = total + objective.second_pass_weight * ce2
         parts["loss"] = total
-        parts["n_label_tokens"] = labelled.sum()
-        parts["n_positions"] = mask.sum()
+        parts["n_label_tokens"] = batch.label_targets.new_full((), batch.label_index.numel())
+        parts["n_positions"] = batch.packed_mask.sum()
         return parts
 
 

@@ -314,6 +314,36 @@ def test_data_order_is_a_seeded_permutation_per_epoch_split_across_ranks(data):
     assert r0.epoch == 1 and r0.index == 16
 
 
+def test_length_grouping_cuts_padding_and_stays_a_seeded_resumable_permutation(data):
+    train, _, tok = data
+    enc = PromptEncoder(tok)
+    ex = [enc.encode(r) for r in train]
+    obj = ObjectiveConfig(mode="colar", compression_factors=[1, 2, 3])
+
+    def padding(batches, steps):
+        slots = real = 0
+        for step in range(steps):
+            b = batches(step).micro_batches[0]
+            slots, real = slots + b.packed_mask.numel(), real + int(b.packed_mask.sum())
+        return 1 - real / slots
+
+    plain = padding(SFTBatches(ex, enc, cfg(batch_size=4, objective=obj)), 12)
+    grouped = padding(SFTBatches(ex, enc, cfg(batch_size=4, objective=obj, length_grouping=12)), 12)
+    assert grouped < 0.5 * plain, (grouped, plain)
+
+    c = cfg(batch_size=4, objective=obj, length_grouping=4)
+    a = SFTBatches(ex, enc, c)
+    first_epoch = [i for _ in range(12) for i in a._next_indices()]
+    assert sorted(first_epoch) == list(range(48))  # still every example once per epoch
+    assert first_epoch != SFTBatches(ex, enc, cfg(batch_size=4, objective=obj))._permutation()
+    for _ in range(3):
+        a(0)
+    b = SFTBatches(ex, enc, c)
+    b.load_state_dict(a.state_dict())
+    assert [x.tolist() for x in (a(0).micro_batches[0].packed_mask, a(1).micro_batches[0].group_ids)] == \
+        [x.tolist() for x in (b(0).micro_batches[0].packed_mask, b(1).micro_batches[0].group_ids)]
+
+
 # ----------------------------------------------------------------------------------------------
 # resume exactness
 # ----------------------------------------------------------------------------------------------

