@@ -142,6 +142,21 @@ def collate(
     return ColarBatch(prompt_ids, prompt_mask, group_ids, token_mask, labels, answer_ids, answer_mask, r, **packing)
 
 
+def packing(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packing of a ``[B, T]`` padding mask (pads anywhere) into rows with pads only at the end.
+
+    Returns ``order`` ``[B, W]`` (padded-layout column of each packed slot, W = longest row; slots
+    past a row's end point at its pads), ``packed_mask`` ``[B, W]`` and ``slot_of`` ``[B, T]`` (packed
+    slot of each padded column; meaningful where ``mask`` is True).
+    """
+    lengths = mask.sum(1)
+    width = int(lengths.max()) if mask.shape[0] else 0
+    order = torch.argsort((~mask.bool()).to(torch.int8), dim=1, stable=True)[:, :width]  # real columns first, in order
+    packed_mask = torch.arange(width, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+    slot_of = (mask.long().cumsum(1) - 1).clamp(min=0)
+    return order, packed_mask, slot_of
+
+
 def pack_layout(prompt_mask: torch.Tensor, group_mask: torch.Tensor, group_labels: torch.Tensor,
                 answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Indices of the packed layout (CPU): real positions first in each row, pads at the end.
@@ -153,10 +168,8 @@ def pack_layout(prompt_mask: torch.Tensor, group_mask: torch.Tensor, group_label
     g = group_mask.shape[1]
     mask = torch.cat([prompt_mask, group_mask, answer_mask], dim=1)  # [B, T]
     t = mask.shape[1]
-    lengths = mask.sum(1)
-    width = int(lengths.max()) if b else 0
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # real slots first, in order
-    packed_mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    order, packed_mask, slot_of = packing(mask)
+    width = packed_mask.shape[1]
     rows = torch.arange(b).unsqueeze(1)
     pack_index = (rows * t + order).reshape(-1)
 
@@ -171,7 +184,6 @@ def pack_layout(prompt_mask: torch.Tensor, group_mask: torch.Tensor, group_label
     step_groups = group_labels != IGNORE
     predicts = torch.zeros_like(step_groups)
     predicts[:, :-1] = step_groups[:, 1:]
-    slot_of = mask.long().cumsum(1) - 1  # packed slot of each real position of the padded layout
     src_slot = slot_of[:, lp: lp + g]
     bi, gj = predicts.nonzero(as_tuple=True)
     return {

@@ -115,3 +115,4 @@ def test_packed_indices_on_a_hand_made_batch():
     assert batch.latent_tgt.tolist() == [1, 2, g + 2]
     assert batch.label_index.tolist() == [2, 3, 4, 5, 6, 9 + 3, 9 + 4, 9 + 5, 9 + 6, 9 + 7]
     assert batch.label_targets[[3, 4]].tolist() == [30, 2]
+
