@@ -145,23 +145,31 @@ def test_compare_tables_finished_runs_and_plots(tmp_path, mlflow_server, prefect
     assert "accuracy/c1" in capsys.readouterr().out
 
 
+RL_TINY = ["rl.max_steps=4", "rl.questions_per_step=2", "rl.group_size=2", "rl.checkpoint_every=2",
+           "rl.compression_factor=2", "rl.lr=0.0001"]
+
+
+@pytest.mark.parametrize("stage", ["sft-colar", "rl"])
 def test_a_failed_training_stage_is_retried_by_prefect_and_resumes(tmp_path, mlflow_server, prefect_server,
-                                                                   monkeypatch):
+                                                                   monkeypatch, stage):
     """With training_retries=1 (the default) a stage that fails once is retried inside the same
     flow run, and the retry resumes from the stage's checkpoint instead of step 0."""
     from mlflow.tracking import MlflowClient
 
+    from colar_core.rl.trainer import RLResult
     from colar_core.training.sft import SFTResult
     from flows.pipeline import run_pipeline
     from tasks.stages import FAIL_SWITCH
 
-    cfg = tiny_config(tmp_path, "name=test-auto-retry", "tracking.registered_model_name=null",
-                      "eval.cot_baseline=false")
-    monkeypatch.setenv(FAIL_SWITCH, "sft-colar:3")
+    extra = RL_TINY if stage == "rl" else []
+    cfg = tiny_config(tmp_path, f"name=test-auto-retry-{stage}", "tracking.registered_model_name=null",
+                      "eval.cot_baseline=false", *extra)
+    monkeypatch.setenv(FAIL_SWITCH, f"{stage}:3")  # after the step-2 checkpoint
     state = run_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
     children = _children(MlflowClient(), state.result()["parent_run_id"])
-    colar_runs = sorted(r.info.status for r in children if r.data.tags["colar.stage"] == "sft-colar")
-    assert colar_runs == ["FAILED", "FINISHED"]
-    result = SFTResult.load(next((tmp_path / "runs").glob("sft-colar-*")))
-    assert result.resumed_from == 2 and result.final_step == 6
+    runs = sorted(r.info.status for r in children if r.data.tags["colar.stage"] == stage)
+    assert runs == ["FAILED", "FINISHED"]
+    result_cls = RLResult if stage == "rl" else SFTResult
+    result = result_cls.load(next((tmp_path / "runs").glob(f"{stage}-*")))
+    assert result.resumed_from == 2 and result.final_step == (4 if stage == "rl" else 6)
