@@ -173,3 +173,25 @@ def test_a_failed_training_stage_is_retried_by_prefect_and_resumes(tmp_path, mlf
     result_cls = RLResult if stage == "rl" else SFTResult
     result = result_cls.load(next((tmp_path / "runs").glob(f"{stage}-*")))
     assert result.resumed_from == 2 and result.final_step == (4 if stage == "rl" else 6)
+
+
+def test_the_gpu_config_runs_through_the_pipeline_at_toy_size(tmp_path, mlflow_server, prefect_server):
+    """configs/gpu.yaml (the benchmark-scale run) with only sizes shrunk: bf16 DeepSpeed, length
+    grouping, RL and the No-CoT baseline all go through the same command a GPU user runs."""
+    from pathlib import Path
+
+    from flows.pipeline import run_pipeline
+
+    shrink = ["data.builtin.n_train=256", "data.builtin.n_val=16", "data.builtin.n_test=16",
+              "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+              "model.tiny.num_kv_heads=1", "sft_cot.max_steps=4", "sft_cot.warmup_steps=0", "sft_cot.batch_size=16",
+              "sft_colar.max_steps=4", "sft_colar.warmup_steps=0", "sft_colar.batch_size=16",
+              "rl.max_steps=2", "rl.questions_per_step=2", "rl.group_size=2", "eval.n_examples=16",
+              "eval.seeds=[0]", "eval.generation.max_latents=8", "eval.generation.max_cot_tokens=16",
+              "tracking.registered_model_name=null", f"output_dir={tmp_path / 'runs'}"]
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml"), shrink)
+    assert cfg.sft_colar.precision == "bf16" and cfg.sft_colar.length_grouping > 0
+    state = run_pipeline(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    metrics = state.result()["metrics"]
+    assert {f"accuracy/c{c}" for c in range(1, 6)} | {"accuracy/cot", "accuracy/nocot"} <= set(metrics)
