@@ -114,13 +114,16 @@ def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key
 
 def _training_stage(stage: str, job, runner, launched: bool, params: dict, out: Path, parent_run_id: str) -> dict:
     """Shared body of the SFT and RL tasks: child run, metrics callback, run, model artifact, curves."""
+    from colar_core.training.callbacks import ConsoleLogger
+
     logger = get_run_logger()
     run_id = _with_child_run(parent_run_id, stage, params)
     client = _client()
     metrics_cb = MlflowMetricsCallback(client, run_id)
     try:
         t0 = time.perf_counter()
-        result = runner(job, callbacks=[metrics_cb, _FailOnce(stage, out)], on_line=logger.info).to_dict()
+        progress = ConsoleLogger(sink=logger.info)  # ~20 progress lines with ETA in the Prefect log
+        result = runner(job, callbacks=[metrics_cb, _FailOnce(stage, out), progress], on_line=logger.info).to_dict()
         result["work_s"] = time.perf_counter() - t0
         metrics_cb.close()
         if launched:  # the launched processes wrote metrics.jsonl; the callbacks ran nowhere

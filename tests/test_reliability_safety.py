@@ -147,6 +147,7 @@ def test_secrets_never_reach_params_tags_or_logs(tmp_path, mlflow_server, prefec
         logs = pc.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     assert len(logs) > 5  # the flow's and the tasks' logs reached the server
     assert not [log.message for log in logs if SECRET in log.message]
+    assert any(log.message.startswith("[train] step 6/6") for log in logs)  # training progress is in the flow's log
     assert any("MLflow parent run" in line for line in recorder.lines)  # the log records were seen
     assert not [line for line in recorder.lines if SECRET in line]
     out, err = capfd.readouterr()  # and what reached stdout/stderr directly (MLflow's and Prefect's prints)

@@ -81,6 +81,7 @@ def test_two_processes_write_one_consistent_checkpoint(tmp_path, launcher, zero_
 
     result = SFTResult.load(out)
     assert result.final_step == 6
+    assert any("[train] step 6/6" in line for line in lines)  # progress reaches the caller's log through the pipe
     starts = read_metrics(out / "metrics.jsonl", "start")
     assert starts[0]["world_size"] == 2
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl", "step")] == list(range(1, 7))

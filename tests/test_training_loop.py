@@ -400,6 +400,33 @@ def test_jsonl_logger_drops_records_the_resumed_run_redoes(tmp_path):
     assert [r["resumed_from"] for r in recs if r["event"] == "start"] == [None, 5]
 
 
+def test_console_logger_prints_about_twenty_lines_with_eta_to_a_sink_and_replaces_the_default(monkeypatch):
+    from colar_core.training.callbacks import stage_callbacks
+
+    lines: list[str] = []
+    log = ConsoleLogger(sink=lines.append)
+    log.on_train_start({"step": 0, "max_steps": 200, "resumed_from": None})
+    for step in range(1, 201):
+        log.on_step(step, {"loss": 1.0, "lr": 1e-4})
+    log.on_train_end({"step": 200})
+    steps = [line for line in lines if line.startswith("[train] step")]
+    assert len(steps) == 20 and steps[0].startswith("[train] step 10/200") and "ETA" in steps[0]
+    assert "ETA" not in steps[-1] and lines[-1].startswith("[train] done at step 200")
+
+    mine = ConsoleLogger(sink=lines.append)
+    built = stage_callbacks(Path("m.jsonl"), [mine])
+    assert [c for c in built if isinstance(c, ConsoleLogger)] == [mine]  # the caller's replaces the default
+    assert sum(isinstance(c, ConsoleLogger) for c in stage_callbacks(Path("m.jsonl"))) == 1
+
+    import io
+
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv("COLAR_PROGRESS", "1")  # forced on, e.g. a launched job whose output is a pipe
+    buf = io.StringIO()
+    ConsoleLogger(stream=buf, every=1).on_step(1, {"loss": 1.0})
+    assert "step 1" in buf.getvalue()
+
+
 def test_console_logger_is_quiet_under_ci(monkeypatch, capsys):
     monkeypatch.setenv("CI", "true")
     ConsoleLogger().on_step(10, {"loss": 1.0})

@@ -51,7 +51,7 @@ from colar_core.rl.config import RLConfig
 from colar_core.rl.grpo import Trajectories, concat_traces, group_advantages, grpo_loss, policy_log_probs
 from colar_core.rl.rewards import compute_rewards
 from colar_core.text import PromptEncoder
-from colar_core.training.callbacks import ConsoleLogger, JsonlLogger
+from colar_core.training.callbacks import stage_callbacks
 from colar_core.training.checkpoint import CheckpointManager, export_model
 from colar_core.training.engine import StepBatch, build_engine, dist_env, train_loop
 from colar_core.training.result import StageResultMixin
@@ -297,7 +297,7 @@ def train_rl(
             return export_model(engine, manager.best_path(step), tokenizer,
                                 {"val_metrics.json": {"step": step, **last_eval}})
 
-    cbs = [JsonlLogger(out / METRICS_FILE), ConsoleLogger(), *callbacks] if engine.is_main else []
+    cbs = stage_callbacks(out / METRICS_FILE, callbacks) if engine.is_main else []
     state = train_loop(
         engine, batches, batches.loss_fn,
         max_steps=tcfg.max_steps, checkpoints=manager, checkpoint_every=tcfg.checkpoint_every,

@@ -9,8 +9,9 @@ A callback is any object with some of these methods (all optional; rank 0 only c
     on_train_end(info)            step, best_score, stopped_early
 
 Built-ins: :class:`JsonlLogger` (``metrics.jsonl`` in the output directory) and
-:class:`ConsoleLogger` (a one-line progress print, silent under CI or without a TTY). An MLflow
-callback lives in the pipeline, not here.
+:class:`ConsoleLogger` (about twenty progress lines per run with elapsed time and ETA; silent under
+CI or without a TTY unless ``COLAR_PROGRESS=1``; or sent to any ``sink`` such as a logger). An
+MLflow callback lives in the pipeline, not here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, runtime_checkable
+
+PROGRESS_ENV = "COLAR_PROGRESS"  # "1": progress lines even without a terminal (a log, a launcher pipe); "0": none
 
 
 @runtime_checkable
@@ -154,7 +157,10 @@ def read_metrics(path, event: Optional[str] = None) -> list[dict]:
 
 
 def console_is_quiet(stream=None) -> bool:
-    """Quiet under CI (the ``CI`` variable is set) or when the stream is not a terminal."""
+    """``COLAR_PROGRESS`` = 1 / 0 decides when set; else quiet under CI (``CI`` set) or off a terminal."""
+    forced = os.environ.get(PROGRESS_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "0"
     stream = stream or sys.stderr
     if os.environ.get("CI"):
         return True
@@ -164,29 +170,61 @@ def console_is_quiet(stream=None) -> bool:
         return True
 
 
-class ConsoleLogger(CallbackBase):
-    """A short progress line per ``every`` steps and one per evaluation.
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
-    ``quiet=None`` decides from the environment (see :func:`console_is_quiet`); quiet prints nothing.
+
+class ConsoleLogger(CallbackBase):
+    """A short progress line every ``every`` steps (default: about twenty per run) and one per evaluation.
+
+    Lines go to ``sink`` when given (e.g. a logger's ``info``), else to ``stream`` (stderr).
+    ``quiet=None`` decides from the environment (see :func:`console_is_quiet`; never quiet with a
+    sink); quiet prints nothing.
     """
 
-    def __init__(self, every: int = 10, quiet: Optional[bool] = None, stream=None):
+    def __init__(self, every: Optional[int] = None, quiet: Optional[bool] = None, stream=None,
+                 sink: Optional[Callable[[str], None]] = None):
         self.stream = stream or sys.stderr
-        self.quiet = console_is_quiet(self.stream) if quiet is None else quiet
-        self.every = max(1, every)
+        self.sink = sink
+        if quiet is None:
+            quiet = False if sink is not None else console_is_quiet(self.stream)
+        self.quiet = quiet
+        self._every = every
+        self.every = max(1, every or 10)
         self.max_steps: Optional[int] = None
         self._t0 = time.time()
+        self._first_step: Optional[int] = None
 
     def _print(self, text: str) -> None:
-        if not self.quiet:
+        if self.quiet:
+            return
+        if self.sink is not None:
+            self.sink(text)
+        else:
             print(text, file=self.stream, flush=True)
 
     def on_train_start(self, info: dict) -> None:
         self.max_steps = info.get("max_steps")
+        if self._every is None and self.max_steps:
+            self.every = max(1, self.max_steps // 20)
         self._t0 = time.time()
+        self._first_step = info.get("step") or 0
         resumed = info.get("resumed_from")
         self._print(f"[train] {'resuming at step ' + str(resumed) if resumed is not None else 'starting'}"
                     f" / {self.max_steps} steps, {info.get('world_size', 1)} process(es)")
+
+    def _timing(self, step: int) -> str:
+        elapsed = time.time() - self._t0
+        done = step - (self._first_step or 0)
+        text = _duration(elapsed)
+        if self.max_steps and done > 0 and step < self.max_steps:
+            text += f", ETA {_duration(elapsed / done * (self.max_steps - step))}"
+        return text
 
     def on_step(self, step: int, metrics: dict) -> None:
         if step % self.every and step != self.max_steps:
@@ -200,6 +238,7 @@ class ConsoleLogger(CallbackBase):
         parts.append(f"lr {metrics.get('lr', 0):.2e}")
         if "tokens_per_s" in metrics:
             parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
+        parts.append(self._timing(step))
         self._print(f"[train] step {step}/{self.max_steps} " + " | ".join(parts))
 
     def on_eval(self, step: int, metrics: dict) -> None:
@@ -211,5 +250,14 @@ class ConsoleLogger(CallbackBase):
         self._print(f"[ckpt] step {step} -> {path}")
 
     def on_train_end(self, info: dict) -> None:
-        self._print(f"[train] done at step {info.get('step')} in {time.time() - self._t0:.0f}s"
+        self._print(f"[train] done at step {info.get('step')} in {_duration(time.time() - self._t0)}"
                     + (" (early stop)" if info.get("stopped_early") else ""))
+
+
+def stage_callbacks(metrics_path: Path, callbacks: Sequence = ()) -> list:
+    """What a training stage reports to: ``metrics.jsonl``, console progress, then the caller's
+    callbacks. A :class:`ConsoleLogger` among the caller's replaces the default one (so a pipeline
+    can send progress to its own log without printing it twice)."""
+    extra = list(callbacks)
+    console = [] if any(isinstance(c, ConsoleLogger) for c in extra) else [ConsoleLogger()]
+    return [JsonlLogger(metrics_path), *console, *extra]

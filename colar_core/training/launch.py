@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+from colar_core.training.callbacks import PROGRESS_ENV
 from colar_core.training.config import LauncherConfig
 
 ENTRY_MODULE = "colar_core.training.sft_main"
@@ -103,13 +104,16 @@ def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: s
            env: Optional[dict] = None, cwd: Optional[Union[str, Path]] = None,
            on_line: Optional[Callable[[str], None]] = None, tail_lines: int = 200) -> int:
     """Run the launcher as a subprocess, streaming its output line by line (to ``on_line``, default
-    stdout); raise :class:`LaunchError` if it exits non-zero. Returns 0."""
+    stdout); raise :class:`LaunchError` if it exits non-zero. Returns 0. With ``on_line`` the job
+    prints its progress lines although its output is a pipe (``COLAR_PROGRESS=1`` unless set)."""
     cmd = build_launch_command(config_path, launcher, module)
     run_env = dict(os.environ if env is None else env)
     # the job's processes must import this checkout of colar_core
     root = str(Path(__file__).resolve().parents[2])
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, run_env.get("PYTHONPATH", "")) if p)
     run_env.setdefault("PYTHONUNBUFFERED", "1")
+    if on_line is not None:  # the caller keeps the lines (e.g. in a Prefect log): print progress into them
+        run_env.setdefault(PROGRESS_ENV, "1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         run_env.pop(var, None)  # set by the launcher, not inherited from an in-process run
     emit = on_line or (lambda line: print(line, flush=True))

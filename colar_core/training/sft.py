@@ -35,7 +35,7 @@ from colar_core.config import ModelConfig, StrictModel
 from colar_core.inference import generate
 from colar_core.scoring import accuracy
 from colar_core.text import AUTO_SPEED, PromptEncoder
-from colar_core.training.callbacks import ConsoleLogger, JsonlLogger
+from colar_core.training.callbacks import stage_callbacks
 from colar_core.training.checkpoint import CheckpointManager, export_model
 from colar_core.training.result import StageResultMixin
 from colar_core.training.config import TrainConfig
@@ -302,7 +302,7 @@ def train_sft(
             return export_model(engine, manager.best_path(step), tokenizer,
                                 {"val_metrics.json": {"step": step, **last_eval}})
 
-    cbs = [JsonlLogger(out / METRICS_FILE), ConsoleLogger(), *callbacks] if engine.is_main else []
+    cbs = stage_callbacks(out / METRICS_FILE, callbacks) if engine.is_main else []
     state = train_loop(
         engine, batches, loss_fn,
         max_steps=cfg.max_steps, checkpoints=manager, checkpoint_every=cfg.checkpoint_every,
