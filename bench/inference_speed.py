@@ -35,11 +35,15 @@ EMBEDDING_SCALE = 0.018  # the paper's constant for Llama-3.2-1B
 
 FULL = dict(batch_sizes="64,256", reps=5, probe_start=8, probe_steps=32)
 TINY = dict(batch_sizes="4,16", reps=5, probe_start=4, probe_steps=32)
+PROXY = dict(batch_sizes="16,64", reps=5, probe_start=8, probe_steps=32)  # CPU proxy: common.PROXY model
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="small model, CPU smoke size (automatic without CUDA)")
+    p.add_argument("--proxy", action="store_true",
+                   help="CPU proxy: the 256-wide 4-layer model of bench.common.PROXY (LM head ~21 %% of the "
+                        "parameters, as in the 1B shape), batches 16,64; not GPU evidence")
     p.add_argument("--batch-sizes", help="comma-separated prompts per batch (default 64,256; tiny 4,16)")
     p.add_argument("--factors", default="1,2,3,4,5", help="compression factors timed end to end (default 1..5)")
     p.add_argument("--cot-tokens", type=int, default=24, help="CoT chain length before the closing ### (default 24)")
@@ -62,8 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                  "inference_speed_<device>_tiny.json for tiny runs)")
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
-    args.tiny = bool(args.tiny or device.type != "cuda")
-    for key, value in (TINY if args.tiny else FULL).items():
+    args.tiny = bool(args.tiny or args.proxy or device.type != "cuda")
+    for key, value in (PROXY if args.proxy else TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.threads is None and device.type == "cpu":
@@ -263,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from bench.sft_throughput import bench_encoder
 
     device = common.pick_device(args.device)
-    shape = common.TINY if args.tiny else common.LLAMA_3_2_1B
+    shape = common.PROXY if args.proxy else common.TINY if args.tiny else common.LLAMA_3_2_1B
     dtype = torch.bfloat16
     encoder = bench_encoder()
     model = build_model(shape, device, encoder, args.seed, dtype)
@@ -290,6 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "device": common.describe_device(info),
         "device_info": info,
         "tiny": args.tiny,
+        "proxy": args.proxy,
         "latent_step_over_token_step": max(ratios) if ratios else None,
         "c4_over_cot": max(c4) if c4 else None,
         "questions_per_s": {b: v["questions_per_s"] for b, v in batches.items()},
@@ -315,7 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "command": common.command_line(MODULE, argv),
         "timestamp": common.utc_now(),
     }
-    out = Path(args.out) if args.out else common.default_out("inference_speed", device, args.tiny)
+    out = Path(args.out) if args.out else common.default_out("inference_speed", device, args.tiny,
+                                                                  "proxy" if args.proxy else "")
     common.write_json(out, report)
     print(f"[inference_speed] wrote {out}", flush=True)
     return report
