@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from colar_core.collate import ColarBatch
+from colar_core.collate import ColarBatch, packing
 from colar_core.config import LoraConfig, ModelConfig, ObjectiveConfig
 from colar_core.latent_head import LatentHead
 from colar_core.losses import latent_loss, token_cross_entropy
@@ -255,6 +255,19 @@ class ColarModel(nn.Module):
             past_key_values=past_key_values, use_cache=use_cache,
         )
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    def run_decoder_packed(self, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states of a padded layout (pads anywhere in a row), computed on its packed form.
+
+        Equal to ``run_decoder`` with the padding mask at every real position; values at pads are
+        meaningless. The body runs with plain causal attention and is only as wide as the longest row.
+        """
+        order, _, slot_of = packing(mask)
+        b, _, h = inputs_embeds.shape
+        packed = inputs_embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, h))
+        position_ids = torch.arange(order.shape[1], device=order.device).unsqueeze(0).expand(b, -1)
+        hidden, _ = self.run_decoder(packed, None, position_ids)
+        return hidden.gather(1, slot_of.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
     def remeasure_embedding_scale(self) -> float:
         """Refresh a measured scale from the current embedding table (e.g. after CoT SFT trained it)."""

@@ -12,9 +12,11 @@ their mask, and the answer tokens (the closing ``###`` first) with theirs. Its *
 
 :func:`policy_log_probs` recomputes both with one decoder pass over exactly the layout inference
 used: ``[prompt embeddings, latents * scale, answer embeddings]`` with the attention mask
-``[prompt_mask, latent_mask, answer_mask]`` and position ids ``cumsum(mask) - 1``. Masked columns
-are invisible to every real position, so the result equals what the rollout's KV-cache decoding
-saw (tests check it against the logits and Gaussian parameters recorded during generation).
+``[prompt_mask, latent_mask, answer_mask]`` and position ids ``cumsum(mask) - 1``, run packed
+(``ColarModel.run_decoder_packed``: real columns moved to the front, plain causal attention, hidden
+states put back in place). Masked columns are invisible to every real position, so the result equals
+what the rollout's KV-cache decoding saw (tests check it against the logits and Gaussian parameters
+recorded during generation).
 
 The loss (:func:`clipped_policy_loss`) is PPO's clipped surrogate per action, with the group
 advantage of the trajectory, plus ``beta * k3`` KL to a reference policy when asked; it is
@@ -193,8 +195,7 @@ def policy_log_probs(model, traj: Trajectories, temperature: float = 1.0, think_
     answer = model.embed(traj.answer_ids)
     inputs = torch.cat([prompt, latents_in, answer], dim=1)
     mask = torch.cat([traj.prompt_mask, traj.latent_mask, traj.answer_mask], dim=1)
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden, _ = model.run_decoder(inputs, mask, position_ids)
+    hidden = model.run_decoder_packed(inputs, mask)
 
     lp, k = traj.prompt_ids.shape[1], traj.latents.shape[1]
     src = previous_real_position(mask).clamp(min=0)
