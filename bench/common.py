@@ -137,6 +137,32 @@ def pick_device(requested: Optional[str] = None):
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def write_report(name: str, report: dict, args, device) -> Path:
+    """Write a benchmark's report to ``--out`` or its default file (see :func:`default_out`; CPU
+    sizes ``tiny`` / ``proxy``) and say where."""
+    out = Path(args.out) if args.out else default_out(name, device, args.tiny, "proxy" if args.proxy else "")
+    write_json(out, report)
+    print(f"[{name}] wrote {out}", flush=True)
+    return out
+
+
+def resolve_size(args, full: dict, tiny: dict, proxy: dict):
+    """Shared by the benchmark scripts: pick the device, the size (``--proxy`` implies the CPU-size
+    path, as does a machine without CUDA), fill unset options from that size's preset, and default
+    ``--threads`` (1 on the CPU) and ``--clock`` (wall on CUDA, process CPU time elsewhere).
+    Returns the device."""
+    device = pick_device(args.device)
+    args.tiny = bool(args.tiny or args.proxy or device.type != "cuda")
+    for key, value in (proxy if args.proxy else tiny if args.tiny else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.threads is None and device.type == "cpu":
+        args.threads = 1
+    if args.clock is None:
+        args.clock = "wall" if device.type == "cuda" else "process"
+    return device
+
+
 def apply_threads(threads: Optional[int]) -> None:
     """``torch.set_num_threads(threads)`` when given (CPU runs; measured in docs/BENCHMARKS.md)."""
     if threads:

@@ -15,6 +15,7 @@
 set -uo pipefail
 part=${1:?usage: bash bench/gpu_session.sh speed|quality [args for the scripts]}
 shift
+case "$part" in speed|quality) ;; *) echo "unknown part '$part' (speed | quality)" >&2; exit 2 ;; esac
 budget=${GPU_SESSION_BUDGET_S:-540}
 start=$SECONDS
 py=${PYTHON:-python3}
@@ -59,9 +60,5 @@ case "$part" in
     done
     bring_back bench/results/quality.json docs/img/quality.png \
       bench/results/quality_cpu_tiny.json docs/img/quality_cpu_tiny.png
-    ;;
-  *)
-    echo "unknown part '$part' (speed | quality)" >&2
-    exit 2
     ;;
 esac

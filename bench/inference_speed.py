@@ -25,7 +25,6 @@ import math
 import random
 import statistics
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from bench import common
@@ -65,15 +64,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", help="result JSON (default bench/results/inference_speed.json on CUDA, "
                                  "inference_speed_<device>_tiny.json for tiny runs)")
     args = p.parse_args(argv)
-    device = common.pick_device(args.device)
-    args.tiny = bool(args.tiny or args.proxy or device.type != "cuda")
-    for key, value in (PROXY if args.proxy else TINY if args.tiny else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.threads is None and device.type == "cpu":
-        args.threads = 1
-    if args.clock is None:
-        args.clock = "wall" if device.type == "cuda" else "process"
+    common.resolve_size(args, FULL, TINY, PROXY)
     args.batch_list = [int(x) for x in str(args.batch_sizes).split(",") if x.strip()]
     args.factor_list = [int(x) for x in str(args.factors).split(",") if x.strip()]
     if not args.batch_list or min(args.batch_list) < 1 or not args.factor_list or min(args.factor_list) < 1:
@@ -320,10 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "command": common.command_line(MODULE, argv),
         "timestamp": common.utc_now(),
     }
-    out = Path(args.out) if args.out else common.default_out("inference_speed", device, args.tiny,
-                                                                  "proxy" if args.proxy else "")
-    common.write_json(out, report)
-    print(f"[inference_speed] wrote {out}", flush=True)
+    common.write_report("inference_speed", report, args, device)
     return report
 
 

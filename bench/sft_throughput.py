@@ -78,15 +78,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: child process
     p.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    device = common.pick_device(args.device)
-    args.tiny = bool(args.tiny or args.proxy or device.type != "cuda")
-    for key, value in (PROXY if args.proxy else TINY if args.tiny else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.threads is None and device.type == "cpu":
-        args.threads = 1
-    if args.clock is None:
-        args.clock = "wall" if device.type == "cuda" else "process"
+    common.resolve_size(args, FULL, TINY, PROXY)
     args.phase_list = [x.strip() for x in args.phases.split(",") if x.strip()]
     bad = [x for x in args.phase_list if x not in PHASES]
     if bad or not args.phase_list:
@@ -446,10 +438,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                              "met": results["plain"]["tflops"] >= 300 if gpu else None},
             "note": "targets apply to the full-size bf16 run on an H100" + ("" if gpu else "; this run is a smoke run"),
         }
-    out = Path(args.out) if args.out else common.default_out("sft_throughput", device, args.tiny,
-                                                                  "proxy" if args.proxy else "")
-    common.write_json(out, report)
-    print(f"[sft_throughput] wrote {out}", flush=True)
+    common.write_report("sft_throughput", report, args, device)
     return report
 
 

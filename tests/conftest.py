@@ -100,6 +100,34 @@ def mlflow_server(tmp_path_factory) -> str:
     stop_servers(state_dir)
 
 
+def _torch_threads(n: int):
+    """Run with ``torch.set_num_threads(n)``, restored afterwards. Tiny models gain nothing from
+    intra-op threads, and on a busy 2-core runner two spinning threads made steps ~10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_modules(request):
+    """A test module that sets ``ONE_TORCH_THREAD = True`` runs all of its tests on one torch thread."""
+    if getattr(request.module, "ONE_TORCH_THREAD", False):
+        yield from _torch_threads(1)
+    else:
+        yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a single test."""
+    yield from _torch_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_tracking_env(request, monkeypatch):
     """``MLFLOW_TRACKING_URI`` = the session server for tests that use ``mlflow_server``, unset

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,20 +17,14 @@ from colar_core.inference import generate
 from colar_core.model import ColarModel
 from colar_core.rl.trainer import RLJob, RLResult, load_start_model, run_rl_stage
 from colar_core.training.callbacks import read_metrics
-from colar_core.training.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+from colar_core.training.checkpoint import complete_checkpoints, latest_checkpoint
 from tests.test_rl_training import sft_start
+from tests.test_training_distributed import LAUNCH_VARS, ROOT, clean_env, sigkill_after_first_checkpoint
 from tests.tiny import PROBLEMS, encoder_for
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ONE_TORCH_THREAD = True  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +67,6 @@ def test_job_runs_in_process_validates_and_exports_a_model_inference_loads(input
         RLJob.model_validate({"output_dir": str(tmp_path / "x")})
 
 
-def _clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 @pytest.mark.slow
 def test_sigkilled_rl_run_resumes_from_its_last_checkpoint(inputs, tmp_path):
     """DeepSpeed ZeRO-2, one process, started the way launchers start it (``-m colar_core.rl.rl_main``)."""
@@ -90,17 +75,8 @@ def test_sigkilled_rl_run_resumes_from_its_last_checkpoint(inputs, tmp_path):
     job.write_text(json.dumps(job_spec(out, inputs, backend="deepspeed", zero_stage=2, max_steps=60,
                                        checkpoint_every=10)))
     cmd = [sys.executable, "-m", "colar_core.rl.rl_main", "--config", str(job)]
-    env = _clean_env()
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.time() + 240
-        while not list((out / "checkpoints").glob(f"step_*/{COMPLETE}")):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    env = clean_env()
+    sigkill_after_first_checkpoint(cmd, env, out, tmp_path / "first.log")
     resume_step = int(latest_checkpoint(out).name.split("_")[1])
     assert 10 <= resume_step < 60
     rank_state = torch.load(latest_checkpoint(out) / "rank_00000.pt", weights_only=True)

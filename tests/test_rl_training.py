@@ -22,17 +22,13 @@ from colar_core.rl.trainer import RLResult, load_start_model, train_rl
 from colar_core.scoring import answers_match
 from colar_core.training.callbacks import read_metrics
 from colar_core.training.checkpoint import latest_checkpoint
+from tests.test_training_loop import _Crash, _CrashAt
 from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
 GEN = GenerationConfig(max_latents=16, max_answer_tokens=6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ONE_TORCH_THREAD = True  # see tests/conftest.py
 
 
 def sft_start(out_dir, seed: int = 0, steps: int = 100):
@@ -140,19 +136,6 @@ def test_length_bonus_shortens_chains_without_losing_accuracy(start, plain_run, 
 # ----------------------------------------------------------------------------------------------
 # resume exactness
 # ----------------------------------------------------------------------------------------------
-class _Crash(Exception):
-    pass
-
-
-class _CrashAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, step, metrics):
-        if step == self.step:
-            raise _Crash(step)
-
-
 def test_interrupted_run_resumes_exactly(start, tmp_path):
     """Two updates per rollout, KL to the start, 'go on' actions and two micro-batches: a run killed
     between checkpoints and restarted logs the same rollouts, losses and weights as one that never

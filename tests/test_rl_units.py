@@ -21,12 +21,7 @@ from colar_core.rl.rewards import combine, compute_rewards, correctness, length_
 from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ONE_TORCH_THREAD = True  # see tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------

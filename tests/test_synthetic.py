@@ -24,7 +24,7 @@ def test_every_record_passes_reader_validation_and_is_a_chain(difficulty):
         for step in r.steps:
             m = _EQ.match(step)
             assert m, step  # exact "a*b=c" form, no spaces, integers only
-            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            a, b, c = int(m[1]), int(m[3]), int(m[4])
             if previous is not None:
                 assert a == previous, f"step {step} does not use the previous result in {r.steps}"
             assert 0 <= c <= 999 and a <= 999 and b <= 999

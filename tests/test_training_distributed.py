@@ -56,6 +56,20 @@ def clean_env() -> dict:
     return env
 
 
+def sigkill_after_first_checkpoint(cmd: list, env: dict, out: Path, log_path: Path) -> None:
+    """Start a job's command, SIGKILL it as soon as its first complete checkpoint exists in ``out``."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.time() + 240
+        while not list((out / "checkpoints").glob(f"step_*/{COMPLETE}")):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.mark.parametrize("launcher,zero_stage", [("torchrun", 2), ("deepspeed", 3)])
 def test_two_processes_write_one_consistent_checkpoint(tmp_path, launcher, zero_stage):
     out = tmp_path / f"run-{launcher}"
@@ -102,16 +116,7 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tmp_path):
     job = job_file(tmp_path, out, max_steps=150, checkpoint_every=20, zero_stage=2)
     cmd = [sys.executable, "-m", "colar_core.training.sft_main", "--config", str(job)]
     env = clean_env()
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.time() + 240
-        while not list((out / "checkpoints").glob(f"step_*/{COMPLETE}")):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_first_checkpoint(cmd, env, out, tmp_path / "first.log")
     killed_at = latest_checkpoint(out)
     resume_step = int(killed_at.name.split("_")[1])
     assert 20 <= resume_step < 150

@@ -51,11 +51,10 @@ from colar_core.rl.config import RLConfig
 from colar_core.rl.grpo import Trajectories, concat_traces, group_advantages, grpo_loss, policy_log_probs
 from colar_core.rl.rewards import compute_rewards
 from colar_core.text import PromptEncoder
-from colar_core.training.callbacks import stage_callbacks
-from colar_core.training.checkpoint import CheckpointManager, export_model
-from colar_core.training.engine import StepBatch, build_engine, dist_env, train_loop
+from colar_core.training.checkpoint import CheckpointManager
+from colar_core.training.engine import StepBatch, build_engine, dist_env
 from colar_core.training.result import StageResultMixin
-from colar_core.training.sft import DataConfig, ModelStateKeeper, copy_dir_atomic, make_evaluator
+from colar_core.training.sft import DataConfig, run_stage_loop
 
 log = logging.getLogger(__name__)
 
@@ -283,38 +282,9 @@ def train_rl(
             ref_model.to(torch.bfloat16)
     batches = RLBatches(train_records, encoder, cfg, engine, ref_model)
 
-    evaluate_fn = save_best = None
-    if cfg.eval_every and len(val_records):
-        evaluate = make_evaluator(engine, encoder, val_records, tcfg)
-        last_eval: dict = {}
-
-        def evaluate_fn(step: int) -> dict:
-            last_eval.clear()
-            last_eval.update(evaluate(step))
-            return last_eval
-
-        def save_best(step: int) -> Path:
-            return export_model(engine, manager.best_path(step), tokenizer,
-                                {"val_metrics.json": {"step": step, **last_eval}})
-
-    cbs = stage_callbacks(out / METRICS_FILE, callbacks) if engine.is_main else []
-    state = train_loop(
-        engine, batches, batches.loss_fn,
-        max_steps=tcfg.max_steps, checkpoints=manager, checkpoint_every=tcfg.checkpoint_every,
-        stateful={"data": batches, "model_state": ModelStateKeeper(model)}, callbacks=cbs,
-        evaluate=evaluate_fn, eval_every=tcfg.eval_every, save_best=save_best, keep_best=cfg.keep_best,
-        early_stopping_patience=cfg.early_stopping_patience, log_every=cfg.log_every,
-    )
-
-    best_dir = Path(state.best[0]["path"]) if state.best and state.best[0].get("path") else None
-    model_dir = out / MODEL_DIR
-    if cfg.final_model == "best" and best_dir is not None and best_dir.is_dir():
-        if engine.is_main:
-            copy_dir_atomic(best_dir, model_dir)
-        engine.barrier()
-    else:
-        export_model(engine, model_dir, tokenizer)
-
+    state, model_dir, best_dir = run_stage_loop(engine, batches, batches.loss_fn, tcfg, model=model, encoder=encoder,
+                                                tokenizer=tokenizer, val_records=val_records, manager=manager,
+                                                out=out, callbacks=callbacks)
     result = RLResult(model_dir=model_dir, final_step=state.step, rl_steps=-(-state.step // cfg.update_epochs),
                       metrics_path=out / METRICS_FILE, resumed_from=state.resumed_from,
                       best_val_accuracy=state.best_score, best_model_dir=best_dir, best_step=state.best_step,
@@ -368,15 +338,8 @@ def run_rl_job(job: RLJob, callbacks: Sequence = ()) -> RLResult:
 def run_rl_stage(job: RLJob, config_path: Optional[Union[str, Path]] = None, callbacks: Sequence = (),
                  on_line: Optional[Callable[[str], None]] = None) -> RLResult:
     """Run an :class:`RLJob` in this process when its launcher asks for one process, else through
-    :func:`colar_core.training.launch.launch` (the job is written to ``config_path``, default
-    ``output_dir/job.json``). ``callbacks`` only run in-process."""
-    from colar_core.training.launch import launch
+    the launcher (see :func:`colar_core.training.launch.run_job`)."""
+    from colar_core.training.launch import run_job
 
-    if not job.rl.launcher.multi_process:
-        return run_rl_job(job, callbacks)
-    out = Path(job.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = Path(config_path) if config_path else out / "job.json"
-    path.write_text(job.model_dump_json(indent=2))
-    launch(path, job.rl.launcher, module=ENTRY_MODULE, on_line=on_line)
-    return RLResult.load(out)
+    return run_job(job, job.rl.launcher, run_rl_job, RLResult, module=ENTRY_MODULE, config_path=config_path,
+                   callbacks=callbacks, on_line=on_line)

@@ -138,22 +138,32 @@ def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: s
     return 0
 
 
-def run_sft_stage(job, config_path: Optional[Union[str, Path]] = None, callbacks: Sequence = (),
-                  on_line: Optional[Callable[[str], None]] = None):
-    """Run an :class:`~colar_core.training.sft.SFTJob`: in this process when its launcher asks for
-    one process, else through :func:`launch` (the job is written to ``config_path``, default
-    ``output_dir/job.json``). Returns the :class:`~colar_core.training.sft.SFTResult`.
-    ``callbacks`` only run in-process; a launched job's metrics are in ``metrics.jsonl``."""
-    from colar_core.training.sft import SFTResult, run_sft_job
-
-    if not job.train.launcher.multi_process:
-        return run_sft_job(job, callbacks)
+def run_job(job, launcher: LauncherConfig, run_in_process: Callable, result_cls, *, module: str = ENTRY_MODULE,
+            config_path: Optional[Union[str, Path]] = None, callbacks: Sequence = (),
+            on_line: Optional[Callable[[str], None]] = None):
+    """Run a stage's job (anything with ``output_dir`` and ``model_dump_json``): ``run_in_process(job,
+    callbacks)`` when ``launcher`` asks for one process, else through :func:`launch` of ``module``
+    (the job is written to ``config_path``, default ``output_dir/job.json``) and ``result_cls.load``
+    of the output directory. ``callbacks`` only run in-process; a launched job's metrics are in
+    ``metrics.jsonl``."""
+    if not launcher.multi_process:
+        return run_in_process(job, callbacks)
     out = Path(job.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = Path(config_path) if config_path else out / "job.json"
     path.write_text(job.model_dump_json(indent=2))
-    launch(path, job.train.launcher, on_line=on_line)
-    return SFTResult.load(out)
+    launch(path, launcher, module=module, on_line=on_line)
+    return result_cls.load(out)
+
+
+def run_sft_stage(job, config_path: Optional[Union[str, Path]] = None, callbacks: Sequence = (),
+                  on_line: Optional[Callable[[str], None]] = None):
+    """Run an :class:`~colar_core.training.sft.SFTJob` (see :func:`run_job`); returns its
+    :class:`~colar_core.training.sft.SFTResult`."""
+    from colar_core.training.sft import SFTResult, run_sft_job
+
+    return run_job(job, job.train.launcher, run_sft_job, SFTResult, config_path=config_path, callbacks=callbacks,
+                   on_line=on_line)
 
 
 def job_entry_main(argv, *, prog: str, description: str, job_name: str, run_file: Callable[[str], object]) -> int:

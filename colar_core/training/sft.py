@@ -240,6 +240,44 @@ class SFTResult(StageResultMixin):
 
 
 
+def run_stage_loop(engine, batches, loss_fn, cfg: TrainConfig, *, model, encoder: PromptEncoder, tokenizer,
+                   val_records: Sequence, manager: CheckpointManager, out: Path, callbacks: Sequence = ()):
+    """The part of a training stage that SFT and RL share: validation with best-k exports,
+    :func:`train_loop` with checkpoints and resume, then ``out/model`` (the best validated model or
+    the last weights, per ``cfg.final_model``). Returns ``(loop state, model dir, best dir or None)``."""
+    evaluate_fn = save_best = None
+    if cfg.eval_every and len(val_records):
+        evaluate = make_evaluator(engine, encoder, val_records, cfg)
+        last_eval: dict = {}
+
+        def evaluate_fn(step: int) -> dict:
+            last_eval.clear()
+            last_eval.update(evaluate(step))
+            return last_eval
+
+        def save_best(step: int) -> Path:
+            return export_model(engine, manager.best_path(step), tokenizer,
+                                {"val_metrics.json": {"step": step, **last_eval}})
+
+    cbs = stage_callbacks(out / METRICS_FILE, callbacks) if engine.is_main else []
+    state = train_loop(
+        engine, batches, loss_fn,
+        max_steps=cfg.max_steps, checkpoints=manager, checkpoint_every=cfg.checkpoint_every,
+        stateful={"data": batches, "model_state": ModelStateKeeper(model)}, callbacks=cbs,
+        evaluate=evaluate_fn, eval_every=cfg.eval_every, save_best=save_best, keep_best=cfg.keep_best,
+        early_stopping_patience=cfg.early_stopping_patience, log_every=cfg.log_every,
+    )
+
+    best_dir = Path(state.best[0]["path"]) if state.best and state.best[0].get("path") else None
+    model_dir = out / MODEL_DIR
+    if cfg.final_model == "best" and best_dir is not None and best_dir.is_dir():
+        if engine.is_main:
+            copy_dir_atomic(best_dir, model_dir)
+        engine.barrier()
+    else:
+        export_model(engine, model_dir, tokenizer)
+    return state, model_dir, best_dir
+
 def train_sft(
     model,
     tokenizer,
@@ -288,38 +326,9 @@ def train_sft(
     def loss_fn(m, batch):
         return m.sft_loss(batch.to(engine.device), obj, generator=batches.loss_gen)
 
-    evaluate_fn = save_best = None
-    if cfg.eval_every and len(val_records):
-        evaluate = make_evaluator(engine, encoder, val_records, cfg)
-        last_eval: dict = {}
-
-        def evaluate_fn(step: int) -> dict:
-            last_eval.clear()
-            last_eval.update(evaluate(step))
-            return last_eval
-
-        def save_best(step: int) -> Path:
-            return export_model(engine, manager.best_path(step), tokenizer,
-                                {"val_metrics.json": {"step": step, **last_eval}})
-
-    cbs = stage_callbacks(out / METRICS_FILE, callbacks) if engine.is_main else []
-    state = train_loop(
-        engine, batches, loss_fn,
-        max_steps=cfg.max_steps, checkpoints=manager, checkpoint_every=cfg.checkpoint_every,
-        stateful={"data": batches, "model_state": ModelStateKeeper(model)}, callbacks=cbs,
-        evaluate=evaluate_fn, eval_every=cfg.eval_every, save_best=save_best, keep_best=cfg.keep_best,
-        early_stopping_patience=cfg.early_stopping_patience, log_every=cfg.log_every,
-    )
-
-    best_dir = Path(state.best[0]["path"]) if state.best and state.best[0].get("path") else None
-    model_dir = out / MODEL_DIR
-    if cfg.final_model == "best" and best_dir is not None and best_dir.is_dir():
-        if engine.is_main:
-            copy_dir_atomic(best_dir, model_dir)
-        engine.barrier()
-    else:
-        export_model(engine, model_dir, tokenizer)
-
+    state, model_dir, best_dir = run_stage_loop(engine, batches, loss_fn, cfg, model=model, encoder=encoder,
+                                                tokenizer=tokenizer, val_records=val_records, manager=manager,
+                                                out=out, callbacks=callbacks)
     result = SFTResult(model_dir=model_dir, final_step=state.step, best_val_accuracy=state.best_score,
                        metrics_path=out / METRICS_FILE, best_model_dir=best_dir, best_step=state.best_step,
                        stopped_early=state.stopped_early, resumed_from=state.resumed_from, output_dir=out)
