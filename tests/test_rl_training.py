@@ -116,12 +116,14 @@ def test_grpo_raises_sampled_accuracy_of_a_partly_trained_model(start, plain_run
 
 
 def test_length_bonus_shortens_chains_without_losing_accuracy(start, plain_run, tmp_path):
-    """Linear bonus at weight 2 (rewards correct * (1 + 2 * (1 - #L/16))). Measured from this start,
-    RL seeds 0 / 1 / 2: accuracy 0.900 / 0.898 / 0.930, mean #L 4.74 / 4.93 / 1.84 (plain RL: #L
-    15.9 / 14.0 / 15.8); with the decoder pass packed (a float-rounding perturbation) 0.898 / 0.910 /
-    0.916 and #L 5.10 / 8.99 / 2.04. At weight 1 the outcome flipped on such perturbations (#L 7.9
-    with one layout, 15.9 with the other; with continue_actions 5.9 / 4.2 / 15.9 over seeds), so
-    weight 1 is too weak against the correctness reward's pull toward the cap at this lr."""
+    """Linear bonus at weight 2 (rewards correct * (1 + 2 * (1 - #L/16))). `python -m
+    bench.rl_length_bonus --weight 2` (and `--weight 0` for plain GRPO), RL seeds 0 / 1 / 2 from this
+    start: accuracy 0.898 / 0.910 / 0.916, mean #L 5.10 / 8.99 / 2.04 (plain RL: #L 15.9 / 12.0 /
+    15.8); this test runs seed 0. With the RL pass on the earlier padded+mask layout (commit
+    50ebc19, a float-rounding perturbation of the same computation) the same probe gave 0.900 /
+    0.898 / 0.930 and #L 4.74 / 4.93 / 1.84. At weight 1 the outcome flipped between the two
+    layouts (#L 7.9 vs 15.9 at seed 0; with continue_actions 5.9 / 4.2 / 15.9 over seeds), so weight
+    1 is too weak against the correctness reward's pull toward the cap at this lr."""
     (_, (acc0, len0)), (_, (acc_plain, len_plain)) = start, plain_run
     result = run(start[0], tmp_path, rl_cfg(rewards={"correct": 1.0, "length": 2.0}))
     acc, length = sampled_accuracy(result.model_dir)

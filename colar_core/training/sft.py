@@ -55,8 +55,8 @@ def example_length(ex, r: float = 1) -> float:
     """Sort key for length grouping: packed positions of the example at compression factor ``r``.
 
     The step's r is drawn later, so the grouping uses the median trained factor: an example long at
-    one r is long at every r, and on the benchmark's data shape the median left less padding on
-    average over r = 1..5 (2.2 %) than the mean of 1/r did (2.4 %); without grouping, 12.9 %.
+    one r is long at every r. On the benchmark's data shape that leaves 2.2 % padding on average over
+    r = 1..5, against 12.9 % without grouping (``python -m bench.padding``).
     """
     return len(ex.question_ids) + 1 + len(ex.step_ids) / r + len(ex.answer_ids)
 
