@@ -276,11 +276,10 @@ class ColarModel(nn.Module):
         return self.state.embedding_scale
 
     # ----- SFT ----------------------------------------------------------------------------------
-    def sft_inputs(self, batch: ColarBatch, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[B, W, H]`` packed input embeddings of a batch (``groups``: merged groups to use instead)."""
-        if groups is None:
-            groups = merge_groups(self.embed(batch.group_ids), batch.group_token_mask, self.state.pooling)
-        blocks = torch.cat([self.embed(batch.prompt_ids), groups, self.embed(batch.answer_ids)], dim=1)
+    @staticmethod
+    def _packed(batch: ColarBatch, prompt: torch.Tensor, groups: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+        """``[B, W, H]`` packed input embeddings from the three embedded blocks of a batch."""
+        blocks = torch.cat([prompt, groups, answer], dim=1)
         b, t, h = blocks.shape
         return blocks.reshape(b * t, h).index_select(0, batch.pack_index).view(b, -1, h)
 
@@ -294,8 +293,9 @@ class ColarModel(nn.Module):
         a CoLaR step as cheap per position as a plain causal-LM step. Every index comes from
         ``collate``, so nothing here waits on the device.
         """
+        prompt, answer = self.embed(batch.prompt_ids), self.embed(batch.answer_ids)
         groups = merge_groups(self.embed(batch.group_ids), batch.group_token_mask, self.state.pooling)
-        inputs = self.sft_inputs(batch, groups)
+        inputs = self._packed(batch, prompt, groups, answer)
         b, w, h = inputs.shape
         position_ids = torch.arange(w, device=inputs.device).unsqueeze(0).expand(b, -1)
 
@@ -320,7 +320,8 @@ class ColarModel(nn.Module):
             total = total + objective.latent_weight * lat - objective.entropy_weight * entropy
             if objective.second_pass_weight > 0:
                 replaced = flat_groups.index_copy(0, batch.latent_tgt, (sample * scale).to(flat_groups.dtype))
-                hidden2, _ = self.run_decoder(self.sft_inputs(batch, replaced.view_as(groups)), None, position_ids)
+                inputs2 = self._packed(batch, prompt, replaced.view_as(groups), answer)
+                hidden2, _ = self.run_decoder(inputs2, None, position_ids)
                 logits2 = self.token_logits(hidden2.reshape(b * w, h).index_select(0, batch.label_index))
                 ce2 = token_cross_entropy(logits2, batch.label_targets)
                 parts["second_pass"] = ce2
