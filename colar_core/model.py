@@ -29,9 +29,11 @@ from colar_core.config import LoraConfig, ModelConfig, ObjectiveConfig
 from colar_core.latent_head import LatentHead
 from colar_core.losses import latent_loss, token_cross_entropy
 from colar_core.merging import merge_groups
+from colar_core.tokenizer import load_tokenizer
 
 CONFIG_FILE = "colar_config.json"
 HEAD_FILE = "latent_head.safetensors"
+TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 
 # Constants the reference code hard-codes per backbone (std of the merged embeddings, roughly).
@@ -193,7 +195,7 @@ class ColarModel(nn.Module):
         head_state = {k: v.detach().contiguous().cpu() for k, v in self.latent_head.state_dict().items()}
         save_file(head_state, str(out / HEAD_FILE))
         if tokenizer is not None:
-            tokenizer.save_pretrained(out / "tokenizer")
+            tokenizer.save_pretrained(out / TOKENIZER_DIR)
         (out / CONFIG_FILE).write_text(json.dumps(asdict(self.state), indent=2, sort_keys=True))
         return out
 
@@ -220,6 +222,14 @@ class ColarModel(nn.Module):
         head = LatentHead(state.hidden_size, state.latent_intermediate_size, state.deterministic_latents)
         head.load_state_dict(load_file(str(root / HEAD_FILE)))
         return cls(lm, head.to(lm.dtype), state)
+
+    @classmethod
+    def load_dir(cls, model_dir, is_trainable: bool = True, dtype: Optional[torch.dtype] = None):
+        """``(model, tokenizer)`` of a directory written by :meth:`save_pretrained` with its
+        tokenizer (``model_dir/tokenizer``); ``is_trainable=False`` returns the model in eval mode."""
+        model = cls.from_pretrained(model_dir, is_trainable=is_trainable, dtype=dtype)
+        tokenizer = load_tokenizer(str(Path(model_dir) / TOKENIZER_DIR))
+        return (model if is_trainable else model.eval()), tokenizer
 
     # ----- backbone access ----------------------------------------------------------------------
     @property

@@ -1,4 +1,7 @@
-"""Pipeline commands of ``colar``: run, retry, compare, servers.
+"""The ``colar`` command: ``data prepare``, and the pipeline's ``run``, ``retry``, ``compare``, ``servers``.
+
+``colar data prepare`` runs on the library alone: Prefect and MLflow are imported only inside the
+pipeline commands, so it works where neither is installed (tests/test_layering.py checks this).
 
 ``colar run`` validates the config in full first (a bad field stops it before any server or
 stage starts), then makes sure an MLflow and a Prefect server answer (starting local ones bound to
@@ -13,7 +16,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from colar_core.pipeline_config import ConfigError, PipelineConfig, load_config, preflight
+from colar.flows.config import ConfigError, PipelineConfig, load_config, preflight
 
 #: Exit codes: 0 done, 1 the pipeline failed, 2 bad config / usage, 3 a server could not be reached.
 EXIT_CONFIG, EXIT_SERVER = 2, 3
@@ -30,7 +33,7 @@ def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optiona
 
 
 def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, command: str = "run") -> int:
-    from flows.servers import ServerError, ensure_servers
+    from colar.flows.servers import ServerError, ensure_servers
 
     try:
         urls = ensure_servers()
@@ -38,7 +41,7 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, command: str 
         print(f"colar {command}: {err}", file=sys.stderr)
         return EXIT_SERVER
     print(f"MLflow tracking server: {urls['mlflow']}\nPrefect API: {urls['prefect']}", flush=True)
-    from flows.pipeline import run_pipeline
+    from colar.flows.pipeline import run_pipeline
 
     state = run_pipeline(cfg, parent_run_id=parent_run_id, return_state=True)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
@@ -99,7 +102,7 @@ def resolve_parent_run(run: str):
 
 
 def cmd_retry(args) -> int:
-    from flows.servers import ServerError, ensure_servers
+    from colar.flows.servers import ServerError, ensure_servers
 
     try:
         ensure_servers()
@@ -108,7 +111,7 @@ def cmd_retry(args) -> int:
         return EXIT_SERVER
     from mlflow.tracking import MlflowClient
 
-    from flows.pipeline import still_running
+    from colar.flows.pipeline import still_running
 
     try:
         parent = resolve_parent_run(args.run)
@@ -132,8 +135,8 @@ def cmd_retry(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from flows.servers import ensure_mlflow, use_mlflow
-    from flows.compare import compare_runs
+    from colar.flows.servers import ensure_mlflow, use_mlflow
+    from colar.flows.compare import compare_runs
 
     use_mlflow(ensure_mlflow())
     table = compare_runs(args.experiment, args.plot)
@@ -149,7 +152,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_servers(args) -> int:
-    from flows.servers import ensure_servers, server_status, stop_servers
+    from colar.flows.servers import ensure_servers, server_status, stop_servers
 
     if args.action == "start":
         for name, url in ensure_servers(apply_env=False).items():
@@ -162,9 +165,46 @@ def cmd_servers(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from colar_core.data.prepare import prepare_data
+    from colar_core.data.records import DataError
+
+    builtin = None
+    if args.input == "builtin":
+        builtin = dict(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
+                       difficulty=args.difficulty)
+    try:
+        manifest = prepare_data(args.input, args.out, format=args.format, policy=args.policy, seed=args.seed,
+                                val_fraction=args.val_fraction, test_fraction=args.test_fraction, builtin=builtin)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        print(f"colar data prepare: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="colar")
+    parser = argparse.ArgumentParser(prog="colar", description="Compressed Latent Reasoning pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data preparation (needs neither Prefect nor MLflow)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="read, validate and split a dataset; write a manifest")
+    prep.add_argument("--input", required=True,
+                      help="'builtin', a file, a directory of split files, or a HF dataset id / saved path")
+    prep.add_argument("--format", default="auto", choices=["auto", "gsm8k-aug", "jsonl", "gsm8k", "hf"])
+    prep.add_argument("--out", required=True, help="output directory for {train,val,test}.jsonl and manifest.json")
+    prep.add_argument("--policy", default="fail", choices=["fail", "skip"],
+                      help="bad records: fail (default) or skip and count")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--val-fraction", type=float, default=0.1)
+    prep.add_argument("--test-fraction", type=float, default=0.1)
+    prep.add_argument("--n-train", type=int, default=2000, help="builtin only")
+    prep.add_argument("--n-val", type=int, default=200, help="builtin only")
+    prep.add_argument("--n-test", type=int, default=200, help="builtin only")
+    prep.add_argument("--difficulty", default="easy", help="builtin only: easy | medium | hard | max steps")
+    prep.set_defaults(func=cmd_data_prepare)
+
     run = sub.add_parser("run", help="run the pipeline (default config: the embedded tiny default)")
     run.add_argument("--config", help="YAML config file (see configs/)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. sft_colar.max_steps=100")
@@ -184,7 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ImportError as err:  # a pipeline command on a machine without prefect / mlflow: say so plainly
+        if args.command == "data" or (err.name or "").split(".")[0] not in ("prefect", "mlflow"):
+            raise
+        print(f"colar {args.command}: the pipeline needs prefect and mlflow ({err})", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ from typing import Optional
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from colar_core.pipeline_config import PipelineConfig, preflight
-from tasks.keys import code_version, stage_dir, stage_key
-from tasks.report import report_stage
-from tasks.stages import RESULT_FILE, evaluate_stage, prepare_stage, rl_stage, sft_stage
-from tasks.tracking import end_orphaned_children, end_run, flatten_params, start_parent_run
+from colar.flows.config import PipelineConfig, preflight
+from colar.tasks.keys import code_version, stage_dir, stage_key
+from colar.tasks.report import report_stage
+from colar.tasks.stages import RESULT_FILE, evaluate_stage, prepare_stage, rl_stage, sft_stage
+from colar.tasks.tracking import end_orphaned_children, end_run, flatten_params, start_parent_run
 
 PROCESS_TAG = "colar.process"  # "host:pid:start-ticks" of the process running the flow (see still_running)
 
@@ -210,7 +210,7 @@ def _log_timings(parent_run_id: str, timings: dict) -> None:
     """``time/{stage}/{wall_s,work_s,overhead_s}`` on the parent run, for stages that ran (not cached)."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.stages import _metric_list
+    from colar.tasks.stages import _metric_list
 
     flat = {f"time/{stage}/{k}": v for stage, t in timings.items() for k, v in t.items()}
     if flat:

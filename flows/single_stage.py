@@ -8,9 +8,9 @@ from typing import Optional
 from prefect import flow
 
 from colar_core.config import EvalConfig
-from tasks.keys import stage_dir, stage_key
-from tasks.stages import evaluate_stage
-from tasks.tracking import end_run, flatten_params, start_parent_run
+from colar.tasks.keys import stage_dir, stage_key
+from colar.tasks.stages import evaluate_stage
+from colar.tasks.tracking import end_run, flatten_params, start_parent_run
 
 
 @flow(name="colar-evaluate", log_prints=True)

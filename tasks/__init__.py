@@ -1,4 +1,4 @@
-"""Thin Prefect tasks around ``colar_core``; ``tasks.tracking`` holds the MLflow helpers they share.
+"""Thin Prefect tasks around ``colar_core``; ``colar.tasks.tracking`` holds the MLflow helpers they share.
 
 Submodules are imported on demand, so ``import tasks`` stays cheap.
 """

@@ -51,7 +51,7 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    from tasks.stages import _metric_list
+    from colar.tasks.stages import _metric_list
 
     logger = get_run_logger()
     client = MlflowClient()

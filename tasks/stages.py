@@ -2,7 +2,7 @@
 
 Each task is thin: it opens an MLflow child run under the pipeline's parent run, calls
 ``colar_core`` for the work, logs params / metrics / artifacts, and returns a small dict of paths
-and run ids (never tensors). Each receives a precomputed cache ``key`` (see ``tasks.keys``): a
+and run ids (never tensors). Each receives a precomputed cache ``key`` (see ``colar.tasks.keys``): a
 finished stage with the same key comes back Cached, and its output folder is named by the key, so a
 failed stage run again resumes from its own checkpoints.
 """
@@ -17,8 +17,8 @@ from typing import Optional
 
 from prefect import get_run_logger, task
 
-from tasks.keys import cache_key_from_param
-from tasks.tracking import (
+from colar.tasks.keys import cache_key_from_param
+from colar.tasks.tracking import (
     MlflowMetricsCallback,
     end_run,
     flatten_params,

@@ -580,7 +580,7 @@ class MlflowMetricsCallback:
             warnings.warn(
                 f"MLflow: {len(metrics)} metrics and {len(tags)} tags of run {self.run_id} could not be "
                 f"sent ({self.last_error!r}); written to {where}. Replay with "
-                f"tasks.tracking.replay_unflushed().",
+                f"colar.tasks.tracking.replay_unflushed().",
                 RuntimeWarning,
                 stacklevel=2,
             )

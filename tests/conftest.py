@@ -17,7 +17,7 @@ Servers start lazily, once per session, only when a test asks:
 - ``prefect_server`` -> API URL of a real ``prefect server start``; ``PREFECT_API_URL`` is set (and
   Prefect's settings refreshed) from then on for the rest of the session.
 
-Both are started by ``flows.servers`` (the code ``colar run`` uses) and stopped at session end.
+Both are started by ``colar.flows.servers`` (the code ``colar run`` uses) and stopped at session end.
 Add model/data fixtures below the marked line.
 """
 
@@ -74,7 +74,7 @@ def _test_environment():
 def pytest_unconfigure(config):
     """Stop servers a test left in the default state dir; remove the temp dir (also after --co)."""
     if (Path(_TEST_ENV["COLAR_HOME"]) / "servers.json").exists():
-        from flows.servers import stop_servers
+        from colar.flows.servers import stop_servers
 
         stop_servers(_TEST_ENV["COLAR_HOME"])
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
@@ -87,7 +87,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """Tracking URI (``http://127.0.0.1:PORT``) of a real MLflow server, one per session."""
-    from flows.servers import ensure_mlflow, stop_servers
+    from colar.flows.servers import ensure_mlflow, stop_servers
 
     state_dir = tmp_path_factory.mktemp("mlflow-server")
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)  # ensure_mlflow would defer to it
@@ -159,7 +159,7 @@ def prefect_server(tmp_path_factory) -> str:
     From the first test that uses it, ``PREFECT_API_URL`` points at it for the rest of the session
     (Prefect's global settings are refreshed so already-imported prefect sees it).
     """
-    from flows.servers import ensure_prefect, stop_servers
+    from colar.flows.servers import ensure_prefect, stop_servers
 
     state_dir = tmp_path_factory.mktemp("prefect-server")
     os.environ.pop("PREFECT_API_URL", None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from colar_core.pipeline_config import ConfigError, load_config
+from colar.flows.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def _children(client, parent_id):
 
 
 def test_invalid_config_is_refused_before_any_stage_naming_the_field(tmp_path, capsys):
-    from flows.cli import main
+    from colar.flows.cli import main
 
     with pytest.raises(ConfigError, match=r"sft_colar\.lr"):
         load_config(None, ["sft_colar.lr=-1"])
@@ -52,7 +52,7 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from flows.pipeline import run_pipeline
+    from colar.flows.pipeline import run_pipeline
 
     cfg = tiny_config(tmp_path, "rl.max_steps=2", "rl.questions_per_step=2", "rl.group_size=2",
                       "rl.checkpoint_every=0", "rl.compression_factor=2", "rl.lr=0.0001")
@@ -99,9 +99,9 @@ def test_retry_skips_finished_stages_and_resumes_the_failed_one(tmp_path, mlflow
     from mlflow.tracking import MlflowClient
 
     from colar_core.training.sft import SFTResult
-    from flows.cli import main
-    from flows.pipeline import run_pipeline
-    from tasks.stages import FAIL_SWITCH
+    from colar.flows.cli import main
+    from colar.flows.pipeline import run_pipeline
+    from colar.tasks.stages import FAIL_SWITCH
 
     cfg = tiny_config(tmp_path, "name=test-retry", "tracking.registered_model_name=null", "training_retries=0")
     monkeypatch.setenv(FAIL_SWITCH, "sft-colar:3")  # fails once, after the step-2 checkpoint
@@ -129,9 +129,9 @@ def test_compare_tables_finished_runs_and_plots(tmp_path, mlflow_server, prefect
     """Runs after the end-to-end test in this module (same session servers); runs one itself if alone."""
     from mlflow.tracking import MlflowClient
 
-    from flows.cli import main
-    from flows.compare import compare_runs
-    from flows.pipeline import run_pipeline
+    from colar.flows.cli import main
+    from colar.flows.compare import compare_runs
+    from colar.flows.pipeline import run_pipeline
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("colar")
@@ -158,8 +158,8 @@ def test_a_failed_training_stage_is_retried_by_prefect_and_resumes(tmp_path, mlf
 
     from colar_core.rl.trainer import RLResult
     from colar_core.training.sft import SFTResult
-    from flows.pipeline import run_pipeline
-    from tasks.stages import FAIL_SWITCH
+    from colar.flows.pipeline import run_pipeline
+    from colar.tasks.stages import FAIL_SWITCH
 
     extra = RL_TINY if stage == "rl" else []
     cfg = tiny_config(tmp_path, f"name=test-auto-retry-{stage}", "tracking.registered_model_name=null",
@@ -180,7 +180,7 @@ def test_the_gpu_config_runs_through_the_pipeline_at_toy_size(tmp_path, mlflow_s
     grouping, RL and the No-CoT baseline all go through the same command a GPU user runs."""
     from pathlib import Path
 
-    from flows.pipeline import run_pipeline
+    from colar.flows.pipeline import run_pipeline
 
     shrink = ["data.builtin.n_train=256", "data.builtin.n_val=16", "data.builtin.n_test=16",
               "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",

@@ -50,7 +50,7 @@ def cli_env(**extra) -> dict:
 
 
 def colar_cmd(*args: str, overrides=()) -> list[str]:
-    cmd = [sys.executable, "-m", "colar_core.cli", *args]
+    cmd = [sys.executable, "-m", "colar.flows.cli", *args]
     for o in overrides:
         cmd += ["--set", o]
     return cmd
@@ -61,7 +61,7 @@ def colar_cmd(*args: str, overrides=()) -> list[str]:
 
 
 def test_colar_run_with_dead_mlflow_fails_fast_naming_the_uri(tmp_path, monkeypatch, capsys):
-    from flows.cli import main
+    from colar.flows.cli import main
 
     uri = f"http://127.0.0.1:{_free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -78,7 +78,7 @@ def test_colar_run_with_dead_mlflow_fails_fast_naming_the_uri(tmp_path, monkeypa
         assert not (tmp_path / "home" / "servers.json").exists()  # no server started
         assert not (tmp_path / "out").exists()
     finally:
-        from flows.servers import stop_servers
+        from colar.flows.servers import stop_servers
 
         stop_servers(tmp_path / "home")
 
@@ -118,8 +118,8 @@ def test_mlflow_lost_mid_training_training_goes_on_and_metrics_are_flushed_when_
     """A real MLflow server is stopped at step 10 and restarted on the same port (same store) at step 20."""
     from mlflow import MlflowClient
 
-    from flows.servers import ensure_mlflow, stop_servers
-    from tasks.tracking import MlflowMetricsCallback, end_run, start_parent_run
+    from colar.flows.servers import ensure_mlflow, stop_servers
+    from colar.tasks.tracking import MlflowMetricsCallback, end_run, start_parent_run
 
     state_dir, port = tmp_path / "mlflow", _free_port()
     uri = ensure_mlflow(state_dir, port=port)
@@ -220,7 +220,7 @@ def test_unwritable_checkpoint_directory_is_a_clear_error_and_the_previous_check
 def test_still_running_tells_a_live_pipeline_process_from_a_dead_one():
     from types import SimpleNamespace
 
-    from flows.pipeline import PROCESS_TAG, _process_identity, still_running
+    from colar.flows.pipeline import PROCESS_TAG, _process_identity, still_running
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -253,10 +253,10 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
-    from colar_core.pipeline_config import load_config
+    from colar.flows.config import load_config
     from colar_core.training.sft import SFTResult
-    from flows.cli import main
-    from flows.pipeline import run_pipeline
+    from colar.flows.cli import main
+    from colar.flows.pipeline import run_pipeline
 
     overrides = TINY + ["tracking.registered_model_name=null", "sft_colar.max_steps=40",
                         "sft_colar.checkpoint_every=4"]
@@ -316,7 +316,7 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
     # The tiny model's evaluation metrics are nearly degenerate, so compare what they come from too:
     # the resumed CoLaR model is bit-identical to the uninterrupted one, and so is its last loss.
     from colar_core.training.callbacks import read_metrics
-    from tasks.stages import directory_digest
+    from colar.tasks.stages import directory_digest
 
     ref_colar = next((tmp_path / "ref").glob("sft-colar-*"))
     assert colar_dir.name == ref_colar.name  # same stage key: same config, data and code

@@ -16,7 +16,7 @@ import torch
 
 from colar_core.config import ModelConfig
 from colar_core.model import ColarModel, load_backbone
-from colar_core.pipeline_config import PipelineConfig
+from colar.flows.config import PipelineConfig
 from colar_core.tokenizer import load_tokenizer
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -103,7 +103,7 @@ def test_secrets_never_reach_params_tags_or_logs(tmp_path, mlflow_server, prefec
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
-    from flows.pipeline import run_pipeline
+    from colar.flows.pipeline import run_pipeline
     from tests.test_pipeline import tiny_config
 
     class Recorder(logging.Handler):  # every log record, as the console would format it

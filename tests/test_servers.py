@@ -1,4 +1,4 @@
-"""flows.servers: local MLflow / Prefect servers start detached on 127.0.0.1, are reused, stop."""
+"""colar.flows.servers: local MLflow / Prefect servers start detached on 127.0.0.1, are reused, stop."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows import servers
-from flows.servers import ServerError, ensure_mlflow, ensure_prefect, server_status, stop_servers
+from colar.flows.servers import ServerError, ensure_mlflow, ensure_prefect, server_status, stop_servers
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""tasks.tracking against a real MLflow server: runs, params, metrics callback, datasets, artifacts."""
+"""colar.tasks.tracking against a real MLflow server: runs, params, metrics callback, datasets, artifacts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks.tracking import (
+from colar.tasks.tracking import (
     MASK,
     PARENT_TAG,
     STAGE_TAG,
