@@ -19,12 +19,11 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -258,23 +257,6 @@ class Timer:
         self.wall_s = time.perf_counter() - self._w0
         self.cpu_s = time.process_time() - self._c0
         self.seconds = self.wall_s if self.clock == "wall" else self.cpu_s
-
-
-def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device=None, clock: str = "wall") -> list[float]:
-    """Seconds of ``reps`` synchronised calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        with Timer(device, clock) as t:
-            fn()
-        out.append(t.seconds)
-    return out
-
-
-def summary(times: Sequence[float]) -> dict:
-    """Median (the figure we report), min, max and count of a list of seconds."""
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
 
 
 def reset_peak_memory(device) -> None:

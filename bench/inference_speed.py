@@ -1,7 +1,7 @@
 """Inference speed: a latent step vs a decoded token, and CoLaR chains vs a CoT chain, end to end.
 
 Times the product's code path, ``colar_core.inference.generate_latent`` / ``generate_text`` (KV
-cache via ``_Decoder``), on a random-weight Llama-3.2-1B-shaped ``ColarModel`` in bf16:
+cache via ``DecodeState``), on a random-weight Llama-3.2-1B-shaped ``ColarModel`` in bf16:
 
 * per step: ``(T(n + K) - T(n)) / K`` for chains of ``n`` and ``n + K`` latents (generate_latent) or
   chain tokens (generate_text) after the same prompt, so prefill and answer decoding cancel. A
@@ -173,22 +173,22 @@ class Bench:
         return med, times, {k: statistics.median(v) for k, v in walls.items()}
 
     def components(self, questions, n: int = 16) -> dict:
-        """Milliseconds per call of the pieces of one step, on a live _Decoder (cache ~ the prompt)."""
+        """Milliseconds per call of the pieces of one step, on a live DecodeState (cache ~ the prompt)."""
         import torch
 
-        from colar_core.inference import _Decoder, _pick
+        from colar_core.inference import DecodeState, pick_tokens
 
         m, g = self.model, self.gen(max_answer_tokens=1)
         prompts = [self.encoder.prompt_ids(self.encoder.encode_question(q), 4) for q in questions]
         with torch.no_grad():
             with common.Timer(self.device, self.args.clock) as t_prefill:
-                state = _Decoder(m, prompts, self.encoder.pad_id)
+                state = DecodeState(m, prompts, self.encoder.pad_id)
             keep = torch.ones(len(prompts), dtype=torch.bool, device=m.device)
-            tok = _pick(m.token_logits(state.hidden), g, self.generator)
+            tok = pick_tokens(m.token_logits(state.hidden), g, self.generator)
             emb = m.embed(tok)
             pieces = {
                 "decoder_step": lambda: state.feed(emb, keep),
-                "lm_head_and_pick": lambda: _pick(m.token_logits(state.hidden), g, self.generator),
+                "lm_head_and_pick": lambda: pick_tokens(m.token_logits(state.hidden), g, self.generator),
                 "embed": lambda: m.embed(tok),
                 "latent_head_sample": lambda: m.latent_head.sample(state.hidden, sample=True, generator=self.generator),
             }

@@ -67,11 +67,12 @@ def stage_data(out: Path, preset: dict) -> None:
 
 def _sft(out: Path, preset: dict, stage: str, mode: str, factors, init_from=None):
     from colar_core.config import ModelConfig
-    from colar_core.training.sft import DataConfig, SFTJob, run_sft_job
+    from colar_core.training.sft import SFTJob, run_sft_job
+    from colar_core.training.stage import StageData
 
     job = SFTJob(output_dir=str(out / stage), train=_train_cfg(preset, stage, mode, factors),
                  model=ModelConfig(tiny=preset["model"], tokenizer=str(out / "tokenizer")), init_from=init_from,
-                 data=DataConfig(train=str(out / "data" / "train.jsonl"), val=str(out / "data" / "val.jsonl")))
+                 data=StageData(train=str(out / "data" / "train.jsonl"), val=str(out / "data" / "val.jsonl")))
     return run_sft_job(job)
 
 
@@ -79,12 +80,12 @@ def stage_rl(out: Path, preset: dict) -> None:
     from colar_core.config import GenerationConfig
     from colar_core.rl.config import RLConfig
     from colar_core.rl.trainer import RLJob, run_rl_job
-    from colar_core.training.sft import DataConfig
+    from colar_core.training.stage import StageData
 
     rl = RLConfig(max_steps=preset["steps"]["rl"], compression_factor=2, precision=preset["precision"],
                   generation=GenerationConfig(max_latents=preset["eval"]["max_latents"]), **preset["rl"])
     run_rl_job(RLJob(output_dir=str(out / "rl"), init_from=str(out / "colar" / "model"), rl=rl,
-                     data=DataConfig(train=str(out / "data" / "train.jsonl"))))
+                     data=StageData(train=str(out / "data" / "train.jsonl"))))
 
 
 def _entry(metrics: dict, key: str, length: str) -> dict:
@@ -106,7 +107,8 @@ def stage_eval(out: Path, preset: dict, device, tiny: bool, argv) -> dict:
     enc = PromptEncoder(load_tokenizer(str(out / "tokenizer")))
 
     def load(stage):
-        return ColarModel.from_pretrained(out / stage / "model", is_trainable=False).to(device).eval()
+        model, _ = ColarModel.load_dir(out / stage / "model", is_trainable=False)
+        return model.to(device)
 
     result = {"device": device_info(device), "versions": versions(), "date": utc_now(), "tiny": tiny,
               "command": command_line("bench.quality", argv), "preset": preset, "n_test": len(test), "seeds": seeds}

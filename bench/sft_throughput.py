@@ -1,7 +1,7 @@
 """SFT throughput: a plain causal-LM step vs a CoLaR SFT step, on the project's DeepSpeed engine.
 
-Both steps run through :func:`colar_core.training.engine.build_engine` (``TrainConfig``: backend
-deepspeed, ZeRO-2, bf16 on CUDA) and :func:`colar_core.training.engine.train_loop`, on the same
+Both steps run through :func:`colar_core.training.engines.build_engine` (``TrainConfig``: backend
+deepspeed, ZeRO-2, bf16 on CUDA) and :func:`colar_core.training.loop.train_loop`, on the same
 random-weight Llama-3.2-1B-shaped backbone (nothing is downloaded):
 
 * ``plain``: ``LlamaForCausalLM(input_ids, labels)`` on ``micro_batch x seq_len`` random tokens
@@ -206,7 +206,8 @@ def run_phase(phase: str, args) -> dict:
     """Build the model and engine for ``phase``, run warm-up + timed steps, return the numbers."""
     import torch
 
-    from colar_core.training.engine import StepBatch, build_engine, train_loop
+    from colar_core.training.engines import build_engine
+    from colar_core.training.loop import LoopPlan, StepBatch, train_loop
 
     common.apply_threads(args.threads)
     device = common.pick_device(args.device)
@@ -263,7 +264,7 @@ def run_phase(phase: str, args) -> dict:
             return m.sft_loss(batch.to(engine.device), obj, generator=batches.loss_gen)
 
     rec = _Recorder(engine.device, args.warmup, total)
-    train_loop(engine, batches_fn, loss_fn, max_steps=total, callbacks=[rec], log_every=1)
+    train_loop(engine, batches_fn, loss_fn, LoopPlan(max_steps=total, log_every=1), callbacks=[rec])
     wall, cpu = rec.window()
     secs = wall if args.clock == "wall" else cpu
     timed_steps, timed_stats = rec.steps[args.warmup:], stats[args.warmup:total]
@@ -350,7 +351,8 @@ def _release(engine, device) -> None:
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-def _child_argv(argv: Sequence[str], phase: str, out: Path) -> list[str]:
+def child_argv(argv: Sequence[str], phase: str, out: Path) -> list[str]:
+    """The command that runs one ``phase`` in its own process, writing its numbers to ``out``."""
     keep, skip = [], False
     for a in argv:  # drop --out / --isolate / --phases (the parent owns them)
         if skip:
@@ -372,7 +374,7 @@ def _run_child(argv: Sequence[str], phase: str) -> dict:
         env["PYTHONPATH"] = os.pathsep.join([str(common.REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # each child is its own job
             env.pop(var, None)
-        proc = subprocess.run(_child_argv(argv, phase, out), cwd=common.REPO_ROOT, env=env)
+        proc = subprocess.run(child_argv(argv, phase, out), cwd=common.REPO_ROOT, env=env)
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"{phase} phase failed (exit {proc.returncode})")
         return json.loads(out.read_text())

@@ -49,7 +49,7 @@ class LatentTrace:
     answer_mask: torch.Tensor  # [B, T] bool
 
 
-class _Decoder:
+class DecodeState:
     """Incremental decoding state: KV cache, 2-D attention mask and the last hidden state."""
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], pad_id: int):
@@ -81,20 +81,21 @@ class _Decoder:
         return self.model.latent_head.mean.weight.dtype
 
 
-def _pick(logits: torch.Tensor, gen: GenerationConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
+def pick_tokens(logits: torch.Tensor, gen: GenerationConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row: the argmax, or sampled at ``gen.temperature`` when ``gen.do_sample``."""
     if not gen.do_sample:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / gen.temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _decode_tokens(state: _Decoder, model, max_new: int, eos_id: int, pad_id: int, gen, generator) -> torch.Tensor:
+def _decode_tokens(state: DecodeState, model, max_new: int, eos_id: int, pad_id: int, gen, generator) -> torch.Tensor:
     """Decode up to ``max_new`` tokens per row from ``state``; rows stop at EOS. Returns [B, T]."""
     b = state.hidden.shape[0]
     done = torch.zeros(b, dtype=torch.bool, device=state.hidden.device)
     out = []
     for i in range(max_new):
-        tok = _pick(model.token_logits(state.hidden), gen, generator)
+        tok = pick_tokens(model.token_logits(state.hidden), gen, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out.append(tok)
         done = done | (tok == eos_id)
@@ -116,7 +117,7 @@ def generate_latent(
 ) -> Union[list[Generation], tuple[list[Generation], LatentTrace]]:
     """Latent reasoning for one batch of questions at compression factor ``compression``."""
     prompts = [encoder.prompt_ids(encoder.encode_question(q), compression) for q in questions]
-    state = _Decoder(model, prompts, encoder.pad_id)
+    state = DecodeState(model, prompts, encoder.pad_id)
     b, device = len(questions), model.device
     active = torch.ones(b, dtype=torch.bool, device=device)
     n_latents = torch.zeros(b, dtype=torch.long, device=device)
@@ -128,7 +129,7 @@ def generate_latent(
         latent_mask.append(active.clone())
         state.feed(z * scale, active)
         n_latents += active.long()
-        stop = active & (_pick(model.token_logits(state.hidden), gen, generator) == encoder.think_id)
+        stop = active & (pick_tokens(model.token_logits(state.hidden), gen, generator) == encoder.think_id)
         active = active & ~stop
         if not bool(active.any()):
             break
@@ -164,7 +165,7 @@ def generate_text(
     """Explicit decoding after ``(Thinking speed: speed)###``: the CoT baseline, or no-CoT for a model
     trained to answer directly. ``n_tokens`` counts chain tokens before the closing ``###``."""
     prompts = [encoder.prompt_ids(encoder.encode_question(q), speed) for q in questions]
-    state = _Decoder(model, prompts, encoder.pad_id)
+    state = DecodeState(model, prompts, encoder.pad_id)
     tokens = _decode_tokens(state, model, gen.max_cot_tokens + gen.max_answer_tokens, encoder.eos_id,
                             encoder.pad_id, gen, generator)
     results = []

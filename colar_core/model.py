@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from colar_core.collate import ColarBatch, packing
@@ -89,7 +90,7 @@ def measured_embedding_scale(embedding: torch.Tensor) -> float:
 
 def build_tiny_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
     """A small causal LM with random weights, shaped by ``cfg.tiny``; nothing is downloaded."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config  # heavy: when used
 
     t = cfg.tiny
     common = dict(
@@ -116,7 +117,7 @@ def load_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
     if cfg.name_or_path == "tiny":
         model = build_tiny_backbone(cfg, tokenizer)
     else:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
 
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
@@ -129,6 +130,7 @@ def load_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
 
 
 def _apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    # peft is heavy and only needed with LoRA
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -176,8 +178,6 @@ class ColarModel(nn.Module):
         return cls(lm, head.to(backbone.dtype), state)
 
     def save_pretrained(self, out_dir, tokenizer=None) -> Path:
-        from safetensors.torch import save_file
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.is_lora:
@@ -201,8 +201,7 @@ class ColarModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_dir, is_trainable: bool = True, dtype: Optional[torch.dtype] = None) -> "ColarModel":
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
 
         root = Path(model_dir)
         if not (root / CONFIG_FILE).is_file():
@@ -212,7 +211,7 @@ class ColarModel(nn.Module):
         if dtype is not None:
             kw["dtype"] = dtype
         if (root / "adapter").is_dir():
-            from peft import PeftModel
+            from peft import PeftModel  # heavy: only for LoRA models
 
             base_path = root / "base" if (root / "base").is_dir() else state.base_model
             base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
@@ -340,7 +339,3 @@ class ColarModel(nn.Module):
         parts["n_label_tokens"] = batch.label_targets.new_full((), batch.label_index.numel())
         parts["n_positions"] = batch.packed_mask.sum()
         return parts
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

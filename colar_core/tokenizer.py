@@ -1,7 +1,7 @@
 """Tokenizers for CoLaR: a tiny word-level one built from the data, and preparing any HF one.
 
 Why a custom tokenizer: CoLaR merges ``r`` consecutive step-token embeddings by *summing* them,
-so order inside a group is lost. With one token per digit, "12" and "21" merge alike; METHOD.md
+so order inside a group is lost. With one token per digit, "12" and "21" merge alike; docs/METHOD.md
 measured 16 % vs 99 % accuracy from that alone. :func:`build_tokenizer` therefore keeps every
 integer ``0..max_number`` (with and without a leading space) as ONE token, plus every word seen in
 the data and in the fixed training prompt, so ``decode(encode(text)) == text`` for data text.
@@ -60,7 +60,7 @@ def build_tokenizer(records: Iterable, out_dir: str | Path | None = None, max_nu
     Ids are deterministic for the same input: specials, characters, numbers, then words by
     descending frequency (ties alphabetical).
     """
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: only when a tokenizer is built
 
     pre = _pre_tokenizer()
     counts: Counter[str] = Counter()
@@ -145,7 +145,7 @@ def prepare_tokenizer(tokenizer):
 
 def load_tokenizer(path_or_id: str, trust_remote_code: bool = False):
     """``AutoTokenizer.from_pretrained`` (local dir or cached hub id) followed by :func:`prepare_tokenizer`."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only when a tokenizer is loaded
 
     tokenizer = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
     return prepare_tokenizer(tokenizer)

@@ -16,6 +16,9 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from colar_core.data.prepare import prepare_data
+from colar_core.data.records import DataError
+from colar.flows import servers
 from colar.flows.config import ConfigError, PipelineConfig, load_config, preflight
 
 #: Exit codes: 0 done, 1 the pipeline failed, 2 bad config / usage, 3 a server could not be reached.
@@ -33,21 +36,21 @@ def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optiona
 
 
 def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, command: str = "run") -> int:
-    from colar.flows.servers import ServerError, ensure_servers
-
     try:
-        urls = ensure_servers()
-    except ServerError as err:
+        urls = servers.ensure_servers()
+    except servers.ServerError as err:
         print(f"colar {command}: {err}", file=sys.stderr)
         return EXIT_SERVER
     print(f"MLflow tracking server: {urls['mlflow']}\nPrefect API: {urls['prefect']}", flush=True)
+    # Pipeline commands import prefect and mlflow here, not at module level: `colar data prepare`
+    # must work where they are not installed.
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     from colar.flows.pipeline import run_pipeline
 
     state = run_pipeline(cfg, parent_run_id=parent_run_id, return_state=True)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     mlflow.set_tracking_uri(urls["mlflow"])
     client = MlflowClient()
     runs = client.search_runs(
@@ -83,7 +86,7 @@ def cmd_run(args) -> int:
 
 def resolve_parent_run(run: str):
     """An MLflow parent run id, or a Prefect flow-run id recorded on a parent run's tags."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazily: see _run
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -102,14 +105,12 @@ def resolve_parent_run(run: str):
 
 
 def cmd_retry(args) -> int:
-    from colar.flows.servers import ServerError, ensure_servers
-
     try:
-        ensure_servers()
-    except ServerError as err:
+        servers.ensure_servers()
+    except servers.ServerError as err:
         print(f"colar retry: {err}", file=sys.stderr)
         return EXIT_SERVER
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazily: see _run
 
     from colar.flows.pipeline import still_running
 
@@ -135,40 +136,31 @@ def cmd_retry(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from colar.flows.servers import ensure_mlflow, use_mlflow
-    from colar.flows.compare import compare_runs
+    from colar.flows.compare import compare_runs, table_text  # imports mlflow: lazily, see _run
 
-    use_mlflow(ensure_mlflow())
+    servers.use_mlflow(servers.ensure_mlflow())
     table = compare_runs(args.experiment, args.plot)
     if table.empty:
         print(f"no finished pipeline runs in experiment {args.experiment!r}")
         return 0
-    import pandas as pd
-
-    with pd.option_context("display.max_columns", None, "display.width", 200):
-        print(table.to_string(index=False))
+    print(table_text(table))
     print(f"accuracy vs chain length plot: {args.plot}")
     return 0
 
 
 def cmd_servers(args) -> int:
-    from colar.flows.servers import ensure_servers, server_status, stop_servers
-
     if args.action == "start":
-        for name, url in ensure_servers(apply_env=False).items():
+        for name, url in servers.ensure_servers(apply_env=False).items():
             print(f"{name}: {url}")
     elif args.action == "stop":
-        stopped = stop_servers()
+        stopped = servers.stop_servers()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     else:
-        print(json.dumps(server_status(), indent=2, sort_keys=True, default=str))
+        print(json.dumps(servers.server_status(), indent=2, sort_keys=True, default=str))
     return 0
 
 
 def cmd_data_prepare(args) -> int:
-    from colar_core.data.prepare import prepare_data
-    from colar_core.data.records import DataError
-
     builtin = None
     if args.input == "builtin":
         builtin = dict(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+import mlflow
 import pandas as pd
+
+from colar.tasks.plots import pyplot, save_figure
 
 HIGHLIGHTS = {
     "params.model.name_or_path": "model",
@@ -16,8 +19,6 @@ HIGHLIGHTS = {
 
 def compare_runs(experiment: str = "colar", plot_path: str | None = None) -> pd.DataFrame:
     """One row per parent (pipeline) run: config highlights, accuracy and #L per c, wall time."""
-    import mlflow
-
     runs = mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
     if runs.empty:
         return runs
@@ -40,18 +41,19 @@ def compare_runs(experiment: str = "colar", plot_path: str | None = None) -> pd.
     return table.reset_index(drop=True)
 
 
+def table_text(table: pd.DataFrame) -> str:
+    """The table as text, every column shown."""
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        return table.to_string(index=False)
+
+
 def _metric_order(col: str):
     m = re.search(r"/c(\d+)$", col)
     return (0 if m else 1, int(m.group(1)) if m else 0, col)
 
 
 def _plot(runs: pd.DataFrame, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for _, run in runs.iterrows():
         cs = sorted(int(m.group(1)) for c in runs.columns if (m := re.match(r"metrics\.accuracy/c(\d+)$", c))
                     and pd.notna(run[c]))
@@ -63,6 +65,4 @@ def _plot(runs: pd.DataFrame, path: str) -> None:
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

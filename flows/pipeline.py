@@ -1,8 +1,10 @@
-"""The CoLaR pipeline as a Prefect flow: prepare -> SFT (CoT) -> SFT (CoLaR) -> RL -> evaluate -> report.
+"""The CoLaR pipeline as a Prefect flow: prepare -> SFT (CoT) -> SFT (CoLaR) -> RL -> SFT (No-CoT)
+-> evaluate -> report (the CoT, RL and No-CoT stages as configured).
 
-The flow validates the whole config first, opens (or, on retry, reuses) one MLflow parent run,
-and hands each stage a cache key built from its config section, the digests of its inputs and the
-code version. Stages already finished under the same key come back Cached; the failed one runs
+The flow validates the whole config first and opens (or, on retry, reuses) one MLflow parent run.
+Each stage is described once (:class:`~colar.tasks.stage_spec.StageSpec`): its cache key (config
+section, digests of its inputs, code version), its folder and the task's arguments all come from
+that description. Stages already finished under the same key come back Cached; the failed one runs
 again in its own folder and resumes from its checkpoint.
 """
 
@@ -17,14 +19,22 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from mlflow import MlflowClient
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
+from prefect.states import Crashed
 
+from colar_core.data.prepare import load_split
 from colar.flows.config import PipelineConfig, preflight
-from colar.tasks.keys import code_version, stage_dir, stage_key
+from colar.flows.locks import exclusive_lock
+from colar.tasks.evaluate import evaluate_stage
+from colar.tasks.keys import code_version
+from colar.tasks.prepare import prepare_stage
 from colar.tasks.report import report_stage
-from colar.tasks.stages import RESULT_FILE, evaluate_stage, prepare_stage, rl_stage, sft_stage
-from colar.tasks.tracking import end_orphaned_children, end_run, flatten_params, start_parent_run
+from colar.tasks.runs import end_orphaned_children, ending_run, log_metrics, start_parent_run
+from colar.tasks.stage_spec import RESULT_FILE, StageSpec
+from colar.tasks.training import rl_stage, sft_stage
 
 PROCESS_TAG = "colar.process"  # "host:pid:start-ticks" of the process running the flow (see still_running)
 
@@ -76,35 +86,24 @@ def _stage_lock(out: Path):
     finds it finished, instead of both writing the same checkpoints. Released by the kernel if
     the holder dies."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    with exclusive_lock(out.parent / f".{out.name}.lock"):
         yield
-        return
-    with open(out.parent / f".{out.name}.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _run_stage(task_fn, stage_name: str, section, inputs: dict, output_dir: str, timings: dict, **kwargs):
-    """Call a stage task with its key and folder; re-run it if its cached folder was deleted.
+def _run_stage(spec: StageSpec, output_dir: str, timings: dict) -> dict:
+    """Run a stage in its folder under ``output_dir``; re-run it if its cached folder was deleted.
 
     Records in ``timings`` the stage's wall time as the flow sees it and the time of its own work
     (the colar_core call), so the orchestration overhead (Prefect + MLflow) is their difference.
     """
-    key = stage_key(stage_name, section, inputs)
-    out = stage_dir(output_dir, stage_name, key)
+    out = spec.folder(output_dir)
     with _stage_lock(out):
-        fn = task_fn if (out / RESULT_FILE).is_file() else task_fn.with_options(refresh_cache=True)
         t0 = time.perf_counter()
-        state = fn(out_dir=str(out), key=key, return_state=True, **kwargs)
+        state = spec.run(output_dir, refresh=not (out / RESULT_FILE).is_file())
         wall = time.perf_counter() - t0
     result = state.result()  # raises the stage's exception if it failed
     if state.name != "Cached" and "work_s" in result:
-        timings[stage_name] = {"wall_s": wall, "work_s": result["work_s"], "overhead_s": wall - result["work_s"]}
+        timings[spec.name] = {"wall_s": wall, "work_s": result["work_s"], "overhead_s": wall - result["work_s"]}
     return result
 
 
@@ -115,8 +114,6 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
     cfg = PipelineConfig.model_validate(config)
     preflight(cfg)  # model path, dataset id: fail before any stage (the CLI checked already)
     conf = cfg.model_dump(mode="json")
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     if parent_run_id is None:
         tags = {"colar.config_hash": cfg.digest(), "colar.code_version": code_version()[:16],
@@ -124,7 +121,7 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
                 PROCESS_TAG: _process_identity()}
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
-        parent_run_id = start_parent_run(cfg.tracking.experiment, cfg.name, tags, flatten_params(conf))
+        parent_run_id = start_parent_run(cfg.tracking.experiment, cfg.name, tags, conf)
         client.log_text(parent_run_id, json.dumps(conf, indent=2, sort_keys=True), "config.json")
     else:
         parent = client.get_run(parent_run_id)
@@ -140,60 +137,62 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
     logger.info("MLflow parent run %s", parent_run_id)
 
     timings: dict = {}
-    try:
-        out_root = cfg.output_dir
-        prep = _run_stage(prepare_stage, "prepare", {"data": conf["data"], "model": conf["model"]}, {}, out_root, timings,
-                          data=conf["data"], model=conf["model"], parent_run_id=parent_run_id)
-        data_inputs = {"data": prep["digest"]}
+    with ending_run(parent_run_id):
+        try:
+            result = _run_stages(cfg, conf, parent_run_id, timings)
+        finally:
+            _log_timings(parent_run_id, timings)
+    return {"parent_run_id": parent_run_id, **result}
 
-        retrying = dict(retries=cfg.training_retries, retry_delay_seconds=5)
 
-        def sft(stage: str, section: dict, init_dir: Optional[str], init_key: str = ""):
-            return _run_stage(sft_stage.with_options(**retrying), stage, {"train": section, "model": conf["model"]},
-                              {**data_inputs, "init": init_key}, out_root, timings, stage=stage, train=section,
-                              model=conf["model"], init_model_dir=init_dir, data_dir=prep["data_dir"],
-                              tokenizer_dir=prep["tokenizer_dir"], parent_run_id=parent_run_id)
+def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: dict) -> dict:
+    """prepare -> sft-cot -> sft-colar -> rl -> sft-nocot -> evaluate -> report (optional ones as
+    configured); returns the evaluation metrics and the report's model URIs."""
+    out_root = cfg.output_dir
+    prep = _run_stage(StageSpec(prepare_stage, "prepare", {"data": conf["data"], "model": conf["model"]},
+                                args={"parent_run_id": parent_run_id}), out_root, timings)
+    data_inputs = {"data": prep["digest"]}
+    data_args = {"data_dir": prep["data_dir"], "parent_run_id": parent_run_id}
+    retrying = dict(retries=cfg.training_retries, retry_delay_seconds=5)
 
-        cot = sft("sft-cot", conf["sft_cot"], None) if cfg.sft_cot else None
-        colar = sft("sft-colar", conf["sft_colar"], cot and cot["model_dir"], cot and cot["model_digest"] or "")
-        final = colar
-        if cfg.rl is not None:
-            final = _run_stage(rl_stage.with_options(**retrying), "rl", conf["rl"], {**data_inputs, "init": colar["model_digest"]}, out_root,
-                               timings, rl=conf["rl"], init_model_dir=colar["model_dir"], data_dir=prep["data_dir"],
-                               parent_run_id=parent_run_id)
-        nocot = None
-        if cfg.eval.nocot_baseline:
-            section = json.loads(json.dumps(conf["sft_cot"] or conf["sft_colar"]))
-            section["objective"].update(mode="nocot", compression_factors=[1])
-            nocot = sft("sft-nocot", section, None)
-        evaluation = _run_stage(
-            evaluate_stage, "evaluate", conf["eval"],
-            {"colar": final["model_digest"], "cot": cot and cot["model_digest"], "nocot": nocot and nocot["model_digest"],
-             **data_inputs}, out_root, timings,
-            eval_cfg=conf["eval"], colar_model_dir=final["model_dir"], cot_model_dir=cot and cot["model_dir"],
-            nocot_model_dir=nocot and nocot["model_dir"], data_dir=prep["data_dir"], parent_run_id=parent_run_id)
-        from colar_core.data.prepare import load_split
+    def sft(stage: str, section: dict, init: Optional[dict]) -> dict:
+        """An SFT stage; ``init`` is the result of the stage whose model it starts from."""
+        return _run_stage(StageSpec(
+            sft_stage.with_options(**retrying), stage, {"train": section, "model": conf["model"]},
+            inputs={**data_inputs, "init": init["model_digest"] if init else ""},
+            args={"stage": stage, "init_model_dir": init and init["model_dir"],
+                  "tokenizer_dir": prep["tokenizer_dir"], **data_args}), out_root, timings)
 
-        example = load_split(Path(prep["data_dir"]) / "test.jsonl")[0].question
-        report = report_stage(parent_run_id, evaluation["metrics"], final["model_dir"],
-                              str(Path(out_root).resolve() / "reports" / parent_run_id),
-                              cfg.tracking.registered_model_name, example)
-    except BaseException:
-        _log_timings(parent_run_id, timings)
-        end_run(parent_run_id, "FAILED")
-        raise
-    _log_timings(parent_run_id, timings)
-    end_run(parent_run_id, "FINISHED")
-    return {"parent_run_id": parent_run_id, "metrics": evaluation["metrics"], **report}
+    cot = sft("sft-cot", conf["sft_cot"], None) if cfg.sft_cot else None
+    colar = sft("sft-colar", conf["sft_colar"], cot)
+    final = colar
+    if cfg.rl is not None:
+        final = _run_stage(StageSpec(
+            rl_stage.with_options(**retrying), "rl", {"rl": conf["rl"]},
+            inputs={**data_inputs, "init": colar["model_digest"]},
+            args={"init_model_dir": colar["model_dir"], **data_args}), out_root, timings)
+    nocot = None
+    if cfg.eval.nocot_baseline:
+        section = json.loads(json.dumps(conf["sft_cot"] or conf["sft_colar"]))
+        section["objective"].update(mode="nocot", compression_factors=[1])
+        nocot = sft("sft-nocot", section, None)
+    evaluation = _run_stage(StageSpec(
+        evaluate_stage, "evaluate", {"eval_cfg": conf["eval"]},
+        inputs={"colar": final["model_digest"], "cot": cot and cot["model_digest"],
+                "nocot": nocot and nocot["model_digest"], **data_inputs},
+        args={"colar_model_dir": final["model_dir"], "cot_model_dir": cot and cot["model_dir"],
+              "nocot_model_dir": nocot and nocot["model_dir"], **data_args}), out_root, timings)
+    example = load_split(Path(prep["data_dir"]) / "test.jsonl")[0].question
+    report = report_stage(parent_run_id, evaluation["metrics"], final["model_dir"],
+                          str(Path(out_root).resolve() / "reports" / parent_run_id),
+                          cfg.tracking.registered_model_name, example)
+    return {"metrics": evaluation["metrics"], **report}
 
 
 def _crash_orphaned_flow_runs(flow_run_ids: list, logger) -> None:
     """Mark earlier flow runs of this pipeline that Prefect still shows running as Crashed (their
     process is gone: ``still_running`` said so). Best effort: a failure here never stops a retry."""
     try:
-        from prefect.client.orchestration import get_client
-        from prefect.states import Crashed
-
         with get_client(sync_client=True) as pc:
             for fid in flow_run_ids:
                 state = pc.read_flow_run(fid).state
@@ -208,13 +207,9 @@ def _crash_orphaned_flow_runs(flow_run_ids: list, logger) -> None:
 
 def _log_timings(parent_run_id: str, timings: dict) -> None:
     """``time/{stage}/{wall_s,work_s,overhead_s}`` on the parent run, for stages that ran (not cached)."""
-    from mlflow.tracking import MlflowClient
-
-    from colar.tasks.stages import _metric_list
-
     flat = {f"time/{stage}/{k}": v for stage, t in timings.items() for k, v in t.items()}
     if flat:
-        MlflowClient().log_batch(parent_run_id, metrics=_metric_list(flat))
+        log_metrics(parent_run_id, flat)
 
 
 def run_pipeline(cfg: PipelineConfig, parent_run_id: Optional[str] = None, return_state: bool = False):

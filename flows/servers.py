@@ -33,8 +33,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+from colar.flows.locks import exclusive_lock
 
 __all__ = [
     "ServerError",
@@ -113,17 +116,8 @@ def _write_records(state_dir: Path, records: dict[str, dict[str, Any]]) -> None:
 def _locked(state_dir: Path, name: str) -> Iterator[None]:
     """Exclusive lock ``state_dir/<name>.lock`` across processes (so two ``colar run`` do not both
     start a server). One lock per server, plus ``servers`` around edits of the record file."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, same behaviour otherwise
+    with exclusive_lock(state_dir / f"{name}.lock"):
         yield
-        return
-    with open(state_dir / f"{name}.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _get_record(state_dir: Path, name: str) -> Optional[dict[str, Any]]:
@@ -523,8 +517,6 @@ def ensure_servers(
 
     Returns ``{"mlflow": tracking_uri, "prefect": api_url}``.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     # Servers named by MLFLOW_TRACKING_URI / PREFECT_API_URL are only probed (seconds): probe them
     # first, so a dead one fails the command at once instead of after the other server has started.
     if os.environ.get("MLFLOW_TRACKING_URI"):

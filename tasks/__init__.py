@@ -1,4 +1,7 @@
-"""Thin Prefect tasks around ``colar_core``; ``colar.tasks.tracking`` holds the MLflow helpers they share.
+"""Thin Prefect tasks around ``colar_core``, one module per stage (``prepare``, ``training``,
+``evaluate``, ``report``), and the MLflow helpers they share: ``runs`` (parent and child runs),
+``params`` (config to params, secret masking), ``artifacts``, ``metrics_sender`` (training metrics),
+``stage_spec`` and ``keys`` (how a stage is described, keyed and called), ``plots``.
 
-Submodules are imported on demand, so ``import tasks`` stays cheap.
+Submodules are imported on demand, so ``import colar.tasks`` stays cheap.
 """

@@ -28,13 +28,15 @@ def code_version() -> str:
     return h.hexdigest()
 
 
-def stage_key(stage: str, section: Any, inputs: dict[str, str]) -> str:
+def stage_key(stage: str, section: Any, inputs: dict[str, Any]) -> str:
+    """The cache key of ``stage``: sha256 of its name, config section, input digests and the code version."""
     payload = json.dumps({"stage": stage, "config": section, "inputs": inputs, "code": code_version()},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def stage_dir(output_dir: str | Path, stage: str, key: str) -> Path:
+    """The folder of a stage run: ``<output_dir>/<stage>-<key[:12]>`` (absolute)."""
     return Path(output_dir).resolve() / f"{stage}-{key[:12]}"
 
 

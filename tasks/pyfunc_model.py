@@ -2,7 +2,8 @@
 
 Logged by path (no pickled Python objects). Input: a DataFrame with a ``question`` column (or a
 list of strings). Params: ``compression_factor`` (the speed, default 2), ``seed``,
-``max_latents``. Output: a DataFrame with ``answer``, ``n_latents`` and ``text`` per question.
+``max_latents``, ``sample``. Output: a DataFrame with ``answer``, ``n_latents`` and ``text`` per
+question.
 """
 
 from __future__ import annotations
@@ -11,21 +12,18 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from colar_core.config import GenerationConfig
+from colar_core.inference import generate
+from colar_core.model import ColarModel
+from colar_core.text import PromptEncoder
+
 
 class ColarPyfunc(PythonModel):
     def load_context(self, context):
-        from colar_core.model import ColarModel
-        from colar_core.text import PromptEncoder
-        from colar_core.tokenizer import load_tokenizer
-
-        model_dir = context.artifacts["colar_model"]
-        self.model = ColarModel.from_pretrained(model_dir, is_trainable=False).eval()
-        self.encoder = PromptEncoder(load_tokenizer(f"{model_dir}/tokenizer"))
+        self.model, tokenizer = ColarModel.load_dir(context.artifacts["colar_model"], is_trainable=False)
+        self.encoder = PromptEncoder(tokenizer)
 
     def predict(self, context, model_input, params=None):
-        from colar_core.config import GenerationConfig
-        from colar_core.inference import generate
-
         params = dict(params or {})
         if isinstance(model_input, pd.DataFrame):
             questions = [str(q) for q in model_input["question"]]

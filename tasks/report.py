@@ -1,63 +1,42 @@
-"""The last stage: headline metrics on the parent run, the accuracy-vs-length plot, and the final
-model logged as an MLflow pyfunc and registered with the alias ``candidate``."""
+"""The ``report`` step, on the parent run: headline metrics, the accuracy-vs-length plot, and the
+final model logged as an MLflow pyfunc and registered with the alias ``candidate``.
+
+The model logging is the one place in the pipeline that uses MLflow's active run (``mlflow.start_run``),
+because in mlflow 3.17.2 ``mlflow.pyfunc.log_model`` takes its run from there: it has no ``run_id``
+parameter, its ``model_id`` parameter does not link the model to a run (no run output, no run id in
+``MLmodel``), and the lower-level ``Model.log(run_id=...)`` creates the LoggedModel in the default
+experiment instead of the run's. It is safe: the active run belongs to this worker thread only, and
+``start_run(run_id=parent)`` resumes the parent run for the block; leaving the block ends it
+FINISHED (FAILED if logging raised), and the flow ends it for good right after the report.
+"""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
 from prefect import get_run_logger, task
 
+from colar.tasks.plots import accuracy_vs_length_plot
+from colar.tasks.runs import log_metrics
+from colar.tasks.stage_spec import stage_folder
+
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-
-
-def accuracy_vs_length_plot(metrics: dict, path: Path, title: str = "") -> Path:
-    """Accuracy against mean chain length: one point per compression factor, plus the baselines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    factors = sorted(int(m.group(1)) for k in metrics if (m := re.fullmatch(r"accuracy/c(\d+)", k)))
-    xs = [metrics[f"mean_latents/c{c}"] for c in factors]
-    ys = [metrics[f"accuracy/c{c}"] for c in factors]
-    errs = [metrics.get(f"accuracy_ci95/c{c}", 0.0) for c in factors]
-    ax.errorbar(xs, ys, yerr=errs, marker="o", label="CoLaR")
-    for c, x, y in zip(factors, xs, ys):
-        ax.annotate(f"c={c}", (x, y), textcoords="offset points", xytext=(4, 4))
-    for mode, marker in (("cot", "s"), ("nocot", "x")):
-        if f"accuracy/{mode}" in metrics:
-            ax.scatter([metrics.get(f"mean_tokens/{mode}", 0.0)], [metrics[f"accuracy/{mode}"]], marker=marker,
-                       label=mode.upper().replace("NO", "No-"), zorder=3)
-    ax.set_xlabel("mean chain length (latents, or tokens for CoT)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 @task(name="report", retries=1, retry_delay_seconds=2)
 def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str,
                  registered_model_name: Optional[str], example_question: str) -> dict:
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-    from mlflow.tracking import MlflowClient
-
-    from colar.tasks.stages import _metric_list
-
+    """Log ``metrics`` and the plot to the parent run; log (and register, if named) the model."""
     logger = get_run_logger()
     client = MlflowClient()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    client.log_batch(parent_run_id, metrics=_metric_list(metrics))
+    out = stage_folder(out_dir)
+    log_metrics(parent_run_id, metrics, client=client)
     plot = accuracy_vs_length_plot(metrics, out / "accuracy_vs_length.png")
     client.log_artifact(parent_run_id, str(plot), "plots")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -66,6 +45,7 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
     output = pd.DataFrame({"answer": ["0"], "n_latents": [1], "text": ["Answer:0"]})
     signature = infer_signature(example, output, params={"compression_factor": 2, "seed": 0, "max_latents": 64,
                                                          "sample": False})
+    # The active run (this thread only): pyfunc.log_model has no run_id parameter (module docstring).
     with mlflow.start_run(run_id=parent_run_id, nested=False, log_system_metrics=False):
         info = mlflow.pyfunc.log_model(name="colar_model", python_model=str(PYFUNC_CODE),
                                        artifacts={"colar_model": model_dir}, signature=signature,

@@ -178,4 +178,34 @@ def prefect_server(tmp_path_factory) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# fault injection
+
+
+@pytest.fixture
+def fail_stage_once(monkeypatch):
+    """``fail_stage_once("sft-colar", 3)``: the first run of that training stage raises at step 3;
+    later runs (a Prefect retry, ``colar retry``) go through.
+
+    It wraps ``colar.tasks.training.training_callbacks``, which builds every training stage's
+    callback list; Prefect runs tasks in threads of this process, so the patch reaches them.
+    """
+    from colar.tasks import training
+    from tests.tiny import CrashAt
+
+    def arm(stage: str, step: int) -> None:
+        build, armed = training.training_callbacks, []
+
+        def with_crash(name: str, *args, **kwargs) -> list:
+            callbacks = build(name, *args, **kwargs)
+            if name == stage and not armed:
+                armed.append(name)
+                callbacks.append(CrashAt(step))
+            return callbacks
+
+        monkeypatch.setattr(training, "training_callbacks", with_crash)
+
+    return arm
+
+
+# --------------------------------------------------------------------------------------------
 # add model / data fixtures below

@@ -67,9 +67,9 @@ def test_inference_speed_tiny_writes_ratios_and_questions_per_s(tmp_path):
 
 
 def test_phase_children_get_the_parents_arguments_but_not_its_output():
-    from bench.sft_throughput import _child_argv
+    from bench.sft_throughput import child_argv
 
-    cmd = _child_argv(["--tiny", "--out", "x.json", "--steps", "3", "--phases=plain"], "colar", Path("p.json"))
+    cmd = child_argv(["--tiny", "--out", "x.json", "--steps", "3", "--phases=plain"], "colar", Path("p.json"))
     assert cmd[1:3] == ["-m", "bench.sft_throughput"]
     assert cmd[3:] == ["--tiny", "--steps", "3", "--isolate", "none", "--phase", "colar", "--phase-out", "p.json"]
 

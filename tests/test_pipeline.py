@@ -95,16 +95,15 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
 
 
 def test_retry_skips_finished_stages_and_resumes_the_failed_one(tmp_path, mlflow_server, prefect_server,
-                                                                 monkeypatch):
+                                                                 fail_stage_once):
     from mlflow.tracking import MlflowClient
 
     from colar_core.training.sft import SFTResult
     from colar.flows.cli import main
     from colar.flows.pipeline import run_pipeline
-    from colar.tasks.stages import FAIL_SWITCH
 
     cfg = tiny_config(tmp_path, "name=test-retry", "tracking.registered_model_name=null", "training_retries=0")
-    monkeypatch.setenv(FAIL_SWITCH, "sft-colar:3")  # fails once, after the step-2 checkpoint
+    fail_stage_once("sft-colar", 3)  # after the step-2 checkpoint
     state = run_pipeline(cfg, return_state=True)
     assert state.is_failed()
     client = MlflowClient()
@@ -151,7 +150,7 @@ RL_TINY = ["rl.max_steps=4", "rl.questions_per_step=2", "rl.group_size=2", "rl.c
 
 @pytest.mark.parametrize("stage", ["sft-colar", "rl"])
 def test_a_failed_training_stage_is_retried_by_prefect_and_resumes(tmp_path, mlflow_server, prefect_server,
-                                                                   monkeypatch, stage):
+                                                                   fail_stage_once, stage):
     """With training_retries=1 (the default) a stage that fails once is retried inside the same
     flow run, and the retry resumes from the stage's checkpoint instead of step 0."""
     from mlflow.tracking import MlflowClient
@@ -159,12 +158,11 @@ def test_a_failed_training_stage_is_retried_by_prefect_and_resumes(tmp_path, mlf
     from colar_core.rl.trainer import RLResult
     from colar_core.training.sft import SFTResult
     from colar.flows.pipeline import run_pipeline
-    from colar.tasks.stages import FAIL_SWITCH
 
     extra = RL_TINY if stage == "rl" else []
     cfg = tiny_config(tmp_path, f"name=test-auto-retry-{stage}", "tracking.registered_model_name=null",
                       "eval.cot_baseline=false", *extra)
-    monkeypatch.setenv(FAIL_SWITCH, f"{stage}:3")  # after the step-2 checkpoint
+    fail_stage_once(stage, 3)  # after the step-2 checkpoint
     state = run_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
     children = _children(MlflowClient(), state.result()["parent_run_id"])

@@ -68,12 +68,12 @@ def _mixed_file(path: Path) -> tuple[str, int, int]:
 
 
 def test_prepare_stage_logs_the_exact_skipped_count_to_mlflow(tmp_path, mlflow_server):
-    """colar.tasks.stages.prepare_stage (the task body) under a real parent run: skip counts, fail names."""
+    """colar.tasks.prepare.prepare_stage (the task body) under a real parent run: skip counts, fail names."""
     from mlflow import MlflowClient
     from prefect.logging import disable_run_logger
 
-    from colar.tasks.stages import prepare_stage
-    from colar.tasks.tracking import end_run, start_parent_run
+    from colar.tasks.prepare import prepare_stage
+    from colar.tasks.runs import end_run, start_parent_run
 
     source, n_good, n_bad = _mixed_file(tmp_path / "mixed.jsonl")
     model = ModelConfig(tiny=dict(hidden_size=32, num_layers=1, num_heads=2)).model_dump(mode="json")

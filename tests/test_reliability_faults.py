@@ -23,7 +23,8 @@ from torch import nn
 
 from colar_core.training.checkpoint import COMPLETE, CheckpointError, CheckpointManager, latest_checkpoint
 from colar_core.training.config import TrainConfig
-from colar_core.training.engine import StepBatch, TorchEngine, train_loop
+from colar_core.training.engines import TorchEngine
+from colar_core.training.loop import LoopPlan, StepBatch, train_loop
 from tests.test_pipeline import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,8 +110,8 @@ def _toy_loop(out, max_steps=30, callbacks=(), checkpoint_every=10):
         return {"loss": ((m.lin(b[0]) - b[1]) ** 2).mean()}
 
     manager = CheckpointManager(out, keep=2)
-    return train_loop(engine, batches, loss_fn, max_steps=max_steps, checkpoints=manager,
-                      checkpoint_every=checkpoint_every, callbacks=list(callbacks))
+    return train_loop(engine, batches, loss_fn, LoopPlan(max_steps=max_steps, checkpoint_every=checkpoint_every),
+                      checkpoints=manager, callbacks=list(callbacks))
 
 
 @pytest.mark.slow
@@ -119,7 +120,8 @@ def test_mlflow_lost_mid_training_training_goes_on_and_metrics_are_flushed_when_
     from mlflow import MlflowClient
 
     from colar.flows.servers import ensure_mlflow, stop_servers
-    from colar.tasks.tracking import MlflowMetricsCallback, end_run, start_parent_run
+    from colar.tasks.metrics_sender import MlflowMetricsCallback
+    from colar.tasks.runs import end_run, start_parent_run
 
     state_dir, port = tmp_path / "mlflow", _free_port()
     uri = ensure_mlflow(state_dir, port=port)
@@ -316,7 +318,7 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
     # The tiny model's evaluation metrics are nearly degenerate, so compare what they come from too:
     # the resumed CoLaR model is bit-identical to the uninterrupted one, and so is its last loss.
     from colar_core.training.callbacks import read_metrics
-    from colar.tasks.stages import directory_digest
+    from colar.tasks.artifacts import directory_digest
 
     ref_colar = next((tmp_path / "ref").glob("sft-colar-*"))
     assert colar_dir.name == ref_colar.name  # same stage key: same config, data and code

@@ -15,7 +15,7 @@ import torch
 from colar_core.config import GenerationConfig
 from colar_core.inference import generate
 from colar_core.model import ColarModel
-from colar_core.rl.trainer import RLJob, RLResult, load_start_model, run_rl_stage
+from colar_core.rl.trainer import RLJob, RLResult, run_rl_stage
 from colar_core.training.callbacks import read_metrics
 from colar_core.training.checkpoint import complete_checkpoints, latest_checkpoint
 from tests.test_rl_training import sft_start
@@ -59,7 +59,7 @@ def test_job_runs_in_process_validates_and_exports_a_model_inference_loads(input
     assert RLResult.load(tmp_path / "run") == result
     saved = json.loads((tmp_path / "run" / "rl_config.json").read_text())
     assert saved["group_size"] == 4 and saved["lr"] == 1e-4
-    model, tok = load_start_model(result.model_dir)  # what inference and evaluation do
+    model, tok = ColarModel.load_dir(result.model_dir)  # what inference and evaluation do
     gens = generate(model, encoder_for(tok), [p.question for p in PROBLEMS], "latent", 2,
                     GenerationConfig(max_latents=8, max_answer_tokens=6), seed=0)
     assert len(gens) == 4 and all(1 <= g.n_latents <= 8 for g in gens)

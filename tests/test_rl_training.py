@@ -18,11 +18,11 @@ from colar_core.config import GenerationConfig, ObjectiveConfig
 from colar_core.inference import generate
 from colar_core.model import ColarModel
 from colar_core.rl.config import RLConfig
-from colar_core.rl.trainer import RLResult, load_start_model, train_rl
+from colar_core.rl.trainer import RLResult, train_rl
 from colar_core.scoring import answers_match
 from colar_core.training.callbacks import read_metrics
 from colar_core.training.checkpoint import latest_checkpoint
-from tests.test_training_loop import _Crash, _CrashAt
+from tests.tiny import Crash, CrashAt
 from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
 GEN = GenerationConfig(max_latents=16, max_answer_tokens=6)
@@ -51,7 +51,7 @@ def sft_start(out_dir, seed: int = 0, steps: int = 100):
 
 def sampled_accuracy(model_dir, n: int = 64, seeds=(101, 202)) -> tuple[float, float]:
     """(accuracy, mean #L) at c=2 over ``n`` samples per problem and seed, of a saved model dir."""
-    model, tok = load_start_model(model_dir)
+    model, tok = ColarModel.load_dir(model_dir)
     enc = encoder_for(tok)
     right = lengths = total = 0
     for seed in seeds:
@@ -71,7 +71,7 @@ def rl_cfg(**kw) -> RLConfig:
 
 
 def run(start_dir, out_dir, cfg: RLConfig, **kw) -> RLResult:
-    model, tok = load_start_model(start_dir)
+    model, tok = ColarModel.load_dir(start_dir)
     return train_rl(model, tok, PROBLEMS, (), cfg, out_dir, **kw)
 
 
@@ -145,8 +145,8 @@ def test_interrupted_run_resumes_exactly(start, tmp_path):
     cfg = rl_cfg(max_steps=6, update_epochs=2, checkpoint_every=2, questions_per_step=2, group_size=4,
                  micro_batch_size=4, kl_beta=0.05, continue_actions=True, lr=3e-4)
     a = run(start[0], tmp_path / "a", cfg)
-    with pytest.raises(_Crash):
-        run(start[0], tmp_path / "b", cfg, callbacks=[_CrashAt(7)])
+    with pytest.raises(Crash):
+        run(start[0], tmp_path / "b", cfg, callbacks=[CrashAt(7)])
     assert latest_checkpoint(tmp_path / "b").name == "step_00000004"  # RL step 2 = update 4
     b = run(start[0], tmp_path / "b", cfg)
     assert b.resumed_from == 4 and b.final_step == 12 and b.rl_steps == 6

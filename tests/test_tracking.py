@@ -1,4 +1,5 @@
-"""colar.tasks.tracking against a real MLflow server: runs, params, metrics callback, datasets, artifacts."""
+"""The pipeline's MLflow helpers (colar.tasks.params, .runs, .artifacts, .metrics_sender) against a real
+MLflow server: params, runs, metrics callback, datasets, artifacts."""
 
 from __future__ import annotations
 
@@ -12,20 +13,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from colar.tasks.tracking import (
-    MASK,
-    PARENT_TAG,
-    STAGE_TAG,
-    MlflowMetricsCallback,
-    end_run,
-    find_child_run,
-    flatten_params,
-    log_artifact_dir,
-    log_dataset_input,
-    replay_unflushed,
-    start_child_run,
-    start_parent_run,
-)
+from colar.tasks.artifacts import log_artifact_dir, log_dataset_input
+from colar.tasks.metrics_sender import MlflowMetricsCallback, replay_unflushed
+from colar.tasks.params import MASK, flatten_params
+from colar.tasks.runs import PARENT_TAG, STAGE_TAG, end_run, find_child_run, start_child_run, start_parent_run
 
 
 def _dead_uri() -> str:

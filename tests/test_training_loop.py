@@ -25,11 +25,13 @@ from colar_core.tokenizer import build_tokenizer
 from colar_core.training.callbacks import ConsoleLogger, JsonlLogger, read_metrics
 from colar_core.training.checkpoint import COMPLETE, CheckpointManager, complete_checkpoints, latest_checkpoint
 from colar_core.training.config import LauncherConfig, TrainConfig
-from colar_core.training.engine import (
-    StepBatch, TorchEngine, deepspeed_config, lr_factor, train_loop,
-)
-from colar_core.training.launch import build_launch_command, run_sft_stage
-from colar_core.training.sft import SFTBatches, SFTJob, SFTResult, train_sft
+from colar_core.training.deepspeed_config import deepspeed_config
+from colar_core.training.engines import TorchEngine
+from colar_core.training.launch import build_launch_command
+from colar_core.training.loop import LoopPlan, StepBatch, Validation, train_loop
+from colar_core.training.schedule import lr_factor
+from colar_core.training.sft import SFTBatches, SFTJob, SFTResult, run_sft_stage, train_sft
+from tests.tiny import Crash, CrashAt
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TINY = dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4)
@@ -169,8 +171,9 @@ def _toy_run(out, evaluate=None, **loop_kw):
         exported.append(p)
         return p
 
-    state = train_loop(engine, batches, loss_fn, max_steps=30, checkpoints=manager, callbacks=[Rec()],
-                       evaluate=evaluate, save_best=save_best if evaluate else None, **loop_kw)
+    validation = Validation(evaluate, save_best) if evaluate else None
+    state = train_loop(engine, batches, loss_fn, LoopPlan(max_steps=30, **loop_kw), checkpoints=manager,
+                       validation=validation, callbacks=[Rec()])
     return state, records, manager
 
 
@@ -340,21 +343,6 @@ def test_length_grouping_cuts_padding_and_stays_a_seeded_resumable_permutation(d
 # ----------------------------------------------------------------------------------------------
 # resume exactness
 # ----------------------------------------------------------------------------------------------
-class _Crash(Exception):
-    pass
-
-
-class _CrashAt:
-    """Raises after ``step``: a run dying between two checkpoints."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, step, metrics):
-        if step == self.step:
-            raise _Crash(step)
-
-
 @pytest.mark.parametrize("backend", ["torch", pytest.param("deepspeed", marks=pytest.mark.slow)])
 def test_interrupted_and_resumed_run_matches_uninterrupted(data, tmp_path, backend):
     """Same seed, same final loss: tolerance 1e-6 relative (CPU runs are bit-identical here)."""
@@ -362,8 +350,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(data, tmp_path, backe
     c = cfg(backend=backend, objective=ObjectiveConfig(mode="colar", compression_factors=[1, 2, 3], auto_prob=0.2),
             max_steps=16, checkpoint_every=6, grad_accum=2, warmup_steps=3, lr_schedule="cosine")
     a = train_sft(tiny_model(tok), tok, train, val, c, tmp_path / "a")
-    with pytest.raises(_Crash):
-        train_sft(tiny_model(tok), tok, train, val, c, tmp_path / "b", callbacks=[_CrashAt(9)])
+    with pytest.raises(Crash):
+        train_sft(tiny_model(tok), tok, train, val, c, tmp_path / "b", callbacks=[CrashAt(9)])
     assert latest_checkpoint(tmp_path / "b").name == "step_00000006"
     b = train_sft(tiny_model(tok, seed=123), tok, train, val, c, tmp_path / "b")  # init is overwritten by the resume
     assert b.resumed_from == 6 and b.final_step == 16

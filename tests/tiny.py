@@ -28,3 +28,18 @@ def tiny_model(tokenizer, arch="llama", hidden=64, layers=2, heads=4, **kw) -> C
 
 def encoder_for(tokenizer) -> PromptEncoder:
     return PromptEncoder(tokenizer)
+
+
+class Crash(Exception):
+    """What :class:`CrashAt` raises."""
+
+
+class CrashAt:
+    """A training callback that raises after ``step``: a run dying between two checkpoints."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        if step == self.step:
+            raise Crash(step)

@@ -1,7 +1,7 @@
 """Built-in multi-step arithmetic word problems in GSM8k-Aug form (no download needed).
 
 Why this exists: the project needs a task that trains in minutes on a CPU and on which the
-chain of thought clearly matters. METHOD.md ("Measured here at tiny scale") found that a task
+chain of thought clearly matters. docs/METHOD.md ("Measured here at tiny scale") found that a task
 solvable in one or two operations is learned without any chain, while three *dependent*
 operations break direct answering. So every problem here is a chain: a start value, then
 operations each applied to the previous result (``4*7=28``, ``28-5=23``, ``23+9=32``), told as a

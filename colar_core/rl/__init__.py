@@ -1,11 +1,13 @@
-"""RL stage: GRPO over latent reasoning (METHOD.md, "RL (GRPO)").
+"""RL stage: GRPO over latent reasoning (docs/METHOD.md, "RL (GRPO)").
 
 ``config`` (RLConfig, RewardConfig), ``rewards`` (pure reward functions), ``grpo`` (trajectories,
 group advantages, log-prob recomputation, the clipped loss) and ``trainer`` (``train_rl``,
-``RLJob``, ``run_rl_job``, ``run_rl_stage`` on the SFT stage's engine, loop and checkpoints).
+``RLJob``, ``run_rl_job``, ``run_rl_stage`` on the stage skeleton of :mod:`colar_core.training.stage`).
 ``python -m colar_core.rl.rl_main --config job.json`` is the launcher entry. Imports are lazy so
 ``import colar_core.rl`` does not import DeepSpeed.
 """
+
+import importlib
 
 from colar_core.rl.config import RewardConfig, RLConfig
 
@@ -27,7 +29,5 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f"colar_core.rl.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'colar_core.rl' has no attribute {name!r}")

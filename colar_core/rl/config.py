@@ -1,6 +1,6 @@
 """Typed configuration of the RL stage (GRPO over latent reasoning).
 
-Defaults follow METHOD.md's "RL (GRPO)" section where the reference has a value (8 rollouts per
+Defaults follow docs/METHOD.md's "RL (GRPO)" section where the reference has a value (8 rollouts per
 question, reward 1 if correct else 0, epsilon 0.2, per-token averaging, no KL, lr 1e-6, grad clip
 1.0, one update pass per rollout); every other default is our choice and says why.
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import sys
 
+from colar_core.rl.trainer import RLJob, run_rl_job
 from colar_core.training.launch import job_entry_main
 
 
 def _run(path: str):
-    from colar_core.rl.trainer import RLJob, run_rl_job
-
     return run_rl_job(RLJob.from_file(path))
 
 

@@ -1,4 +1,4 @@
-"""The RL stage: GRPO on a CoLaR-SFT model, on the SFT stage's engine, loop and checkpoints.
+"""The RL stage: GRPO on a CoLaR-SFT model, on the stage skeleton SFT uses (engine, loop, checkpoints).
 
 One RL step (``RLConfig``):
 
@@ -45,22 +45,24 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from colar_core.config import StrictModel
 from colar_core.inference import generate_latent
+from colar_core.model import ColarModel
 from colar_core.rl.config import RLConfig
 from colar_core.rl.grpo import Trajectories, concat_traces, group_advantages, grpo_loss, policy_log_probs
 from colar_core.rl.rewards import compute_rewards
 from colar_core.text import PromptEncoder
+from colar_core.training.callbacks import Callback
 from colar_core.training.checkpoint import CheckpointManager
-from colar_core.training.engine import StepBatch, build_engine, dist_env
-from colar_core.training.result import StageResultMixin
-from colar_core.training.sft import DataConfig, run_stage_loop
+from colar_core.training.engines import Engine, build_engine
+from colar_core.training.launch import run_job
+from colar_core.training.loop import StepBatch
+from colar_core.training.stage import (
+    METRICS_FILE, StageData, StageJob, StageResultMixin, finish_stage, run_stage_loop, start_stage,
+)
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "rl_config.json"
-MODEL_DIR = "model"
 ENTRY_MODULE = "colar_core.rl.rl_main"
 
 
@@ -88,7 +90,7 @@ class RLBatches:
     rollouts, and the rollout sampling generator (per process).
     """
 
-    def __init__(self, records: Sequence, encoder: PromptEncoder, cfg: RLConfig, engine,
+    def __init__(self, records: Sequence, encoder: PromptEncoder, cfg: RLConfig, engine: Engine,
                  ref_model: Optional[nn.Module] = None):
         self.records, self.encoder, self.cfg, self.engine = list(records), encoder, cfg, engine
         self.ref_model = ref_model
@@ -240,15 +242,14 @@ class RLResult(StageResultMixin):
     output_dir: Optional[Path] = None
 
 
-
 def train_rl(
-    model,
+    model: ColarModel,
     tokenizer,
     train_records: Sequence,
     val_records: Sequence = (),
     cfg: Optional[RLConfig] = None,
     output_dir: Union[str, Path] = "runs/rl",
-    callbacks: Sequence = (),
+    callbacks: Sequence[Callback] = (),
     device: Optional[torch.device] = None,
 ) -> RLResult:
     """GRPO on ``model`` (a CoLaR-SFT :class:`~colar_core.model.ColarModel`) over ``train_records``'
@@ -262,15 +263,12 @@ def train_rl(
     cfg = cfg or RLConfig()
     tcfg = cfg.train_config()
     out = Path(output_dir)
-    env = dist_env(set_defaults=cfg.backend == "deepspeed")
+    start_stage(out, CONFIG_FILE, cfg, cfg.backend)
     manager = CheckpointManager(out, keep=cfg.keep_checkpoints)
     encoder = PromptEncoder(tokenizer)
     if cfg.disable_dropout:
         disable_dropout(model)
     model.zero_grad(set_to_none=True)  # stale gradients of whoever trained it would join the first update
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
 
     ref_model = None
     if cfg.kl_beta > 0:  # the starting policy, frozen, before the engine (or a resume) changes it
@@ -289,57 +287,33 @@ def train_rl(
                       metrics_path=out / METRICS_FILE, resumed_from=state.resumed_from,
                       best_val_accuracy=state.best_score, best_model_dir=best_dir, best_step=state.best_step,
                       stopped_early=state.stopped_early, output_dir=out)
-    if engine.is_main:
-        result.save(out)
-    engine.barrier()
-    return result
+    return finish_stage(engine, result, out)
 
 
 # ----------------------------------------------------------------------------------------------
 # A whole job from one config file (what the launchers run)
 # ----------------------------------------------------------------------------------------------
-class RLJob(StrictModel):
+class RLJob(StageJob):
     """One RL stage as a file: what ``python -m colar_core.rl.rl_main --config job.json`` runs."""
 
-    output_dir: str = Field(..., description="Run directory (checkpoints, metrics.jsonl, model/); reused = resumed.")
     init_from: str = Field(..., description="The CoLaR-SFT model directory to start from (e.g. the CoLaR SFT "
                            "stage's output_dir/model); its tokenizer/ is used.")
     rl: RLConfig = Field(default_factory=RLConfig)
-    data: DataConfig = Field(default_factory=DataConfig, description="train.jsonl (+ val.jsonl) from prepare_data; "
-                             "None = the built-in problems (as SFT).")
-
-    @classmethod
-    def from_file(cls, path) -> "RLJob":
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
-            return cls.model_validate(yaml.safe_load(text))
-        return cls.model_validate_json(text)
+    data: StageData = Field(default_factory=StageData, description="train.jsonl (+ val.jsonl) from prepare_data; "
+                            "None = the built-in problems (as SFT).")
 
 
-def load_start_model(model_dir: Union[str, Path]):
-    """``(ColarModel, tokenizer)`` of a saved CoLaR model directory (trainable)."""
-    from colar_core.model import ColarModel
-    from colar_core.tokenizer import load_tokenizer
-
-    root = Path(model_dir)
-    return ColarModel.from_pretrained(root, is_trainable=True), load_tokenizer(str(root / "tokenizer"))
-
-
-def run_rl_job(job: RLJob, callbacks: Sequence = ()) -> RLResult:
+def run_rl_job(job: RLJob, callbacks: Sequence[Callback] = ()) -> RLResult:
     """Load data and the starting model for ``job`` and train in this process (one of a launched
     job's processes, or the only one)."""
     train_records, val_records = job.data.load()
-    model, tokenizer = load_start_model(job.init_from)
+    model, tokenizer = ColarModel.load_dir(job.init_from, is_trainable=True)
     return train_rl(model, tokenizer, train_records, val_records, job.rl, job.output_dir, callbacks)
 
 
-def run_rl_stage(job: RLJob, config_path: Optional[Union[str, Path]] = None, callbacks: Sequence = (),
+def run_rl_stage(job: RLJob, config_path: Optional[Union[str, Path]] = None, callbacks: Sequence[Callback] = (),
                  on_line: Optional[Callable[[str], None]] = None) -> RLResult:
     """Run an :class:`RLJob` in this process when its launcher asks for one process, else through
     the launcher (see :func:`colar_core.training.launch.run_job`)."""
-    from colar_core.training.launch import run_job
-
     return run_job(job, job.rl.launcher, run_rl_job, RLResult, module=ENTRY_MODULE, config_path=config_path,
                    callbacks=callbacks, on_line=on_line)

@@ -22,16 +22,20 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 PROGRESS_ENV = "COLAR_PROGRESS"  # "1": progress lines even without a terminal (a log, a launcher pipe); "0": none
 
 
-@runtime_checkable
 class Callback(Protocol):
+    """The events a training loop reports. Each method is optional at run time (the loop calls only
+    those an object has); :class:`CallbackBase` implements them all as no-ops."""
+
+    def on_train_start(self, info: dict) -> None: ...
     def on_step(self, step: int, metrics: dict) -> None: ...
     def on_eval(self, step: int, metrics: dict) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_train_end(self, info: dict) -> None: ...
 
 
 class CallbackBase:

@@ -34,11 +34,12 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
-from colar_core.training.engine import LoopState
+from colar_core.training.engines import Engine
+from colar_core.training.loop import LoopState, Stateful
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def capture_rng() -> dict:
     """Python, numpy, torch and CUDA RNG states, in a form ``torch.load(weights_only=True)`` reads."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
-        import numpy as np
+        import numpy as np  # optional: its RNG is saved only where numpy is installed
 
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
@@ -108,11 +109,12 @@ def capture_rng() -> dict:
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(_as_tuple(state["python"]))
+    """Set the RNG states :func:`capture_rng` took (CUDA only with the same number of devices)."""
+    random.setstate(as_tuple(state["python"]))
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
         try:
-            import numpy as np
+            import numpy as np  # optional, as in capture_rng
 
             n = state["numpy"]
             np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
@@ -126,8 +128,9 @@ def restore_rng(state: dict) -> None:
                         len(state["cuda"]), torch.cuda.device_count())
 
 
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+def as_tuple(x):
+    """Lists back to tuples, recursively: a saved ``random.getstate()`` as ``setstate`` wants it."""
+    return tuple(as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +155,7 @@ class CheckpointManager:
         return found[-1][1] if found else None
 
     # ----- save ---------------------------------------------------------------------------------
-    def save(self, engine, state: LoopState, stateful: Optional[dict] = None) -> Path:
+    def save(self, engine: Engine, state: LoopState, stateful: Optional[Mapping[str, Stateful]] = None) -> Path:
         """Write a checkpoint of step ``state.step``; returns its final path.
 
         An OS error while writing (permissions, disk full) raises :class:`CheckpointError` naming the
@@ -176,7 +179,7 @@ class CheckpointManager:
             error.errno = err.errno
             raise error from err
 
-    def _save(self, engine, state: LoopState, stateful: Optional[dict] = None) -> Path:
+    def _save(self, engine: Engine, state: LoopState, stateful: Optional[Mapping[str, Stateful]] = None) -> Path:
         stateful = stateful or {}
         name = step_dir_name(state.step)
         final, tmp = self.root / name, self.root / f"{_TMP}{name}"
@@ -220,7 +223,7 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     # ----- restore ------------------------------------------------------------------------------
-    def restore(self, engine, stateful: Optional[dict] = None) -> Optional[LoopState]:
+    def restore(self, engine: Engine, stateful: Optional[Mapping[str, Stateful]] = None) -> Optional[LoopState]:
         """Load the newest complete checkpoint into ``engine`` and ``stateful``; None when none exists.
 
         Leftover temp directories (a run killed while saving) are removed first.
@@ -276,7 +279,8 @@ class CheckpointManager:
     def best_path(self, step: int) -> Path:
         return self.best_root / step_dir_name(step)
 
-    def remove_exports(self, paths, engine) -> None:
+    def remove_exports(self, paths: Sequence[str], engine: Engine) -> None:
+        """Delete best-k exports that left the best-k (rank 0; collective)."""
         if engine.is_main:
             for p in paths:
                 if p:
@@ -284,7 +288,7 @@ class CheckpointManager:
         engine.barrier()
 
 
-def export_model(engine, out_dir, tokenizer=None, extra_files: Optional[dict] = None) -> Path:
+def export_model(engine: Engine, out_dir, tokenizer=None, extra_files: Optional[dict] = None) -> Path:
     """``ColarModel.save_pretrained`` of the engine's model into ``out_dir`` (collective).
 
     Under ZeRO-3 the full parameters are gathered first. Written into a temp directory by rank 0

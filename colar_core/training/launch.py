@@ -1,8 +1,11 @@
 """Starting a stage on many processes: the ``deepspeed`` launcher or ``torchrun``.
 
-The pipeline decides with ``LauncherConfig.multi_process``: one process trains in-process
-(:func:`colar_core.training.sft.run_sft_job`); more are started as a subprocess running
-``python -m colar_core.training.sft_main --config job.json`` under a launcher::
+A stage's ``run_*_stage`` (:func:`colar_core.training.sft.run_sft_stage`,
+:func:`colar_core.rl.trainer.run_rl_stage`) decides through :func:`run_job` with
+``LauncherConfig.multi_process``: one process trains in-process (e.g.
+:func:`colar_core.training.sft.run_sft_job`); more are started as a subprocess running
+``python -m colar_core.training.sft_main --config job.json`` (RL: ``colar_core.rl.rl_main``) under
+a launcher::
 
     deepspeed [--hostfile H] [--num_nodes N] --num_gpus G [--master_addr A] [--master_port P] \\
         --module colar_core.training.sft_main --config job.json
@@ -18,6 +21,9 @@ per node (same ``master_addr``/``master_port``, its own ``node_rank``).
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -27,6 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from colar_core.training.callbacks import PROGRESS_ENV
 from colar_core.training.config import LauncherConfig
+from colar_core.training.distributed import free_port
 
 ENTRY_MODULE = "colar_core.training.sft_main"
 
@@ -54,7 +61,7 @@ def _deepspeed_launcher() -> Optional[list[str]]:
     if exe:
         return [exe]
     try:
-        import deepspeed.launcher.runner  # noqa: F401
+        import deepspeed.launcher.runner  # noqa: F401  (heavy: only to learn whether it is installed)
     except ImportError:
         return None
     return [sys.executable, "-m", "deepspeed.launcher.runner"]
@@ -79,7 +86,7 @@ def build_launch_command(config_path: Union[str, Path], launcher: LauncherConfig
         if launcher.master_addr:
             cmd += ["--master_addr", launcher.master_addr]
         if launcher.master_port or launcher.num_nodes == 1:
-            cmd += ["--master_port", str(launcher.master_port or _free_port())]
+            cmd += ["--master_port", str(launcher.master_port or free_port())]
         return cmd + ["--module", module, *script]
     if kind == "torchrun":
         cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(launcher.num_nodes),
@@ -89,15 +96,9 @@ def build_launch_command(config_path: Union[str, Path], launcher: LauncherConfig
         if launcher.num_nodes > 1 and not (launcher.master_addr and launcher.master_port):
             raise ValueError("torchrun on several nodes needs launcher.master_addr and master_port")
         cmd += ["--master_addr", launcher.master_addr or "127.0.0.1",
-                "--master_port", str(launcher.master_port or _free_port())]
+                "--master_port", str(launcher.master_port or free_port())]
         return cmd + ["-m", module, *script]
     raise ValueError(f"unknown launcher {kind!r}")
-
-
-def _free_port() -> int:
-    from colar_core.training.engine import free_port
-
-    return free_port()
 
 
 def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: str = ENTRY_MODULE,
@@ -156,24 +157,10 @@ def run_job(job, launcher: LauncherConfig, run_in_process: Callable, result_cls,
     return result_cls.load(out)
 
 
-def run_sft_stage(job, config_path: Optional[Union[str, Path]] = None, callbacks: Sequence = (),
-                  on_line: Optional[Callable[[str], None]] = None):
-    """Run an :class:`~colar_core.training.sft.SFTJob` (see :func:`run_job`); returns its
-    :class:`~colar_core.training.sft.SFTResult`."""
-    from colar_core.training.sft import SFTResult, run_sft_job
-
-    return run_job(job, job.train.launcher, run_sft_job, SFTResult, config_path=config_path, callbacks=callbacks,
-                   on_line=on_line)
-
-
 def job_entry_main(argv, *, prog: str, description: str, job_name: str, run_file: Callable[[str], object]) -> int:
     """The body of a launcher entry point (``sft_main``, ``rl_main``): parse ``--config`` (and the
     ``--local_rank`` the deepspeed launcher adds), run the job file in this process, and print the
     result as one JSON line on rank 0."""
-    import argparse
-    import json
-    import logging
-
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help=f"{job_name} file (JSON or YAML)")
     # the deepspeed launcher passes --local_rank; the environment carries the same value

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: explicit CoT, no-CoT and CoLaR, on the shared training loop.
+"""Supervised fine-tuning: explicit CoT, no-CoT and CoLaR, on the shared stage skeleton.
 
 Modes (``TrainConfig.objective.mode``):
 
@@ -15,37 +15,40 @@ Data order: each epoch is a seeded permutation of the training set; one micro-st
 ``batch_size * world_size`` consecutive entries and process ``k`` takes the ``k``-th slice. The
 data position (epoch, index) and every random stream are checkpointed, so a resumed run sees the
 same batches, factors and labels as an uninterrupted one.
+
+A whole stage from a job file: :class:`SFTJob`, run in this process by :func:`run_sft_job` or, when
+its launcher asks for several processes, through the launcher by :func:`run_sft_stage`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from pydantic import Field
 
 from colar_core.collate import collate
-from colar_core.config import ModelConfig, StrictModel
-from colar_core.inference import generate
-from colar_core.scoring import accuracy
+from colar_core.config import ModelConfig
+from colar_core.model import ColarModel
 from colar_core.text import AUTO_SPEED, PromptEncoder
-from colar_core.training.callbacks import stage_callbacks
-from colar_core.training.checkpoint import CheckpointManager, export_model
-from colar_core.training.result import StageResultMixin
+from colar_core.tokenizer import build_tokenizer, load_tokenizer
+from colar_core.training.callbacks import Callback
+from colar_core.training.checkpoint import CheckpointManager, as_tuple
 from colar_core.training.config import TrainConfig
-from colar_core.training.engine import StepBatch, build_engine, dist_env, train_loop
+from colar_core.training.engines import build_engine
+from colar_core.training.launch import run_job
+from colar_core.training.loop import StepBatch
+from colar_core.training.stage import (
+    METRICS_FILE, StageData, StageJob, StageResultMixin, finish_stage, run_stage_loop, start_stage,
+)
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
-MODEL_DIR = "model"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,73 +155,9 @@ class SFTBatches:
         if int(state.get("global_micro", self.global_micro)) != self.global_micro:
             log.warning("global micro-batch changed (%s -> %s): data order continues from the same index",
                         state.get("global_micro"), self.global_micro)
-        self.r_rng.setstate(_as_tuple(state["r_rng"]))
+        self.r_rng.setstate(as_tuple(state["r_rng"]))
         self.label_gen.set_state(state["label_gen"])
         self.loss_gen.set_state(state["loss_gen"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-class ModelStateKeeper:
-    """Checkpoints ``model.state`` (embedding scale, trained factors): it is not in the weights."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def state_dict(self) -> dict:
-        return {"json": json.dumps(asdict(self.model.state))}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in json.loads(state["json"]).items():
-            if hasattr(self.model.state, k):
-                setattr(self.model.state, k, v)
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
-def make_evaluator(engine, encoder: PromptEncoder, val_records: Sequence, cfg: TrainConfig):
-    """``evaluate(step) -> metrics`` run by every process on its share of the validation set.
-
-    colar mode: latent generation at each of ``cfg.eval_factors()``, giving ``acc_c{c}`` and
-    ``mean_latents_c{c}``; cot / nocot: text generation, ``acc`` and ``mean_chain_tokens``.
-    ``score`` is the mean accuracy (what best-k and early stopping use).
-    """
-    records = list(val_records)[: cfg.eval_size] if cfg.eval_size else list(val_records)
-    shard = records[engine.rank::engine.world_size]
-    questions, golds = [r.question for r in shard], [r.answer for r in shard]
-    mode = cfg.objective.mode
-    factors: list[Optional[int]] = list(cfg.eval_factors()) if mode == "colar" else [None]
-
-    def evaluate(step: int) -> dict:
-        vals = []
-        with engine.full_model() as model:
-            for c in factors:
-                if questions:
-                    gens = generate(model, encoder, questions, "latent" if c is not None else mode,
-                                    c or 1, cfg.generation, seed=cfg.eval_seed + 1009 * engine.rank)
-                    correct = accuracy([g.answer for g in gens], golds) * len(golds)
-                    length = float(sum(g.chain_length for g in gens))
-                else:
-                    correct = length = 0.0
-                vals += [correct, length, float(len(questions))]
-        tot = engine.all_reduce_sum(torch.tensor(vals, dtype=torch.float64)).tolist()
-        metrics: dict = {"n_eval": int(tot[2]) if tot else 0}
-        accs = []
-        for i, c in enumerate(factors):
-            correct, length, n = tot[3 * i: 3 * i + 3]
-            acc, mean_len = (correct / n, length / n) if n else (0.0, 0.0)
-            accs.append(acc)
-            if c is None:
-                metrics.update({"acc": acc, "mean_chain_tokens": mean_len})
-            else:
-                metrics.update({f"acc_c{c}": acc, f"mean_latents_c{c}": mean_len})
-        metrics["score"] = sum(accs) / len(accs) if accs else 0.0
-        return metrics
-
-    return evaluate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,53 +178,14 @@ class SFTResult(StageResultMixin):
     output_dir: Optional[Path] = None
 
 
-
-def run_stage_loop(engine, batches, loss_fn, cfg: TrainConfig, *, model, encoder: PromptEncoder, tokenizer,
-                   val_records: Sequence, manager: CheckpointManager, out: Path, callbacks: Sequence = ()):
-    """The part of a training stage that SFT and RL share: validation with best-k exports,
-    :func:`train_loop` with checkpoints and resume, then ``out/model`` (the best validated model or
-    the last weights, per ``cfg.final_model``). Returns ``(loop state, model dir, best dir or None)``."""
-    evaluate_fn = save_best = None
-    if cfg.eval_every and len(val_records):
-        evaluate = make_evaluator(engine, encoder, val_records, cfg)
-        last_eval: dict = {}
-
-        def evaluate_fn(step: int) -> dict:
-            last_eval.clear()
-            last_eval.update(evaluate(step))
-            return last_eval
-
-        def save_best(step: int) -> Path:
-            return export_model(engine, manager.best_path(step), tokenizer,
-                                {"val_metrics.json": {"step": step, **last_eval}})
-
-    cbs = stage_callbacks(out / METRICS_FILE, callbacks) if engine.is_main else []
-    state = train_loop(
-        engine, batches, loss_fn,
-        max_steps=cfg.max_steps, checkpoints=manager, checkpoint_every=cfg.checkpoint_every,
-        stateful={"data": batches, "model_state": ModelStateKeeper(model)}, callbacks=cbs,
-        evaluate=evaluate_fn, eval_every=cfg.eval_every, save_best=save_best, keep_best=cfg.keep_best,
-        early_stopping_patience=cfg.early_stopping_patience, log_every=cfg.log_every,
-    )
-
-    best_dir = Path(state.best[0]["path"]) if state.best and state.best[0].get("path") else None
-    model_dir = out / MODEL_DIR
-    if cfg.final_model == "best" and best_dir is not None and best_dir.is_dir():
-        if engine.is_main:
-            copy_dir_atomic(best_dir, model_dir)
-        engine.barrier()
-    else:
-        export_model(engine, model_dir, tokenizer)
-    return state, model_dir, best_dir
-
 def train_sft(
-    model,
+    model: ColarModel,
     tokenizer,
     train_records: Sequence,
     val_records: Sequence = (),
     cfg: Optional[TrainConfig] = None,
     output_dir: Union[str, Path] = "runs/sft",
-    callbacks: Sequence = (),
+    callbacks: Sequence[Callback] = (),
     device: Optional[torch.device] = None,
 ) -> SFTResult:
     """Train ``model`` (a :class:`~colar_core.model.ColarModel`) on ``train_records``.
@@ -300,7 +200,7 @@ def train_sft(
     """
     cfg = cfg or TrainConfig()
     out = Path(output_dir)
-    env = dist_env(set_defaults=cfg.backend == "deepspeed")
+    start_stage(out, CONFIG_FILE, cfg, cfg.backend)
     obj = cfg.objective
     manager = CheckpointManager(out, keep=cfg.keep_checkpoints)
     fresh = manager.latest() is None
@@ -315,10 +215,6 @@ def train_sft(
             log.info("re-measured embedding scale %.5f -> %.5f", before, model.state.embedding_scale)
         model.state.trained_compression_factors = sorted(set(obj.compression_factors))
 
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
-
     model.zero_grad(set_to_none=True)  # leftover .grad on a model passed in memory would join the first update
     engine = build_engine(model, cfg, device)
     batches = SFTBatches(examples, encoder, cfg, engine.rank, engine.world_size, engine.device)
@@ -332,76 +228,26 @@ def train_sft(
     result = SFTResult(model_dir=model_dir, final_step=state.step, best_val_accuracy=state.best_score,
                        metrics_path=out / METRICS_FILE, best_model_dir=best_dir, best_step=state.best_step,
                        stopped_early=state.stopped_early, resumed_from=state.resumed_from, output_dir=out)
-    if engine.is_main:
-        result.save(out)
-    engine.barrier()
-    return result
-
-
-def copy_dir_atomic(src: Path, dst: Path) -> None:
-    """Replace ``dst`` with a copy of ``src`` (copied to a temp name first, then renamed)."""
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    return finish_stage(engine, result, out)
 
 
 # ----------------------------------------------------------------------------------------------
 # A whole job from one config file (what the launchers run)
 # ----------------------------------------------------------------------------------------------
-class DataConfig(StrictModel):
-    """Where the stage's examples come from: split files written by ``colar_core.data.prepare_data``
-    (JSONL, read with ``load_split``), or the built-in synthetic task when ``train`` is None."""
-
-    train: Optional[str] = Field(None, description="train.jsonl from prepare_data; None = built-in problems.")
-    val: Optional[str] = Field(None, description="val.jsonl from prepare_data (validation).")
-    builtin_train: int = Field(2000, gt=0, description="Built-in task: training problems.")
-    builtin_val: int = Field(200, ge=0, description="Built-in task: validation problems.")
-    builtin_seed: int = Field(0, description="Built-in task: generator seed.")
-    builtin_difficulty: Union[int, str] = Field("easy", description="Built-in task: easy / medium / hard or max steps.")
-
-    def load(self) -> tuple[list, list]:
-        from colar_core.data import builtin_splits, load_split
-
-        if self.train is None:
-            splits = builtin_splits(self.builtin_train, self.builtin_val, 0, seed=self.builtin_seed,
-                                    difficulty=self.builtin_difficulty)
-            return splits["train"], splits["val"]
-        return load_split(self.train), (load_split(self.val) if self.val else [])
-
-
-class SFTJob(StrictModel):
+class SFTJob(StageJob):
     """One SFT stage as a file: what ``python -m colar_core.training.sft_main --config job.json`` runs."""
 
-    output_dir: str = Field(..., description="Run directory (checkpoints, metrics.jsonl, model/); reused = resumed.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig, description="Backbone to build when init_from is None.")
     init_from: Optional[str] = Field(None, description="A saved ColarModel directory to start from "
                                      "(e.g. the CoT stage's output_dir/model); its tokenizer is used.")
-    data: DataConfig = Field(default_factory=DataConfig)
-
-    @classmethod
-    def from_file(cls, path) -> "SFTJob":
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
-            return cls.model_validate(yaml.safe_load(text))
-        return cls.model_validate_json(text)
+    data: StageData = Field(default_factory=StageData)
 
 
 def load_model_and_tokenizer(job: SFTJob, train_records: Sequence, val_records: Sequence):
     """The model and tokenizer a job starts from (identical on every process: seeded build)."""
-    from colar_core.model import ColarModel
-    from colar_core.tokenizer import build_tokenizer, load_tokenizer
-
     if job.init_from:
-        root = Path(job.init_from)
-        model = ColarModel.from_pretrained(root)
-        tokenizer = load_tokenizer(str(root / "tokenizer"))
-        return model, tokenizer
+        return ColarModel.load_dir(job.init_from)
     if job.model.tokenizer:
         tokenizer = load_tokenizer(job.model.tokenizer, trust_remote_code=job.model.trust_remote_code)
     elif job.model.name_or_path == "tiny":
@@ -413,9 +259,17 @@ def load_model_and_tokenizer(job: SFTJob, train_records: Sequence, val_records: 
     return model, tokenizer
 
 
-def run_sft_job(job: SFTJob, callbacks: Sequence = ()) -> SFTResult:
+def run_sft_job(job: SFTJob, callbacks: Sequence[Callback] = ()) -> SFTResult:
     """Load data, tokenizer and model for ``job`` and train in this process (one of a launched job's
     processes, or the only one)."""
     train_records, val_records = job.data.load()
     model, tokenizer = load_model_and_tokenizer(job, train_records, val_records)
     return train_sft(model, tokenizer, train_records, val_records, job.train, job.output_dir, callbacks)
+
+
+def run_sft_stage(job: SFTJob, config_path: Optional[Union[str, Path]] = None, callbacks: Sequence[Callback] = (),
+                  on_line: Optional[Callable[[str], None]] = None) -> SFTResult:
+    """Run an :class:`SFTJob` in this process when its launcher asks for one process, else through
+    the launcher (see :func:`colar_core.training.launch.run_job`)."""
+    return run_job(job, job.train.launcher, run_sft_job, SFTResult, config_path=config_path, callbacks=callbacks,
+                   on_line=on_line)

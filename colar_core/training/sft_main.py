@@ -16,11 +16,10 @@ from __future__ import annotations
 import sys
 
 from colar_core.training.launch import job_entry_main
+from colar_core.training.sft import SFTJob, run_sft_job
 
 
 def _run(path: str):
-    from colar_core.training.sft import SFTJob, run_sft_job
-
     return run_sft_job(SFTJob.from_file(path))
 
 

@@ -1,24 +1,12 @@
-"""MLflow helpers shared by every stage task.
+"""Training-loop metrics to MLflow without ever disturbing the loop.
 
-Everything here names its run explicitly (``MlflowClient`` + run ids). MLflow's "active run" is
-per thread and Prefect runs tasks in worker threads, so nothing relies on ``mlflow.start_run()``
-state. Layout of a pipeline in MLflow::
-
-    parent run  (one per ``colar run``; params = the flattened pipeline config)
-      +- child run, tag colar.stage=prepare_data
-      +- child run, tag colar.stage=sft          <- MlflowMetricsCallback logs loss/lr/... here
-      +- child run, tag colar.stage=rl
-      +- child run, tag colar.stage=evaluate
-
-Children carry ``mlflow.parentRunId`` (the UI nests them) and ``colar.stage``; a retried flow
-uses :func:`find_child_run` to skip a stage that already finished.
-
-The client is ``MlflowClient()`` unless one is passed, i.e. it follows ``MLFLOW_TRACKING_URI``.
+:class:`MlflowMetricsCallback` buffers what a training loop reports and sends it from a background
+thread, retrying while the server is away; what never got through is written to a JSONL file that
+:func:`replay_unflushed` sends later. :func:`metric_key` makes a name acceptable to MLflow.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -32,394 +20,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
-__all__ = [
-    "STAGE_TAG",
-    "PARENT_TAG",
-    "MASK",
-    "flatten_params",
-    "mask_secrets",
-    "start_parent_run",
-    "start_child_run",
-    "end_run",
-    "find_child_run",
-    "end_orphaned_children",
-    "MlflowMetricsCallback",
-    "log_artifact_dir",
-    "log_dataset_input",
-    "metric_key",
-    "replay_unflushed",
-]
+from colar.tasks.params import MAX_KEY, MAX_PARAM_VALUE, mask_secrets
+from colar.tasks.runs import MAX_PARAMS_PER_BATCH, client_or_default
 
-STAGE_TAG = "colar.stage"
-PARENT_TAG = "mlflow.parentRunId"
-MASK = "***"
+__all__ = ["MlflowMetricsCallback", "metric_key", "replay_unflushed"]
 
-# MLflow limits (mlflow.utils.validation): param value 6000 chars, key 250 chars, 100 params/tags
-# and 1000 metrics per log_batch call.
-MAX_PARAM_VALUE = 6000
-MAX_KEY = 250
-MAX_PARAMS_PER_BATCH = 100
+# MLflow limits (mlflow.utils.validation) of one log_batch call: 1000 metrics, 1000 entities in all
+# (metrics + params + tags), 100 tags.
 MAX_METRICS_PER_BATCH = 1000
-MAX_ENTITIES_PER_BATCH = 1000  # metrics + params + tags in one log_batch
-
-# --------------------------------------------------------------------------------------------
-# params
-
-
-# Words (of a key split on "_", "-", "." and camelCase) that mark a secret.
-_SECRET_WORDS = {"token", "password", "passwd", "secret", "apikey", "credential", "credentials"}
-_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("auth", "key")}
-# "pad_token", "eos_token_id", "latent_token" ... name vocabulary entries, not credentials.
-_VOCAB_TOKEN_ROLES = {
-    "pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "latent", "start", "end", "stop",
-    "think", "answer", "bot", "eot", "thought", "step", "sentinel", "additional", "chat",
-}
-# Env var names whose values are treated as secrets when they appear in a param value.
-_SECRET_ENV_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|KEY", re.IGNORECASE)
-# Env values shorter than this are masked only where a param equals them exactly ("1", "true"
-# would otherwise be cut out of every value); longer ones wherever they occur in a value.
-_MIN_SECRET_SUBSTRING = 8
-_MIN_SECRET_EXACT = 6
-_URL_PASSWORD = re.compile(r"(\w+://[^:/@\s]+:)([^@/\s]+)(@)")
-
-
-def _key_words(key: str) -> list[str]:
-    key = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key)
-    return [w for w in re.split(r"[^A-Za-z0-9]+", key.lower()) if w]
-
-
-def is_secret_key(key: str) -> bool:
-    """True if the last segment of a dotted key names a credential (``hf_token``, ``api_key``...).
-
-    Matching is by word, not substring: ``max_new_tokens``, ``tokenizer`` and ``pad_token_id`` are
-    ordinary parameters; ``token``, ``hf_token``, ``HF_TOKEN``, ``openai_api_key``, ``db_password``,
-    ``client_secret`` are secrets.
-    """
-    words = _key_words(key.rsplit(".", 1)[-1])
-    for i, w in enumerate(words):
-        if w == "token":
-            before = words[i - 1] if i > 0 else ""
-            after = words[i + 1] if i + 1 < len(words) else ""
-            if before in _VOCAB_TOKEN_ROLES or after in {"id", "ids", "str", "index"}:
-                continue
-            return True
-        if w in _SECRET_WORDS:
-            return True
-        if i > 0 and (words[i - 1], w) in _SECRET_PAIRS:
-            return True
-    return False
-
-
-def _secret_env_values() -> list[str]:
-    values = {v for k, v in os.environ.items() if _SECRET_ENV_NAME.search(k) and len(v) >= _MIN_SECRET_EXACT}
-    return sorted(values, key=len, reverse=True)
-
-
-def _mask_value(text: str, secrets: list[str]) -> str:
-    for s in secrets:
-        if text == s:
-            return MASK
-        if len(s) >= _MIN_SECRET_SUBSTRING and s in text:
-            text = text.replace(s, MASK)
-    return _URL_PASSWORD.sub(rf"\1{MASK}\3", text)
-
-
-def mask_secrets(text: Any) -> str:
-    """``text`` (stringified) with secret environment values and URL passwords replaced by ``***``:
-    the masking of :func:`flatten_params`, for run names, tags and log lines."""
-    return _mask_value(_stringify(text), _secret_env_values())
-
-
-def _to_plain(value: Any) -> Any:
-    """Config objects (pydantic, dataclasses) to dicts; everything else unchanged."""
-    if hasattr(value, "model_dump") and callable(value.model_dump):
-        return value.model_dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return value
-
-
-def _stringify(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
-        return repr(value)
-    return str(value)
-
-
-def flatten_params(nested: Any, prefix: str = "") -> dict[str, str]:
-    """Flatten a nested config into MLflow params: ``{"a.b.c": "value"}``.
-
-    - dicts, pydantic models and dataclasses recurse with dotted keys;
-    - lists/tuples of scalars are joined with ``","``; lists holding dicts recurse as ``key.0.x``;
-    - values are stringified and cut to MLflow's 6000-character limit (keys to 250);
-    - secrets are masked with ``***``: keys naming a credential (see :func:`is_secret_key`), any
-      occurrence of the value of an environment variable whose name contains
-      TOKEN/PASSWORD/SECRET/KEY, and passwords embedded in URLs (``scheme://user:pw@host``).
-    """
-    secrets = _secret_env_values()
-    out: dict[str, str] = {}
-
-    def walk(value: Any, key: str) -> None:
-        value = _to_plain(value)
-        if isinstance(value, Mapping):
-            if not value and key:
-                out[key] = "{}"
-            for k, v in value.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-            return
-        if isinstance(value, (list, tuple, set, frozenset)):
-            items = [_to_plain(v) for v in value]
-            if any(isinstance(v, (Mapping, list, tuple)) for v in items):
-                for i, v in enumerate(items):
-                    walk(v, f"{key}.{i}")
-                return
-            if isinstance(value, (set, frozenset)):
-                items = sorted(items, key=str)
-            value = ",".join(_stringify(v) for v in items)
-        if not key:
-            key = "value"
-        if is_secret_key(key):
-            text = MASK
-        else:
-            text = _mask_value(_stringify(value), secrets)
-        out[key[:MAX_KEY]] = text[:MAX_PARAM_VALUE]
-
-    walk(nested, prefix.rstrip("."))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# runs
-
-
-def _client(client: Optional[MlflowClient]) -> MlflowClient:
-    return client if client is not None else MlflowClient()
-
-
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException as e:  # created concurrently by another process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise e
-        return exp.experiment_id
-
-
-def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH], synchronous=True)
-
-
-def _str_tags(tags: Optional[Mapping[str, Any]]) -> dict[str, str]:
-    """Tags as strings, secrets masked (a tag value is as visible as a param)."""
-    secrets = _secret_env_values()
-    return {str(k): _mask_value(_stringify(v), secrets) for k, v in (tags or {}).items() if v is not None}
-
-
-def start_parent_run(
-    experiment: str,
-    run_name: str,
-    tags: Optional[Mapping[str, Any]] = None,
-    params: Optional[Mapping[str, Any]] = None,
-    *,
-    client: Optional[MlflowClient] = None,
-) -> str:
-    """Create the pipeline's parent run (experiment created if missing); return its run id.
-
-    ``params`` may be nested (it goes through :func:`flatten_params`). The run stays RUNNING
-    until :func:`end_run`. Nothing touches MLflow's thread-global active run.
-    """
-    client = _client(client)
-    exp_id = _experiment_id(client, experiment)
-    name = None if run_name is None else mask_secrets(run_name)
-    run = client.create_run(exp_id, tags=_str_tags(tags), run_name=name)
-    if params:
-        _log_params(client, run.info.run_id, flatten_params(params))
-    return run.info.run_id
-
-
-def start_child_run(
-    parent_run_id: str,
-    stage_name: str,
-    params: Optional[Mapping[str, Any]] = None,
-    *,
-    tags: Optional[Mapping[str, Any]] = None,
-    run_name: Optional[str] = None,
-    client: Optional[MlflowClient] = None,
-) -> str:
-    """Create a stage run nested under ``parent_run_id`` (same experiment); return its run id.
-
-    Tags: ``mlflow.parentRunId=<parent>``, ``colar.stage=<stage_name>``, plus ``tags``. The run
-    name defaults to the stage name.
-    """
-    client = _client(client)
-    parent = client.get_run(parent_run_id)
-    all_tags = {**_str_tags(tags), PARENT_TAG: parent_run_id, STAGE_TAG: stage_name}
-    run = client.create_run(parent.info.experiment_id, tags=all_tags, run_name=mask_secrets(run_name or stage_name))
-    if params:
-        _log_params(client, run.info.run_id, flatten_params(params))
-    return run.info.run_id
-
-
-_STATUS_ALIASES = {"COMPLETED": "FINISHED", "SUCCESS": "FINISHED", "CANCELLED": "KILLED", "CRASHED": "FAILED"}
-
-
-def end_run(run_id: str, status: str = "FINISHED", *, client: Optional[MlflowClient] = None) -> None:
-    """Terminate ``run_id`` with ``status`` (FINISHED, FAILED or KILLED; Prefect's COMPLETED,
-    CANCELLED and CRASHED are accepted and mapped)."""
-    name = _STATUS_ALIASES.get(status.upper(), status.upper())
-    if name not in ("FINISHED", "FAILED", "KILLED"):
-        raise ValueError(f"end_run: status must be FINISHED, FAILED or KILLED, not {status!r}")
-    _client(client).set_terminated(run_id, status=name)
-
-
-ORPHAN_TAG = "colar.end_reason"
-
-
-def end_orphaned_children(
-    parent_run_id: str, status: str = "KILLED", *, client: Optional[MlflowClient] = None
-) -> list[str]:
-    """Terminate the children of ``parent_run_id`` still RUNNING (their process died without
-    ending them: SIGKILL, lost machine) with ``status`` and a ``colar.end_reason`` tag; return their ids.
-
-    Call it only when no live process owns the pipeline (``colar retry`` checks that first).
-    """
-    client = _client(client)
-    parent = client.get_run(parent_run_id)
-    flt = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
-    ended = []
-    for run in client.search_runs([parent.info.experiment_id], filter_string=flt, max_results=1000):
-        client.set_tag(run.info.run_id, ORPHAN_TAG, "orphaned: its process died while the run was RUNNING; "
-                       "ended when the pipeline was retried")
-        end_run(run.info.run_id, status, client=client)
-        ended.append(run.info.run_id)
-    return ended
-
-
-def find_child_run(
-    parent_run_id: str,
-    stage: str,
-    *,
-    status: Optional[str] = "FINISHED",
-    client: Optional[MlflowClient] = None,
-) -> Optional[Run]:
-    """The newest child of ``parent_run_id`` tagged ``colar.stage=stage``, or None.
-
-    By default only FINISHED runs count (a retried flow skips stages that completed and redoes
-    failed ones); ``status=None`` returns the newest child in any state.
-    """
-    client = _client(client)
-    parent = client.get_run(parent_run_id)
-    flt = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}'"
-    if status is not None:
-        flt += f" and attributes.status = '{status.upper()}'"
-    runs = client.search_runs(
-        [parent.info.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1
-    )
-    return runs[0] if runs else None
-
-
-# --------------------------------------------------------------------------------------------
-# artifacts and datasets
-
-
-def log_artifact_dir(
-    client: Optional[MlflowClient], run_id: str, path: Union[str, os.PathLike], artifact_path: Optional[str] = None
-) -> None:
-    """Upload a directory (its contents under ``artifact_path``) or a single file to ``run_id``."""
-    client = _client(client)
-    path = Path(path)
-    if path.is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
-    elif path.is_file():
-        client.log_artifact(run_id, str(path), artifact_path)
-    else:
-        raise FileNotFoundError(f"log_artifact_dir: {path} does not exist")
-
-
-def _read_table(path: Path):
-    import pandas as pd
-
-    suffix = "".join(path.suffixes[-2:]).lower()
-    if suffix.endswith((".jsonl", ".jsonl.gz")):
-        return pd.read_json(path, lines=True)
-    if suffix.endswith((".json", ".json.gz")):
-        return pd.read_json(path)
-    if suffix.endswith((".csv", ".csv.gz")):
-        return pd.read_csv(path)
-    if suffix.endswith(".parquet"):
-        return pd.read_parquet(path)
-    raise ValueError(f"log_dataset_input: cannot read {path} (use .jsonl, .json, .csv or .parquet, or pass a DataFrame)")
-
-
-def log_dataset_input(
-    run_id: str,
-    path_or_df: Any,
-    digest: Optional[str] = None,
-    name: Optional[str] = None,
-    context: Optional[str] = "training",
-    *,
-    source: Optional[str] = None,
-    tags: Optional[Mapping[str, str]] = None,
-    client: Optional[MlflowClient] = None,
-) -> DatasetInput:
-    """Record a dataset as an input of ``run_id`` (the run's "Datasets used" in the UI).
-
-    ``path_or_df``: a DataFrame or a .jsonl/.json/.csv/.parquet file (read to infer the schema and
-    profile). ``digest``: the pipeline's own content hash (MLflow computes one if None).
-    ``source``: where the data lives (default: the file's ``file://`` URI; for a DataFrame, MLflow's
-    code source, i.e. the running script). ``context`` becomes the
-    ``mlflow.data.context`` input tag ("training", "eval"...). Returns the logged DatasetInput.
-    """
-    import pandas as pd
-
-    if isinstance(path_or_df, pd.DataFrame):
-        df = path_or_df
-        default_source, default_name = None, None
-    else:
-        path = Path(path_or_df).resolve()
-        df = _read_table(path)
-        default_source, default_name = path.as_uri(), path.name
-    with warnings.catch_warnings():
-        # "source can be interpreted in multiple ways" and integer-column schema hints are noise here
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            df, source=source or default_source, name=name or default_name, digest=digest
-        )
-        d = dataset.to_dict()  # schema/profile are inferred here
-    entity = mlflow.entities.Dataset(
-        name=d["name"],
-        digest=d["digest"],
-        source_type=d["source_type"],
-        source=d["source"],
-        schema=d.get("schema"),
-        profile=d.get("profile"),
-    )
-    input_tags = [InputTag(key=str(k), value=str(v)) for k, v in (tags or {}).items()]
-    if context:
-        input_tags.append(InputTag(key="mlflow.data.context", value=context))
-    ds_input = DatasetInput(dataset=entity, tags=input_tags)
-    _client(client).log_inputs(run_id, datasets=[ds_input])
-    return ds_input
-
-
-# --------------------------------------------------------------------------------------------
-# metrics from training loops
+MAX_ENTITIES_PER_BATCH = 1000
+# Error codes with which the server refuses a batch for good: retrying cannot help.
+_NOT_RETRYABLE = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
+_BAD_METRIC_CHARS = re.compile(r"[^/\w.\- :]")
 
 
 def _tracking_uri_of(client: MlflowClient) -> str:
@@ -462,7 +78,7 @@ class MlflowMetricsCallback:
         eval_prefix: str = "eval/",
         max_buffer: int = 200_000,
     ) -> None:
-        self.client = _client(client)
+        self.client = client_or_default(client)
         self.run_id = run_id
         self.flush_every = max(1, int(flush_every))
         self.max_retries = max(0, int(max_retries))
@@ -580,7 +196,7 @@ class MlflowMetricsCallback:
             warnings.warn(
                 f"MLflow: {len(metrics)} metrics and {len(tags)} tags of run {self.run_id} could not be "
                 f"sent ({self.last_error!r}); written to {where}. Replay with "
-                f"colar.tasks.tracking.replay_unflushed().",
+                f"colar.tasks.metrics_sender.replay_unflushed().",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -734,7 +350,7 @@ def replay_unflushed(path: Union[str, os.PathLike], client: Optional[MlflowClien
 
     Returns the number of records sent; the file is renamed to ``*.replayed`` afterwards.
     """
-    client = _client(client)
+    client = client_or_default(client)
     path = Path(path)
     by_run: dict[str, tuple[list[Metric], list[RunTag]]] = {}
     for line in path.read_text().splitlines():
@@ -758,10 +374,6 @@ def replay_unflushed(path: Union[str, os.PathLike], client: Optional[MlflowClien
             sent += len(chunk)
     path.rename(path.with_name(path.name + ".replayed"))
     return sent
-
-
-_NOT_RETRYABLE = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
-_BAD_METRIC_CHARS = re.compile(r"[^/\w.\- :]")
 
 
 def metric_key(key: str) -> str:

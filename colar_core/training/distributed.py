@@ -1,0 +1,66 @@
+"""This process's place in a (possibly multi-process) job.
+
+:func:`dist_env` reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` as set by ``deepspeed`` or
+``torchrun``, and without a launcher sets the single-process defaults DeepSpeed needs (including a
+free ``MASTER_PORT``); :func:`default_device` picks this process's GPU, or the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, read from the launcher's environment variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for a single-process rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def dist_env(set_defaults: bool = True) -> DistEnv:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK; without a launcher, set the single-process defaults.
+
+    ``deepspeed`` and ``torchrun`` set all five variables; a plain ``python`` run has none, and
+    DeepSpeed still needs them, so one process sets ``RANK=0 WORLD_SIZE=1 LOCAL_RANK=0
+    MASTER_ADDR=127.0.0.1 MASTER_PORT=<free port>`` for itself (only the missing ones).
+    """
+    if set_defaults:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0" if os.environ["WORLD_SIZE"] == "1" else os.environ["RANK"])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if os.environ["WORLD_SIZE"] != "1":
+                raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: start the job with deepspeed or torchrun")
+            os.environ["MASTER_PORT"] = str(free_port())
+    return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """``cuda:<local_rank>`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def dist_ready() -> bool:
+    """True when a torch.distributed process group is up."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()

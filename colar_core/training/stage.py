@@ -1,0 +1,256 @@
+"""The skeleton every training stage shares (SFT, RL, and the baselines to come).
+
+A stage is a job file (a :class:`StageJob` with its method's config and :class:`StageData`) that
+trains one model in ``output_dir`` and leaves there its config, ``metrics.jsonl``,
+``checkpoints/``, ``best/``, the final ``model/`` and ``result.json`` (a dataclass with
+:class:`StageResultMixin`). A method builds its engine, batches and loss, then calls
+:func:`run_stage_loop`: validation with best-k exports (:func:`make_evaluator`), the shared
+:func:`~colar_core.training.loop.train_loop` with checkpoints and resume (the model's own state kept
+by :class:`ModelStateKeeper`), and the final ``model/`` (the best validated model or the last).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import NamedTuple, Optional, Protocol, Sequence, TypeVar, Union
+
+import torch
+from pydantic import Field
+from typing_extensions import Self
+
+from colar_core.config import StrictModel
+from colar_core.data import builtin_splits, load_split
+from colar_core.inference import generate
+from colar_core.model import ColarModel
+from colar_core.scoring import accuracy
+from colar_core.text import PromptEncoder
+from colar_core.training.callbacks import Callback, stage_callbacks
+from colar_core.training.checkpoint import CheckpointManager, export_model
+from colar_core.training.config import TrainConfig
+from colar_core.training.distributed import DistEnv, dist_env
+from colar_core.training.engines import Engine
+from colar_core.training.loop import (
+    BatchSource, LoopPlan, LoopState, LossFn, Stateful, Validation, train_loop,
+)
+
+METRICS_FILE = "metrics.jsonl"
+MODEL_DIR = "model"
+RESULT_FILE = "result.json"
+_PATH_FIELDS = ("model_dir", "metrics_path", "best_model_dir", "output_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# The job file
+# ----------------------------------------------------------------------------------------------
+class StageData(StrictModel):
+    """Where the stage's examples come from: split files written by ``colar_core.data.prepare_data``
+    (JSONL, read with ``load_split``), or the built-in synthetic task when ``train`` is None."""
+
+    train: Optional[str] = Field(None, description="train.jsonl from prepare_data; None = built-in problems.")
+    val: Optional[str] = Field(None, description="val.jsonl from prepare_data (validation).")
+    builtin_train: int = Field(2000, gt=0, description="Built-in task: training problems.")
+    builtin_val: int = Field(200, ge=0, description="Built-in task: validation problems.")
+    builtin_seed: int = Field(0, description="Built-in task: generator seed.")
+    builtin_difficulty: Union[int, str] = Field("easy", description="Built-in task: easy / medium / hard or max steps.")
+
+    def load(self) -> tuple[list, list]:
+        """``(train records, validation records)``."""
+        if self.train is None:
+            splits = builtin_splits(self.builtin_train, self.builtin_val, 0, seed=self.builtin_seed,
+                                    difficulty=self.builtin_difficulty)
+            return splits["train"], splits["val"]
+        return load_split(self.train), (load_split(self.val) if self.val else [])
+
+
+class StageJob(StrictModel):
+    """What every stage's job file has: the run directory. Read from JSON or YAML with :meth:`from_file`."""
+
+    output_dir: str = Field(..., description="Run directory (checkpoints, metrics.jsonl, model/); reused = resumed.")
+
+    @classmethod
+    def from_file(cls, path) -> Self:
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml  # only YAML job files need it
+
+            return cls.model_validate(yaml.safe_load(text))
+        return cls.model_validate_json(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# The result file
+# ----------------------------------------------------------------------------------------------
+class StageResultMixin:
+    """JSON round trip (``output_dir/result.json``) for a stage-result dataclass whose path fields
+    are ``Path`` objects."""
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{k: (Path(v) if k in _PATH_FIELDS and v is not None else v) for k, v in d.items()
+                      if k in cls.__dataclass_fields__})
+
+    @classmethod
+    def load(cls, output_dir):
+        return cls.from_dict(json.loads((Path(output_dir) / RESULT_FILE).read_text()))
+
+    def save(self, output_dir) -> Path:
+        path = Path(output_dir) / RESULT_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+R = TypeVar("R", bound=StageResultMixin)
+
+
+# ----------------------------------------------------------------------------------------------
+# Start, loop, finish
+# ----------------------------------------------------------------------------------------------
+def start_stage(out: Path, config_file: str, config: StrictModel, backend: str) -> DistEnv:
+    """This process's place in the job (DeepSpeed's single-process defaults set for ``backend``
+    'deepspeed'); rank 0 creates ``out`` and writes the stage's config to ``out/config_file``."""
+    env = dist_env(set_defaults=backend == "deepspeed")
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / config_file).write_text(config.model_dump_json(indent=2))
+    return env
+
+
+def finish_stage(engine: Engine, result: R, out: Path) -> R:
+    """Rank 0 writes ``out/result.json``; every process waits for it and gets ``result`` back."""
+    if engine.is_main:
+        result.save(out)
+    engine.barrier()
+    return result
+
+
+class ModelStateKeeper:
+    """Checkpoints ``model.state`` (embedding scale, trained factors): it is not in the weights."""
+
+    def __init__(self, model: ColarModel):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return {"json": json.dumps(asdict(self.model.state))}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in json.loads(state["json"]).items():
+            if hasattr(self.model.state, k):
+                setattr(self.model.state, k, v)
+
+
+def make_evaluator(engine: Engine, encoder: PromptEncoder, val_records: Sequence, cfg: TrainConfig):
+    """``evaluate(step) -> metrics`` run by every process on its share of the validation set.
+
+    colar mode: latent generation at each of ``cfg.eval_factors()``, giving ``acc_c{c}`` and
+    ``mean_latents_c{c}``; cot / nocot: text generation, ``acc`` and ``mean_chain_tokens``.
+    ``score`` is the mean accuracy (what best-k and early stopping use).
+    """
+    records = list(val_records)[: cfg.eval_size] if cfg.eval_size else list(val_records)
+    shard = records[engine.rank::engine.world_size]
+    questions, golds = [r.question for r in shard], [r.answer for r in shard]
+    mode = cfg.objective.mode
+    factors: list[Optional[int]] = list(cfg.eval_factors()) if mode == "colar" else [None]
+
+    def evaluate(step: int) -> dict:
+        vals = []
+        with engine.full_model() as model:
+            for c in factors:
+                if questions:
+                    gens = generate(model, encoder, questions, "latent" if c is not None else mode,
+                                    c or 1, cfg.generation, seed=cfg.eval_seed + 1009 * engine.rank)
+                    correct = accuracy([g.answer for g in gens], golds) * len(golds)
+                    length = float(sum(g.chain_length for g in gens))
+                else:
+                    correct = length = 0.0
+                vals += [correct, length, float(len(questions))]
+        tot = engine.all_reduce_sum(torch.tensor(vals, dtype=torch.float64)).tolist()
+        metrics: dict = {"n_eval": int(tot[2]) if tot else 0}
+        accs = []
+        for i, c in enumerate(factors):
+            correct, length, n = tot[3 * i: 3 * i + 3]
+            acc, mean_len = (correct / n, length / n) if n else (0.0, 0.0)
+            accs.append(acc)
+            if c is None:
+                metrics.update({"acc": acc, "mean_chain_tokens": mean_len})
+            else:
+                metrics.update({f"acc_c{c}": acc, f"mean_latents_c{c}": mean_len})
+        metrics["score"] = sum(accs) / len(accs) if accs else 0.0
+        return metrics
+
+    return evaluate
+
+
+def stage_validation(engine: Engine, encoder: PromptEncoder, val_records: Sequence, cfg: TrainConfig,
+                     manager: CheckpointManager, tokenizer) -> Validation:
+    """:func:`make_evaluator`, whose best-k exports (``best/step_N``) carry the metrics that ranked
+    them (``val_metrics.json``)."""
+    evaluate = make_evaluator(engine, encoder, val_records, cfg)
+    last_eval: dict = {}
+
+    def evaluate_and_keep(step: int) -> dict:
+        last_eval.clear()
+        last_eval.update(evaluate(step))
+        return last_eval
+
+    def save_best(step: int) -> Path:
+        return export_model(engine, manager.best_path(step), tokenizer,
+                            {"val_metrics.json": {"step": step, **last_eval}})
+
+    return Validation(evaluate_and_keep, save_best)
+
+
+class StageBatches(BatchSource, Stateful, Protocol):
+    """A stage's batch source: gives each step's batch, and its position is checkpointed."""
+
+
+class StageRun(NamedTuple):
+    """What :func:`run_stage_loop` leaves: the loop's final state and the exported models."""
+
+    state: LoopState
+    model_dir: Path  # out/model
+    best_dir: Optional[Path]  # the best validated export, if any
+
+
+def run_stage_loop(engine: Engine, batches: StageBatches, loss_fn: LossFn, cfg: TrainConfig, *, model: ColarModel,
+                   encoder: PromptEncoder, tokenizer, val_records: Sequence, manager: CheckpointManager, out: Path,
+                   callbacks: Sequence[Callback] = ()) -> StageRun:
+    """The part of a training stage that every method shares: validation with best-k exports,
+    :func:`~colar_core.training.loop.train_loop` with checkpoints and resume (reporting to
+    :func:`~colar_core.training.callbacks.stage_callbacks`), then ``out/model`` (the best validated
+    model or the last weights, per ``cfg.final_model``)."""
+    validation = None
+    if cfg.eval_every and len(val_records):
+        validation = stage_validation(engine, encoder, val_records, cfg, manager, tokenizer)
+    plan = LoopPlan(max_steps=cfg.max_steps, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
+                    keep_best=cfg.keep_best, early_stopping_patience=cfg.early_stopping_patience,
+                    log_every=cfg.log_every)
+    cbs = stage_callbacks(out / METRICS_FILE, callbacks) if engine.is_main else []
+    state = train_loop(engine, batches, loss_fn, plan, checkpoints=manager,
+                       stateful={"data": batches, "model_state": ModelStateKeeper(model)},
+                       validation=validation, callbacks=cbs)
+
+    best_dir = Path(state.best[0]["path"]) if state.best and state.best[0].get("path") else None
+    model_dir = out / MODEL_DIR
+    if cfg.final_model == "best" and best_dir is not None and best_dir.is_dir():
+        if engine.is_main:
+            copy_dir_atomic(best_dir, model_dir)
+        engine.barrier()
+    else:
+        export_model(engine, model_dir, tokenizer)
+    return StageRun(state, model_dir, best_dir)
+
+
+def copy_dir_atomic(src: Path, dst: Path) -> None:
+    """Replace ``dst`` with a copy of ``src`` (copied to a temp name first, then renamed)."""
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)

@@ -1,0 +1,108 @@
+"""What a stage run records besides params and metrics: artifact folders, dataset inputs, and the
+content digest of a saved model folder (its lineage id)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag
+
+from colar.tasks.runs import client_or_default
+
+__all__ = ["directory_digest", "log_artifact_dir", "log_dataset_input"]
+
+
+def log_artifact_dir(
+    client: Optional[MlflowClient], run_id: str, path: Union[str, os.PathLike], artifact_path: Optional[str] = None
+) -> None:
+    """Upload a directory (its contents under ``artifact_path``) or a single file to ``run_id``."""
+    client = client_or_default(client)
+    path = Path(path)
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    elif path.is_file():
+        client.log_artifact(run_id, str(path), artifact_path)
+    else:
+        raise FileNotFoundError(f"log_artifact_dir: {path} does not exist")
+
+
+def directory_digest(path: Union[str, os.PathLike]) -> str:
+    """sha256 over a directory's files (relative path and bytes): the lineage id of a model."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    suffix = "".join(path.suffixes[-2:]).lower()
+    if suffix.endswith((".jsonl", ".jsonl.gz")):
+        return pd.read_json(path, lines=True)
+    if suffix.endswith((".json", ".json.gz")):
+        return pd.read_json(path)
+    if suffix.endswith((".csv", ".csv.gz")):
+        return pd.read_csv(path)
+    if suffix.endswith(".parquet"):
+        return pd.read_parquet(path)
+    raise ValueError(f"log_dataset_input: cannot read {path} (use .jsonl, .json, .csv or .parquet, or pass a DataFrame)")
+
+
+def log_dataset_input(
+    run_id: str,
+    path_or_df: Any,
+    digest: Optional[str] = None,
+    name: Optional[str] = None,
+    context: Optional[str] = "training",
+    *,
+    source: Optional[str] = None,
+    tags: Optional[Mapping[str, str]] = None,
+    client: Optional[MlflowClient] = None,
+) -> DatasetInput:
+    """Record a dataset as an input of ``run_id`` (the run's "Datasets used" in the UI).
+
+    ``path_or_df``: a DataFrame or a .jsonl/.json/.csv/.parquet file (read to infer the schema and
+    profile). ``digest``: the pipeline's own content hash (MLflow computes one if None).
+    ``source``: where the data lives (default: the file's ``file://`` URI; for a DataFrame, MLflow's
+    code source, i.e. the running script). ``context`` becomes the
+    ``mlflow.data.context`` input tag ("training", "eval"...). Returns the logged DatasetInput.
+    """
+    if isinstance(path_or_df, pd.DataFrame):
+        df = path_or_df
+        default_source, default_name = None, None
+    else:
+        path = Path(path_or_df).resolve()
+        df = _read_table(path)
+        default_source, default_name = path.as_uri(), path.name
+    with warnings.catch_warnings():
+        # "source can be interpreted in multiple ways" and integer-column schema hints are noise here
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            df, source=source or default_source, name=name or default_name, digest=digest
+        )
+        d = dataset.to_dict()  # schema/profile are inferred here
+    entity = mlflow.entities.Dataset(
+        name=d["name"],
+        digest=d["digest"],
+        source_type=d["source_type"],
+        source=d["source"],
+        schema=d.get("schema"),
+        profile=d.get("profile"),
+    )
+    input_tags = [InputTag(key=str(k), value=str(v)) for k, v in (tags or {}).items()]
+    if context:
+        input_tags.append(InputTag(key="mlflow.data.context", value=context))
+    ds_input = DatasetInput(dataset=entity, tags=input_tags)
+    client_or_default(client).log_inputs(run_id, datasets=[ds_input])
+    return ds_input
