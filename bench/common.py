@@ -145,6 +145,19 @@ def write_report(name: str, report: dict, args, device) -> Path:
     return out
 
 
+def add_run_options(parser, name: str) -> None:
+    """The options every speed benchmark takes: --threads, --clock, --seed, --device, --out."""
+    parser.add_argument("--threads", type=int,
+                        help="torch.set_num_threads (default 1 on CPU: measured faster on a busy 2-core box)")
+    parser.add_argument("--clock", choices=("wall", "process"),
+                        help="wall: elapsed time (default on CUDA); process: this process's CPU time (default on "
+                             "CPU, where other jobs share the cores; meaningful with one thread)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", help=f"result JSON (default bench/results/{name}.json on CUDA, "
+                                      f"{name}_<device>_tiny.json for tiny runs)")
+
+
 def resolve_size(args, full: dict, tiny: dict, proxy: dict):
     """Shared by the benchmark scripts: pick the device, the size (``--proxy`` implies the CPU-size
     path, as does a machine without CUDA), fill unset options from that size's preset, and default

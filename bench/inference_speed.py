@@ -55,14 +55,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--probe-start", type=int, help="per-step probe: shorter chain length (default 8; tiny 4)")
     p.add_argument("--probe-steps", type=int, help="per-step probe: extra steps K of the longer chain (default 32)")
     p.add_argument("--greedy", action="store_true", help="argmax tokens instead of sampling (default: sample, as the paper)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default 1 on CPU: faster on a busy 2-core box)")
-    p.add_argument("--clock", choices=("wall", "process"),
-                   help="wall: elapsed time (default on CUDA); process: this process's CPU time (default on "
-                        "CPU, where other jobs share the cores; meaningful with one thread)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--out", help="result JSON (default bench/results/inference_speed.json on CUDA, "
-                                 "inference_speed_<device>_tiny.json for tiny runs)")
+    common.add_run_options(p, "inference_speed")
     args = p.parse_args(argv)
     common.resolve_size(args, FULL, TINY, PROXY)
     args.batch_list = [int(x) for x in str(args.batch_sizes).split(",") if x.strip()]

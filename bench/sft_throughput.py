@@ -66,15 +66,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--attn-impl", default="sdpa", help="transformers attention implementation (default sdpa)")
     p.add_argument("--isolate", choices=("process", "none"), default="process",
                    help="run each phase in a child process (default) or both in this one")
-    p.add_argument("--threads", type=int,
-                   help="torch.set_num_threads (default 1 on CPU: measured faster on a busy 2-core box)")
-    p.add_argument("--clock", choices=("wall", "process"),
-                   help="wall: elapsed time (default on CUDA); process: this process's CPU time (default on "
-                        "CPU, where other jobs share the cores; meaningful with one thread)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--out", help="result JSON (default bench/results/sft_throughput.json on CUDA, "
-                                 "sft_throughput_<device>_tiny.json for tiny runs)")
+    common.add_run_options(p, "sft_throughput")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: child process
     p.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

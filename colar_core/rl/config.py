@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from colar_core.config import GenerationConfig, ObjectiveConfig, StrictModel
-from colar_core.training.config import LauncherConfig, TrainConfig, check_eval_factors, check_zero_stage
+from colar_core.training.config import LauncherConfig, StageChecks, TrainConfig
 
 
 class RewardConfig(StrictModel):
@@ -48,7 +48,7 @@ class RewardConfig(StrictModel):
         return self
 
 
-class RLConfig(StrictModel):
+class RLConfig(StageChecks):
     """One RL stage: GRPO on a CoLaR-SFT model, on the shared engine / loop / checkpoints.
 
     One *RL step* = one rollout (``questions_per_step`` questions x ``group_size`` samples on every
@@ -131,16 +131,6 @@ class RLConfig(StrictModel):
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="Process layout (see "
                                      "training/launch.py).")
 
-    @field_validator("zero_stage")
-    @classmethod
-    def _known_stage(cls, v):
-        return check_zero_stage(v)
-
-    @field_validator("eval_compression_factors")
-    @classmethod
-    def _eval_factors(cls, v):
-        return check_eval_factors(v)
-
     @model_validator(mode="after")
     def _consistent(self):
         if self.micro_batch_size is not None and self.trajectories_per_step % self.micro_batch_size:
@@ -152,8 +142,6 @@ class RLConfig(StrictModel):
         if self.warmup_steps > self.total_updates:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds the stage's optimizer updates "
                              f"({self.total_updates})")
-        if self.backend == "torch" and self.launcher.multi_process:
-            raise ValueError("backend 'torch' runs in one process; use backend 'deepspeed' for several processes")
         return self
 
     # ----- derived ---------------------------------------------------------------------------------

@@ -15,20 +15,33 @@ from colar_core.config import GenerationConfig, ObjectiveConfig, StrictModel
 
 
 
-def check_zero_stage(v):
-    """DeepSpeed ZeRO stage 0-3, or None (the stage of the DeepSpeed config file, else 2)."""
-    if v is not None and v not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {v}")
-    return v
+class StageChecks(StrictModel):
+    """Field checks every training-stage config shares (TrainConfig, RLConfig): ``zero_stage`` is a
+    DeepSpeed ZeRO stage 0-3 or None (the DeepSpeed config file's stage, else 2), and
+    ``eval_compression_factors`` is None or a non-empty list of factors >= 1 (sorted, unique); the
+    ``torch`` backend runs in one process."""
 
+    @field_validator("zero_stage", check_fields=False)
+    @classmethod
+    def _known_stage(cls, v):
+        if v is not None and v not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {v}")
+        return v
 
-def check_eval_factors(v):
-    """Validation compression factors: None, or a non-empty list of factors >= 1 (sorted, unique)."""
-    if v is not None:
-        if not v or any(r < 1 for r in v):
-            raise ValueError(f"eval_compression_factors must be factors >= 1, got {v}")
-        return sorted(set(v))
-    return v
+    @field_validator("eval_compression_factors", check_fields=False)
+    @classmethod
+    def _eval_factors(cls, v):
+        if v is not None:
+            if not v or any(r < 1 for r in v):
+                raise ValueError(f"eval_compression_factors must be factors >= 1, got {v}")
+            return sorted(set(v))
+        return v
+
+    @model_validator(mode="after")
+    def _torch_is_one_process(self):
+        if self.backend == "torch" and self.launcher.multi_process:
+            raise ValueError("backend 'torch' runs in one process; use backend 'deepspeed' for several processes")
+        return self
 
 
 class LauncherConfig(StrictModel):
@@ -56,7 +69,7 @@ class LauncherConfig(StrictModel):
         return self.world_size > 1 or self.hostfile is not None
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(StageChecks):
     """One SFT stage (explicit CoT, no-CoT or CoLaR), run on a DeepSpeed or plain PyTorch engine.
 
     Steps are optimizer steps; one step consumes ``batch_size * grad_accum * world_size`` examples.
@@ -119,22 +132,10 @@ class TrainConfig(StrictModel):
                                          description="Decoding used by validation.")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="Process layout (see launch.py).")
 
-    @field_validator("zero_stage")
-    @classmethod
-    def _known_stage(cls, v):
-        return check_zero_stage(v)
-
-    @field_validator("eval_compression_factors")
-    @classmethod
-    def _eval_factors(cls, v):
-        return check_eval_factors(v)
-
     @model_validator(mode="after")
     def _consistent(self):
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
-        if self.backend == "torch" and self.launcher.multi_process:
-            raise ValueError("backend 'torch' runs in one process; use backend 'deepspeed' for several processes")
         return self
 
     def eval_factors(self) -> list[int]:
