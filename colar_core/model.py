@@ -4,7 +4,8 @@
 only the latent logic: merging reasoning-token embeddings into compressed embeddings, the latent
 head, and the SFT losses. Training loops, inference and RL live elsewhere and call it.
 
-Saved layout (loading never unpickles; every tensor is safetensors)::
+Saved layout (loading never unpickles; every tensor is safetensors; what a folder may ask for on
+its own word is limited: :func:`check_model_dir`)::
 
     model_dir/
       colar_config.json        ColarState: scale, pooling, head shape, base model, LoRA settings
@@ -141,6 +142,49 @@ def _apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     return get_peft_model(model, peft_cfg)
 
 
+class UntrustedModelError(ValueError):
+    """A model directory asks for something only the caller may allow (remote code, an outside
+    base model) or holds pickled weights."""
+
+
+def check_model_dir(root: Path, trust_remote_code: bool = False,
+                    base_model: Optional[str] = None) -> tuple[ColarState, Optional[str | Path]]:
+    """The state of a saved model directory and, for a LoRA model, where its base comes from.
+
+    A folder is data, not configuration: its ``colar_config.json`` cannot turn on
+    ``trust_remote_code`` (only the caller's argument can) nor pick a base model outside the folder
+    (the base is the folder's own ``base/``, else the caller's ``base_model``). A LoRA adapter must
+    be ``adapter_model.safetensors``: a pickled ``adapter_model.bin`` is refused unopened. Raises
+    :class:`UntrustedModelError` naming the folder and how to allow what it asks for.
+    """
+    if not (root / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{root}: not a CoLaR model directory (no {CONFIG_FILE})")
+    state = ColarState.from_json(root / CONFIG_FILE)
+    if state.trust_remote_code and not trust_remote_code:
+        raise UntrustedModelError(
+            f"{root}: its {CONFIG_FILE} asks for trust_remote_code (running Python code shipped with the "
+            "model); a model folder cannot enable that itself. Allow it only for a folder you trust: "
+            "pass trust_remote_code=True (pipeline: model.trust_remote_code: true)")
+    adapter = root / "adapter"
+    if not adapter.is_dir():
+        return state, None
+    if not (adapter / "adapter_model.safetensors").is_file():
+        found = "adapter_model.bin (pickled weights, refused unopened)" if (adapter / "adapter_model.bin").exists() \
+            else "no adapter_model.safetensors"
+        raise UntrustedModelError(f"{adapter}: {found}; LoRA adapters load from safetensors only")
+    own_base = root / "base"
+    if own_base.is_dir():
+        if not own_base.resolve().is_relative_to(root.resolve()):
+            raise UntrustedModelError(f"{own_base}: links outside the model folder {root}")
+        return state, own_base
+    if base_model is not None:
+        return state, base_model
+    raise UntrustedModelError(
+        f"{root}: a LoRA model without its own base/ folder; its {CONFIG_FILE} names the base model "
+        f"{state.base_model!r}, which is not loaded on the folder's word: pass base_model={state.base_model!r} "
+        "explicitly if you trust it")
+
+
 class ColarModel(nn.Module):
     """A causal LM that reasons in compressed latents. See the module docstring for the layout."""
 
@@ -200,20 +244,20 @@ class ColarModel(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, model_dir, is_trainable: bool = True, dtype: Optional[torch.dtype] = None) -> "ColarModel":
+    def from_pretrained(cls, model_dir, is_trainable: bool = True, dtype: Optional[torch.dtype] = None,
+                        trust_remote_code: bool = False, base_model: Optional[str] = None) -> "ColarModel":
+        """Load a directory written by :meth:`save_pretrained`; see :func:`check_model_dir` for what
+        the caller's ``trust_remote_code`` and ``base_model`` decide (never the folder's own config)."""
         from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
 
         root = Path(model_dir)
-        if not (root / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{root}: not a CoLaR model directory (no {CONFIG_FILE})")
-        state = ColarState.from_json(root / CONFIG_FILE)
-        kw = dict(trust_remote_code=state.trust_remote_code, use_safetensors=True)
+        state, base_path = check_model_dir(root, trust_remote_code, base_model)
+        kw = dict(trust_remote_code=trust_remote_code, use_safetensors=True)
         if dtype is not None:
             kw["dtype"] = dtype
-        if (root / "adapter").is_dir():
+        if base_path is not None:
             from peft import PeftModel  # heavy: only for LoRA models
 
-            base_path = root / "base" if (root / "base").is_dir() else state.base_model
             base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
             lm = PeftModel.from_pretrained(base, root / "adapter", is_trainable=is_trainable)
         else:
@@ -223,12 +267,22 @@ class ColarModel(nn.Module):
         return cls(lm, head.to(lm.dtype), state)
 
     @classmethod
-    def load_dir(cls, model_dir, is_trainable: bool = True, dtype: Optional[torch.dtype] = None):
+    def load_dir(cls, model_dir, is_trainable: bool = True, dtype: Optional[torch.dtype] = None,
+                 trust_remote_code: bool = False, base_model: Optional[str] = None):
         """``(model, tokenizer)`` of a directory written by :meth:`save_pretrained` with its
-        tokenizer (``model_dir/tokenizer``); ``is_trainable=False`` returns the model in eval mode."""
-        model = cls.from_pretrained(model_dir, is_trainable=is_trainable, dtype=dtype)
-        tokenizer = load_tokenizer(str(Path(model_dir) / TOKENIZER_DIR))
+        tokenizer (``model_dir/tokenizer``); ``is_trainable=False`` returns the model in eval mode.
+        ``trust_remote_code`` and ``base_model``: as in :meth:`from_pretrained`."""
+        model = cls.from_pretrained(model_dir, is_trainable=is_trainable, dtype=dtype,
+                                    trust_remote_code=trust_remote_code, base_model=base_model)
+        tokenizer = load_tokenizer(str(Path(model_dir) / TOKENIZER_DIR), trust_remote_code=trust_remote_code)
         return (model if is_trainable else model.eval()), tokenizer
+
+    @staticmethod
+    def load_options(cfg: ModelConfig) -> dict:
+        """What a caller's own model config allows when it loads a folder it trained from that config:
+        its ``trust_remote_code``, and its backbone as the LoRA base ('tiny' has none outside the folder)."""
+        return {"trust_remote_code": cfg.trust_remote_code,
+                "base_model": None if cfg.name_or_path == "tiny" else cfg.name_or_path}
 
     # ----- backbone access ----------------------------------------------------------------------
     @property

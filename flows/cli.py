@@ -6,7 +6,8 @@ pipeline commands, so it works where neither is installed (tests/test_layering.p
 ``colar run`` validates the config in full first (a bad field stops it before any server or
 stage starts), then makes sure an MLflow and a Prefect server answer (starting local ones bound to
 127.0.0.1 when ``MLFLOW_TRACKING_URI`` / ``PREFECT_API_URL`` are not set), runs the flow, and
-prints where to look.
+prints where to look. Every command ends a bad config in one line and exit code 2, an unreachable
+server in one line and exit code 3; a URL is never printed with its credentials (``mask_url``).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from colar_core.data.prepare import prepare_data
 from colar_core.data.records import DataError
 from colar.flows import servers
 from colar.flows.config import ConfigError, PipelineConfig, load_config, preflight
+from colar.tasks.params import mask_secrets, mask_url
 
 #: Exit codes: 0 done, 1 the pipeline failed, 2 bad config / usage, 3 a server could not be reached.
 EXIT_CONFIG, EXIT_SERVER = 2, 3
 
 
 def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optional[str], flow_run_id: Optional[str]):
-    mlflow_url = urls["mlflow"].rstrip("/")
-    prefect_ui = urls["prefect"].rstrip("/").removesuffix("/api")
+    mlflow_url = mask_url(urls["mlflow"]).rstrip("/")
+    prefect_ui = mask_url(urls["prefect"]).rstrip("/").removesuffix("/api")
     if parent_run_id and experiment_id:
         print(f"MLflow run:      {mlflow_url}/#/experiments/{experiment_id}/runs/{parent_run_id}")
     if flow_run_id:
@@ -35,13 +37,10 @@ def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optiona
     print("Stop the local servers with: colar servers stop")
 
 
-def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, command: str = "run") -> int:
-    try:
-        urls = servers.ensure_servers()
-    except servers.ServerError as err:
-        print(f"colar {command}: {err}", file=sys.stderr)
-        return EXIT_SERVER
-    print(f"MLflow tracking server: {urls['mlflow']}\nPrefect API: {urls['prefect']}", flush=True)
+def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None) -> int:
+    """Run the pipeline on ``cfg`` (under ``parent_run_id`` for a retry); print metrics and URLs."""
+    urls = servers.ensure_servers()
+    print(f"MLflow tracking server: {mask_url(urls['mlflow'])}\nPrefect API: {mask_url(urls['prefect'])}", flush=True)
     # Pipeline commands import prefect and mlflow here, not at module level: `colar data prepare`
     # must work where they are not installed.
     import mlflow
@@ -67,7 +66,7 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, command: str 
             print(f"Registered model: {result['alias_uri']}")
         _print_urls(urls, parent, experiment_id, flow_run_id)
         return 0
-    print(f"pipeline {state.name}: {state.message}", file=sys.stderr)
+    print(f"pipeline {state.name}: {mask_secrets(state.message)}", file=sys.stderr)
     if parent:
         print(f"Re-trigger the failed stages with: colar retry {parent}", file=sys.stderr)
     _print_urls(urls, parent, experiment_id, flow_run_id)
@@ -75,12 +74,8 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, command: str 
 
 
 def cmd_run(args) -> int:
-    try:
-        cfg = load_config(args.config, args.set or [])
-        preflight(cfg)  # model path, dataset id: before any server or stage starts
-    except ConfigError as err:
-        print(f"colar run: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+    cfg = load_config(args.config, args.set or [])
+    preflight(cfg)  # model path, dataset id: before any server or stage starts (ConfigError: see main)
     return _run(cfg)
 
 
@@ -105,11 +100,7 @@ def resolve_parent_run(run: str):
 
 
 def cmd_retry(args) -> int:
-    try:
-        servers.ensure_servers()
-    except servers.ServerError as err:
-        print(f"colar retry: {err}", file=sys.stderr)
-        return EXIT_SERVER
+    servers.ensure_servers()
     from mlflow.tracking import MlflowClient  # lazily: see _run
 
     from colar.flows.pipeline import still_running
@@ -123,16 +114,26 @@ def cmd_retry(args) -> int:
         print(f"colar retry: pipeline run {parent.info.run_id} is still running ({alive}); "
               "wait for it or stop it first", file=sys.stderr)
         return EXIT_CONFIG
-    path = MlflowClient().download_artifacts(parent.info.run_id, "config.json")
-    with open(path) as fh:
-        cfg = PipelineConfig.model_validate(json.load(fh))
-    try:
-        preflight(cfg)
-    except ConfigError as err:
-        print(f"colar retry: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+    cfg = load_stored_config(MlflowClient().download_artifacts(parent.info.run_id, "config.json"))
+    preflight(cfg)
     print(f"retrying pipeline run {parent.info.run_id} ({parent.info.status})", flush=True)
-    return _run(cfg, parent_run_id=parent.info.run_id, command="retry")
+    return _run(cfg, parent_run_id=parent.info.run_id)
+
+
+def load_stored_config(path: str) -> PipelineConfig:
+    """The config a parent run stored (``config.json``), validated by today's rules: a field that no
+    longer validates is a :class:`ConfigError` naming it (and the file), not a pydantic traceback."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            stored = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"stored config {path}: unreadable ({err})") from None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"stored config {path}: top level must be a mapping of sections")
+    try:
+        return load_config(base=stored)
+    except ConfigError as err:
+        raise ConfigError(f"stored config of this run no longer validates: {err}") from None
 
 
 def cmd_compare(args) -> int:
@@ -151,12 +152,12 @@ def cmd_compare(args) -> int:
 def cmd_servers(args) -> int:
     if args.action == "start":
         for name, url in servers.ensure_servers(apply_env=False).items():
-            print(f"{name}: {url}")
+            print(f"{name}: {mask_url(url)}")
     elif args.action == "stop":
         stopped = servers.stop_servers()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     else:
-        print(json.dumps(servers.server_status(), indent=2, sort_keys=True, default=str))
+        print(mask_url(json.dumps(servers.server_status(), indent=2, sort_keys=True, default=str)))
     return 0
 
 
@@ -168,8 +169,8 @@ def cmd_data_prepare(args) -> int:
     try:
         manifest = prepare_data(args.input, args.out, format=args.format, policy=args.policy, seed=args.seed,
                                 val_fraction=args.val_fraction, test_fraction=args.test_fraction, builtin=builtin)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        print(f"colar data prepare: error: {err}", file=sys.stderr)
+    except (DataError, OSError, ValueError) as err:  # OSError: e.g. an unwritable --out
+        print(f"colar data prepare: error: {mask_secrets(err)}", file=sys.stderr)
         return EXIT_CONFIG
     print(json.dumps(manifest, indent=2, sort_keys=True))
     return 0
@@ -218,6 +219,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ConfigError as err:  # bad config or usage: nothing was started
+        print(f"colar {args.command}: {mask_secrets(err)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except servers.ServerError as err:
+        print(f"colar {args.command}: {mask_secrets(err)}", file=sys.stderr)
+        return EXIT_SERVER
     except ImportError as err:  # a pipeline command on a machine without prefect / mlflow: say so plainly
         if args.command == "data" or (err.name or "").split(".")[0] not in ("prefect", "mlflow"):
             raise

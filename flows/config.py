@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from colar_core.config import EvalConfig, GenerationConfig, ModelConfig, ObjectiveConfig, StrictModel
+from colar_core.data.readers import HF_MARKERS
 from colar_core.rl.config import RLConfig
 from colar_core.training.config import TrainConfig
 
@@ -43,6 +44,13 @@ class DataConfig(StrictModel):
     test_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
     builtin: BuiltinDataConfig = Field(default_factory=BuiltinDataConfig)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"data.val_fraction ({self.val_fraction}) + data.test_fraction ({self.test_fraction}) "
+                             "must be below 1: nothing would be left to train on")
+        return self
 
 
 class TrackingConfig(StrictModel):
@@ -81,6 +89,9 @@ class PipelineConfig(StrictModel):
     training_retries: int = Field(
         1, ge=0, description="Prefect retries of a failed training stage (sft-*, rl); each retry resumes from the "
         "stage's newest checkpoint. A stage that still fails is re-triggered later with `colar retry`.")
+    stage_lock_timeout_s: float = Field(
+        6 * 3600.0, gt=0, description="How long a stage waits for another pipeline that holds its folder's lock "
+        "(same stage key) before failing with a message naming the holder (host:pid). Default 6 h.")
 
     @model_validator(mode="after")
     def _stages_agree(self):
@@ -100,6 +111,12 @@ class PipelineConfig(StrictModel):
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+    def for_run(self) -> PipelineConfig:
+        """This config as a run holds it: ``output_dir`` made absolute against the current directory
+        (``~`` expanded). The flow starts from it and logs it as ``config.json``, so ``colar retry``
+        from another directory finds the same stage folders. The defaults keep the relative "runs"."""
+        return self.model_copy(update={"output_dir": os.path.abspath(os.path.expanduser(self.output_dir))})
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -121,7 +138,12 @@ def parse_overrides(pairs: Iterable[str]) -> list[tuple[str, Any]]:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key.path=value")
         key, raw = pair.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML "
+                              f"({str(err).splitlines()[0]})") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -146,9 +168,11 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), base:
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{p}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML: {err}") from err
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         tree = _deep_merge(tree, loaded)
@@ -223,6 +247,17 @@ def _hub_problem(repo_id: str, repo_type: str) -> Optional[str]:
                 f"({name}: {first[:200]})")
 
 
+def _needs_test_split(source: Path) -> bool:
+    """True when the test split must be carved out of ``source`` (by ``data.test_fraction``): one
+    file, or a directory of split files without a ``test.*`` one. (A hub dataset's splits are only
+    known once loaded: the prepare stage checks those.)"""
+    if source.is_file():
+        return True
+    if not source.is_dir() or any((source / m).exists() for m in HF_MARKERS):
+        return False
+    return not any(p.is_file() and p.name.split(".", 1)[0].lower() == "test" for p in source.iterdir())
+
+
 def preflight(cfg: PipelineConfig) -> None:
     """Checks that need the outside world (files, the Hugging Face cache/Hub), run before any server
     or stage starts; cheap (no model or data is loaded). Raises :class:`ConfigError` naming the field.
@@ -230,7 +265,8 @@ def preflight(cfg: PipelineConfig) -> None:
     - ``model.name_or_path``: 'tiny', an existing directory, or a hub model id that resolves
       (local cache, else one quick Hub query unless offline);
     - ``model.tokenizer``: the same, when set;
-    - ``data.source``: 'builtin', an existing file or directory, or a hub dataset id that resolves.
+    - ``data.source``: 'builtin', an existing file or directory, or a hub dataset id that resolves;
+    - ``data.test_fraction``: above 0 when the test split is carved out of the source.
     """
     problems = []
     for field, name in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
@@ -244,6 +280,9 @@ def preflight(cfg: PipelineConfig) -> None:
             problems.append(f"field '{field}': {name!r} is not 'tiny', an existing directory or a known hub "
                             f"model: {why}")
     source = cfg.data.source
+    if cfg.data.test_fraction == 0 and _needs_test_split(Path(source)):
+        problems.append(f"field 'data.test_fraction': 0 leaves no test split for the evaluate stage "
+                        f"(data.source {source!r} has none of its own); set it above 0")
     if source != "builtin" and not Path(source).exists():
         if _looks_like_path(source, _PATH_SUFFIXES):
             problems.append(f"field 'data.source': file or directory {source!r} does not exist")

@@ -3,17 +3,19 @@
 
 The flow validates the whole config first and opens (or, on retry, reuses) one MLflow parent run.
 Each stage is described once (:class:`~colar.tasks.stage_spec.StageSpec`): its cache key (config
-section, digests of its inputs, code version), its folder and the task's arguments all come from
-that description. Stages already finished under the same key come back Cached; the failed one runs
-again in its own folder and resumes from its checkpoint.
+section, content digests of its inputs, absolute output folder, code version), its folder and the
+task's arguments all come from that description. Stages already finished under the same key come
+back Cached; the failed one runs again in its own folder and resumes from its checkpoint. The run's
+config holds the absolute ``output_dir`` from the start (``config.json`` too), so ``colar retry``
+from any directory finds the same folders.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,14 +28,17 @@ from prefect.runtime import flow_run
 from prefect.states import Crashed
 
 from colar_core.data.prepare import load_split
+from colar_core.procs import identity_alive
+from colar_core.procs import process_identity as _process_identity
+from colar_core.training.launch import LAUNCHER_RECORD, check_no_live_launcher, describe_launcher, live_launcher
 from colar.flows.config import PipelineConfig, preflight
 from colar.flows.locks import exclusive_lock
 from colar.tasks.evaluate import evaluate_stage
-from colar.tasks.keys import code_version
+from colar.tasks.keys import code_version, data_inputs, model_inputs
 from colar.tasks.prepare import prepare_stage
 from colar.tasks.report import report_stage
 from colar.tasks.runs import end_orphaned_children, ending_run, log_metrics, start_parent_run
-from colar.tasks.stage_spec import RESULT_FILE, StageSpec
+from colar.tasks.stage_spec import StageSpec
 from colar.tasks.training import rl_stage, sft_stage
 
 PROCESS_TAG = "colar.process"  # "host:pid:start-ticks" of the process running the flow (see still_running)
@@ -48,59 +53,68 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def _process_identity(pid: Optional[int] = None) -> str:
-    """``host:pid:start`` of a process (start = its start time in clock ticks, so a recycled pid differs;
-    ``?`` when the process is gone or a zombie)."""
-    pid = os.getpid() if pid is None else pid
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        start = "?" if fields[0] == "Z" else fields[19]
-    except (OSError, IndexError):
-        start = "?"
-    return f"{socket.gethostname()}:{pid}:{start}"
-
-
-def still_running(parent_run) -> Optional[str]:
+def still_running(parent_run, output_dir: Optional[str] = None) -> Optional[str]:
     """Why the pipeline of ``parent_run`` (an MLflow Run) is still running, or None if it is not.
 
     A RUNNING parent whose recorded process is alive on this host is running; a RUNNING parent whose
     process is gone (SIGKILL, power loss) is an orphan that ``colar retry`` may take over. A process
-    on another host cannot be checked from here and counts as gone.
+    on another host cannot be checked from here and counts as gone. Whatever the status, a training
+    launcher that outlived the flow (its process group still alive, recorded in ``launcher.json`` of
+    a stage folder under ``output_dir``, default the run's ``output_dir`` param) is running too.
     """
-    if parent_run.info.status != "RUNNING":
-        return None
-    recorded = parent_run.data.tags.get(PROCESS_TAG, "")
-    host, _, rest = recorded.partition(":")
-    pid, _, _ = rest.partition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return None
-    if not recorded.endswith(":?") and _process_identity(int(pid)) == recorded:
-        return f"process {pid} on {host}"
+    if parent_run.info.status == "RUNNING":
+        recorded = parent_run.data.tags.get(PROCESS_TAG, "")
+        host, _, rest = recorded.partition(":")
+        pid, _, _ = rest.partition(":")
+        if pid.isdigit() and int(pid) != os.getpid() and identity_alive(recorded):
+            return f"process {pid} on {host}"
+    output_dir = output_dir or (getattr(parent_run.data, "params", None) or {}).get("output_dir")
+    return _live_launcher_in(Path(output_dir)) if output_dir else None
+
+
+def _live_launcher_in(output_dir: Path) -> Optional[str]:
+    """A live training launcher recorded in a stage folder under ``output_dir``, described; None if none."""
+    for record in sorted(output_dir.glob(f"*/{LAUNCHER_RECORD}")):
+        if (rec := live_launcher(record.parent)) is not None:
+            return f"training {describe_launcher(rec)}, stage folder {record.parent}"
     return None
 
 
 @contextlib.contextmanager
-def _stage_lock(out: Path):
+def _stage_lock(out: Path, timeout_s: float):
     """Exclusive lock on a stage folder across processes: two pipelines whose stages share a key
     (same output_dir, same section and inputs) do that stage one after the other, and the second
     finds it finished, instead of both writing the same checkpoints. Released by the kernel if
-    the holder dies."""
+    the holder dies; a waiter logs the holder and gives up after ``timeout_s`` (the config's
+    ``stage_lock_timeout_s``) with :class:`~colar.flows.locks.LockTimeout`. A training
+    launcher left alive in the folder by a killed flow stops the stage (LauncherAliveError)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out.parent / f".{out.name}.lock"):
+    with exclusive_lock(out.parent / f".{out.name}.lock", timeout_s=timeout_s, holder=f"stage {out.name}",
+                        on_wait=_log_warning):
+        check_no_live_launcher(out)
         yield
 
 
-def _run_stage(spec: StageSpec, output_dir: str, timings: dict) -> dict:
-    """Run a stage in its folder under ``output_dir``; re-run it if its cached folder was deleted.
+def _log_warning(message: str) -> None:
+    """A warning in the flow run's log (the module log outside a flow run)."""
+    try:
+        get_run_logger().warning(message)
+    except Exception:  # noqa: BLE001 - no run context
+        logging.getLogger(__name__).warning(message)
 
-    Records in ``timings`` the stage's wall time as the flow sees it and the time of its own work
-    (the colar_core call), so the orchestration overhead (Prefect + MLflow) is their difference.
+
+def _run_stage(spec: StageSpec, timings: dict, states: dict, lock_timeout_s: float) -> dict:
+    """Run a stage in its folder (:meth:`StageSpec.run`: re-run if its cached folder was deleted).
+
+    Records in ``states`` the stage's Prefect state name (``Cached`` when skipped) and in ``timings``
+    the stage's wall time as the flow sees it and the time of its own work (the colar_core call), so
+    the orchestration overhead (Prefect + MLflow) is their difference.
     """
-    out = spec.folder(output_dir)
-    with _stage_lock(out):
+    with _stage_lock(spec.folder, lock_timeout_s):
         t0 = time.perf_counter()
-        state = spec.run(output_dir, refresh=not (out / RESULT_FILE).is_file())
+        state = spec.run()
         wall = time.perf_counter() - t0
+    states[spec.name] = state.name
     result = state.result()  # raises the stage's exception if it failed
     if state.name != "Cached" and "work_s" in result:
         timings[spec.name] = {"wall_s": wall, "work_s": result["work_s"], "overhead_s": wall - result["work_s"]}
@@ -111,7 +125,7 @@ def _run_stage(spec: StageSpec, output_dir: str, timings: dict) -> dict:
 def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
     """Run every stage of ``config`` (a PipelineConfig as a dict). ``parent_run_id`` resumes a run."""
     logger = get_run_logger()
-    cfg = PipelineConfig.model_validate(config)
+    cfg = PipelineConfig.model_validate(config).for_run()  # absolute output_dir, in config.json too
     preflight(cfg)  # model path, dataset id: fail before any stage (the CLI checked already)
     conf = cfg.model_dump(mode="json")
     client = MlflowClient()
@@ -147,46 +161,50 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
 
 def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: dict) -> dict:
     """prepare -> sft-cot -> sft-colar -> rl -> sft-nocot -> evaluate -> report (optional ones as
-    configured); returns the evaluation metrics and the report's model URIs."""
-    out_root = cfg.output_dir
-    prep = _run_stage(StageSpec(prepare_stage, "prepare", {"data": conf["data"], "model": conf["model"]},
-                                args={"parent_run_id": parent_run_id}), out_root, timings)
-    data_inputs = {"data": prep["digest"]}
+    configured); returns the evaluation metrics, the report's model URIs and each stage's Prefect
+    state name (``stages``)."""
+    out_root, states = cfg.output_dir, {}
+
+    def run(task, name: str, config: dict, inputs: dict, args: dict) -> dict:
+        return _run_stage(StageSpec(task, name, config, out_root, inputs, args), timings, states,
+                          cfg.stage_lock_timeout_s)
+
+    prep = run(prepare_stage, "prepare", {"data": conf["data"], "model": conf["model"]},
+               data_inputs(conf["data"]), {"parent_run_id": parent_run_id})
+    data_in = {"data": prep["digest"]}
     data_args = {"data_dir": prep["data_dir"], "parent_run_id": parent_run_id}
+    model_in = model_inputs(conf["model"])
     retrying = dict(retries=cfg.training_retries, retry_delay_seconds=5)
 
     def sft(stage: str, section: dict, init: Optional[dict]) -> dict:
         """An SFT stage; ``init`` is the result of the stage whose model it starts from."""
-        return _run_stage(StageSpec(
-            sft_stage.with_options(**retrying), stage, {"train": section, "model": conf["model"]},
-            inputs={**data_inputs, "init": init["model_digest"] if init else ""},
-            args={"stage": stage, "init_model_dir": init and init["model_dir"],
-                  "tokenizer_dir": prep["tokenizer_dir"], **data_args}), out_root, timings)
+        return run(sft_stage.with_options(**retrying), stage, {"train": section, "model": conf["model"]},
+                   {**data_in, **model_in, "init": init["model_digest"] if init else ""},
+                   {"stage": stage, "init_model_dir": init and init["model_dir"],
+                    "tokenizer_dir": prep["tokenizer_dir"], **data_args})
 
     cot = sft("sft-cot", conf["sft_cot"], None) if cfg.sft_cot else None
     colar = sft("sft-colar", conf["sft_colar"], cot)
     final = colar
     if cfg.rl is not None:
-        final = _run_stage(StageSpec(
-            rl_stage.with_options(**retrying), "rl", {"rl": conf["rl"]},
-            inputs={**data_inputs, "init": colar["model_digest"]},
-            args={"init_model_dir": colar["model_dir"], **data_args}), out_root, timings)
+        final = run(rl_stage.with_options(**retrying), "rl", {"rl": conf["rl"]},
+                    {**data_in, **model_in, "init": colar["model_digest"]},
+                    {"init_model_dir": colar["model_dir"], "model": conf["model"], **data_args})
     nocot = None
     if cfg.eval.nocot_baseline:
         section = json.loads(json.dumps(conf["sft_cot"] or conf["sft_colar"]))
         section["objective"].update(mode="nocot", compression_factors=[1])
         nocot = sft("sft-nocot", section, None)
-    evaluation = _run_stage(StageSpec(
-        evaluate_stage, "evaluate", {"eval_cfg": conf["eval"]},
-        inputs={"colar": final["model_digest"], "cot": cot and cot["model_digest"],
-                "nocot": nocot and nocot["model_digest"], **data_inputs},
-        args={"colar_model_dir": final["model_dir"], "cot_model_dir": cot and cot["model_dir"],
-              "nocot_model_dir": nocot and nocot["model_dir"], **data_args}), out_root, timings)
+    evaluation = run(evaluate_stage, "evaluate", {"eval_cfg": conf["eval"]},
+                     {"colar": final["model_digest"], "cot": cot and cot["model_digest"],
+                      "nocot": nocot and nocot["model_digest"], **data_in, **model_in},
+                     {"colar_model_dir": final["model_dir"], "cot_model_dir": cot and cot["model_dir"],
+                      "nocot_model_dir": nocot and nocot["model_dir"], "model": conf["model"], **data_args})
     example = load_split(Path(prep["data_dir"]) / "test.jsonl")[0].question
     report = report_stage(parent_run_id, evaluation["metrics"], final["model_dir"],
-                          str(Path(out_root).resolve() / "reports" / parent_run_id),
+                          str(Path(out_root) / "reports" / parent_run_id),
                           cfg.tracking.registered_model_name, example)
-    return {"metrics": evaluation["metrics"], **report}
+    return {"metrics": evaluation["metrics"], **report, "stages": states}
 
 
 def _crash_orphaned_flow_runs(flow_run_ids: list, logger) -> None:
@@ -215,4 +233,5 @@ def _log_timings(parent_run_id: str, timings: dict) -> None:
 def run_pipeline(cfg: PipelineConfig, parent_run_id: Optional[str] = None, return_state: bool = False):
     """Run the flow in this process against the Prefect API in ``PREFECT_API_URL``."""
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    return colar_pipeline(cfg.model_dump(mode="json"), parent_run_id=parent_run_id, return_state=return_state)
+    return colar_pipeline(cfg.for_run().model_dump(mode="json"), parent_run_id=parent_run_id,
+                          return_state=return_state)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from colar.flows.locks import exclusive_lock
+from colar.tasks.params import mask_url
 
 __all__ = [
     "ServerError",
@@ -56,6 +57,7 @@ RECORD_FILE = "servers.json"
 #: Seconds to wait for a freshly started server to answer its health endpoint.
 #: Measured here: MLflow ~9-18 s, Prefect ~11-17 s (slower on a loaded machine).
 DEFAULT_START_TIMEOUT_S = 90.0
+SERVER_LOCK_TIMEOUT_S = 600.0  # a holder starts a server at most twice (DEFAULT_START_TIMEOUT_S each)
 #: Seconds an externally configured server (env var) has to answer before we give up.
 EXTERNAL_CHECK_TIMEOUT_S = 3.0
 
@@ -115,8 +117,9 @@ def _write_records(state_dir: Path, records: dict[str, dict[str, Any]]) -> None:
 @contextlib.contextmanager
 def _locked(state_dir: Path, name: str) -> Iterator[None]:
     """Exclusive lock ``state_dir/<name>.lock`` across processes (so two ``colar run`` do not both
-    start a server). One lock per server, plus ``servers`` around edits of the record file."""
-    with exclusive_lock(state_dir / f"{name}.lock"):
+    start a server). One lock per server, plus ``servers`` around edits of the record file. A waiter
+    logs the holder and gives up after ``SERVER_LOCK_TIMEOUT_S``, naming it."""
+    with exclusive_lock(state_dir / f"{name}.lock", timeout_s=SERVER_LOCK_TIMEOUT_S, holder=f"colar servers: {name}"):
         yield
 
 
@@ -245,8 +248,8 @@ def _check_external(name: str, env_var: str, url: str, health_path: str, timeout
     health = _health_url(url, health_path)
     if _wait_healthy(health, timeout_s):
         return url
-    raise ServerError(
-        f"{name} server at {url} (from ${env_var}) does not answer: GET {health} failed for "
+    raise ServerError(  # the URL may carry credentials (http://user:pw@host): never printed as given
+        f"{name} server at {mask_url(url)} (from ${env_var}) does not answer: GET {mask_url(health)} failed for "
         f"{timeout_s:.0f} s. Start it, fix ${env_var}, or unset it to let colar start a local one."
     )
 

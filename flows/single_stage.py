@@ -8,9 +8,20 @@ from typing import Optional
 from prefect import flow
 
 from colar_core.config import EvalConfig
+from colar.tasks.artifacts import content_digest
 from colar.tasks.evaluate import evaluate_stage
 from colar.tasks.runs import ending_run, start_parent_run
 from colar.tasks.stage_spec import StageSpec
+
+
+def evaluate_only_spec(model_dir: str, data_dir: str, eval_cfg: dict, output_dir: str, parent_run_id: str) -> StageSpec:
+    """The evaluate-only stage, keyed on the content of what it reads (the model folder and
+    ``data_dir/test.jsonl``), not on their paths, and on the absolute ``output_dir``."""
+    return StageSpec(evaluate_stage, "evaluate-only", {"eval_cfg": eval_cfg}, output_dir,
+                     inputs={"model": content_digest(model_dir),
+                             "data": content_digest(Path(data_dir) / "test.jsonl")},
+                     args={"colar_model_dir": model_dir, "cot_model_dir": None, "nocot_model_dir": None,
+                           "data_dir": data_dir, "parent_run_id": parent_run_id})
 
 
 @flow(name="colar-evaluate", log_prints=True)
@@ -20,10 +31,7 @@ def evaluate_model_flow(model_dir: str, data_dir: str, eval: Optional[dict] = No
     cfg = EvalConfig.model_validate(eval or {}).model_dump(mode="json")
     parent = start_parent_run(experiment, f"evaluate {Path(model_dir).name}", {"colar.single_stage": "evaluate"},
                               {"eval": cfg, "model_dir": model_dir, "data_dir": data_dir})
-    spec = StageSpec(evaluate_stage, "evaluate-only", {"eval_cfg": cfg},
-                     inputs={"model_dir": str(Path(model_dir).resolve()), "data": data_dir},
-                     args={"colar_model_dir": model_dir, "cot_model_dir": None, "nocot_model_dir": None,
-                           "data_dir": data_dir, "parent_run_id": parent})
     with ending_run(parent):
-        result = spec.run(output_dir).result()  # raises the stage's exception if it failed
+        spec = evaluate_only_spec(model_dir, data_dir, cfg, output_dir, parent)  # fails here if either is missing
+        result = spec.run().result()  # raises the stage's exception if it failed
     return {"parent_run_id": parent, **result}

@@ -1,5 +1,5 @@
 """What a stage run records besides params and metrics: artifact folders, dataset inputs, and the
-content digest of a saved model folder (its lineage id)."""
+content digest of a file or folder (a saved model's lineage id; what a cache key holds of an input)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mlflow.entities import DatasetInput, InputTag
 
 from colar.tasks.runs import client_or_default
 
-__all__ = ["directory_digest", "log_artifact_dir", "log_dataset_input"]
+__all__ = ["content_digest", "directory_digest", "log_artifact_dir", "log_dataset_input"]
 
 
 def log_artifact_dir(
@@ -34,16 +34,31 @@ def log_artifact_dir(
         raise FileNotFoundError(f"log_artifact_dir: {path} does not exist")
 
 
-def directory_digest(path: Union[str, os.PathLike]) -> str:
-    """sha256 over a directory's files (relative path and bytes): the lineage id of a model."""
+def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    root = Path(path)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
+
+
+def content_digest(path: Union[str, os.PathLike]) -> str:
+    """sha256 of what ``path`` holds: a file's bytes (as ``sha256sum``), or for a directory one line
+    ``<relative path>\0<file sha256>`` per file in path order (names and bytes; file times and the
+    folder's own location do not count). The lineage id of a model, the cache-key digest of an input.
+    Raises FileNotFoundError if ``path`` is neither."""
+    root = Path(path)
+    if root.is_file():
+        return _file_sha256(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"content_digest: {root} is not a file or directory")
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(root).as_posix()}\0{_file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+directory_digest = content_digest  # the older name, used by the training stages for model digests
 
 
 def _read_table(path: Path) -> pd.DataFrame:

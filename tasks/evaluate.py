@@ -12,26 +12,28 @@ import pandas as pd
 from mlflow import MlflowClient
 from prefect import get_run_logger, task
 
-from colar_core.config import EvalConfig
+from colar_core.config import EvalConfig, ModelConfig
 from colar_core.data.prepare import load_split
 from colar_core.evaluation import evaluate_latent, evaluate_text
 from colar_core.model import ColarModel
 from colar_core.text import PromptEncoder
-from colar.tasks.keys import cache_key_from_param
+from colar.tasks.keys import CACHED_STAGE
 from colar.tasks.runs import child_run, log_metrics
 from colar.tasks.stage_spec import save_result, stage_folder
 
 
-def _load(model_dir: str) -> tuple[ColarModel, PromptEncoder]:
-    model, tokenizer = ColarModel.load_dir(model_dir, is_trainable=False)
+def _load(model_dir: str, options: dict) -> tuple[ColarModel, PromptEncoder]:
+    model, tokenizer = ColarModel.load_dir(model_dir, is_trainable=False, **options)
     return model, PromptEncoder(tokenizer)
 
 
-@task(name="evaluate", cache_key_fn=cache_key_from_param, persist_result=True, retries=1, retry_delay_seconds=2)
+@task(name="evaluate", **CACHED_STAGE, retries=1, retry_delay_seconds=2)
 def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional[str], nocot_model_dir: Optional[str],
-                   data_dir: str, out_dir: str, parent_run_id: str, key: str) -> dict:
+                   data_dir: str, out_dir: str, parent_run_id: str, key: str, model: Optional[dict] = None) -> dict:
     """Evaluate the CoLaR model (and the baselines given) on ``data_dir/test.jsonl``; metrics, the
-    predictions table and ``metrics.json`` go to the ``evaluate`` child run."""
+    predictions table and ``metrics.json`` go to the ``evaluate`` child run. ``model``: the pipeline's
+    model config, the only thing that may allow remote code or name a LoRA base (see
+    ``ColarModel.load_options``); None allows neither."""
     logger = get_run_logger()
     cfg = EvalConfig.model_validate(eval_cfg)
     out = stage_folder(out_dir)
@@ -40,13 +42,14 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
         t0 = time.perf_counter()
         records = load_split(Path(data_dir) / "test.jsonl")[: cfg.n_examples]
         metrics, rows = {}, []
-        model, enc = _load(colar_model_dir)
-        m, r = evaluate_latent(model, enc, records, cfg.compression_factors, cfg.seeds, cfg.generation)
+        options = ColarModel.load_options(ModelConfig.model_validate(model)) if model else {}
+        colar_model, enc = _load(colar_model_dir, options)
+        m, r = evaluate_latent(colar_model, enc, records, cfg.compression_factors, cfg.seeds, cfg.generation)
         metrics.update(m)
         rows += r
         for mode, model_dir in (("cot", cot_model_dir), ("nocot", nocot_model_dir)):
             if model_dir:
-                base, base_enc = _load(model_dir)
+                base, base_enc = _load(model_dir, options)
                 m, r = evaluate_text(base, base_enc, records, mode, cfg.seeds, cfg.generation)
                 metrics.update(m)
                 rows += r

@@ -1,45 +1,122 @@
 """Stage cache keys: a stage is skipped on re-run only when nothing it depends on changed.
 
-A key covers the stage name, its config section, the content digests of its inputs and the code
-version (a digest of the ``colar_core`` sources). Stage outputs go to a folder named by the key,
-so a failed stage re-run with the same key finds its own checkpoints and resumes from them.
+A key covers the stage name, its config section, the content digests of its inputs (files and
+folders by content, hub ids by the revision the local cache resolves), the absolute output folder
+and the code version (a digest of the sources of ``colar_core``, ``colar.tasks`` and
+``colar.flows``). Stage outputs go to a folder under the output folder named by the key, so a
+failed stage re-run with the same key finds its own checkpoints and resumes from them, and a
+result cached for one output folder is never handed to another.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
-import colar_core
+from colar.tasks.artifacts import content_digest
 
-PACKAGE_ROOT = Path(colar_core.__file__).resolve().parent
+#: The packages whose code runs a stage: a change in any of their sources re-keys every stage.
+CODE_PACKAGES = ("colar_core", "colar.tasks", "colar.flows")
+
+
+def code_files() -> list[tuple[str, Path]]:
+    """``(name, path)`` of every Python source of :data:`CODE_PACKAGES`, in key order; ``name`` is
+    ``<package>/<path inside it>``, so the key does not depend on where the code is installed."""
+    files = []
+    for package in CODE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for root in map(Path, spec.submodule_search_locations or ()):
+            files += [(f"{package}/{p.relative_to(root).as_posix()}", p) for p in root.rglob("*.py")]
+    return sorted(files)
 
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """sha256 over the library's Python sources (path and bytes), so any code change re-keys stages."""
+    """sha256 over the sources of :data:`CODE_PACKAGES` (name and bytes), so any code change re-keys
+    stages. Computed once per process: the code a process runs does not change under it."""
     h = hashlib.sha256()
-    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
-        h.update(str(path.relative_to(PACKAGE_ROOT)).encode())
-        h.update(path.read_bytes())
+    for name, path in code_files():
+        h.update(f"{name}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
     return h.hexdigest()
 
 
-def stage_key(stage: str, section: Any, inputs: dict[str, Any]) -> str:
-    """The cache key of ``stage``: sha256 of its name, config section, input digests and the code version."""
-    payload = json.dumps({"stage": stage, "config": section, "inputs": inputs, "code": code_version()},
+def hub_revision(repo_id: str, repo_type: Literal["model", "dataset"]) -> Optional[str]:
+    """The commit the local Hugging Face hub cache resolves ``repo_id`` to (its ``refs/main``, else its
+    only snapshot), read from disk without the network; None when the cache holds no such ref."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return None
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        return ref.read_text().strip() or None
+    snapshots = [p.name for p in (repo / "snapshots").glob("*") if p.is_dir()]
+    return snapshots[0] if len(snapshots) == 1 else None
+
+
+def input_digest(ref: str, repo_type: Literal["model", "dataset"]) -> str:
+    """What a cache key holds of an input named by ``ref``: ``sha256:<content digest>`` for an
+    existing file or folder; for a hub id ``hub:<id>@<commit>`` (:func:`hub_revision`). When the
+    local hub cache cannot resolve the id (not downloaded yet, or a dataset held only in the
+    ``datasets`` library's own cache) it is ``hub:<id>@unresolved``: the key then covers the id
+    only, and a new revision published under it is not seen."""
+    if os.path.exists(ref):
+        return f"sha256:{content_digest(ref)}"
+    return f"hub:{ref}@{hub_revision(ref, repo_type) or 'unresolved'}"
+
+
+def model_inputs(model: Mapping[str, Any]) -> dict[str, str]:
+    """Input digests of a stage that builds its backbone from ``model`` (a ModelConfig as a dict):
+    ``model.name_or_path`` and ``model.tokenizer`` unless 'tiny' or unset (then the config covers them)."""
+    return {f"model.{field}": input_digest(model[field], "model")
+            for field in ("name_or_path", "tokenizer") if model.get(field) not in (None, "tiny")}
+
+
+def data_inputs(data: Mapping[str, Any]) -> dict[str, str]:
+    """Input digests of the stage that reads ``data.source`` (a DataConfig as a dict); none for
+    'builtin' (generated from the config, which the key covers)."""
+    source = data["source"]
+    return {} if source == "builtin" else {"data.source": input_digest(source, "dataset")}
+
+
+def absolute_dir(output_dir: Union[str, os.PathLike]) -> Path:
+    """``output_dir`` as the key holds it: ``~`` expanded, absolute against the current directory,
+    symlinks resolved (two spellings of one folder make one key)."""
+    return Path(output_dir).expanduser().resolve()
+
+
+def stage_key(stage: str, section: Any, inputs: Mapping[str, Any], output_dir: Union[str, os.PathLike]) -> str:
+    """The cache key of ``stage``: sha256 of its name, config section, input digests, absolute
+    output folder and the code version."""
+    payload = json.dumps({"stage": stage, "config": section, "inputs": dict(inputs),
+                          "output_dir": str(absolute_dir(output_dir)), "code": code_version()},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def stage_dir(output_dir: str | Path, stage: str, key: str) -> Path:
-    """The folder of a stage run: ``<output_dir>/<stage>-<key[:12]>`` (absolute)."""
-    return Path(output_dir).resolve() / f"{stage}-{key[:12]}"
+def stage_dir(output_dir: Union[str, os.PathLike], stage: str, key: str) -> Path:
+    """The folder of a stage run: ``<output_dir>/<stage>-<key[:12]>`` (absolute, directly under
+    the absolute ``output_dir``; a stage name that would leave it is refused)."""
+    root = absolute_dir(output_dir)
+    folder = Path(os.path.normpath(root / f"{stage}-{key[:12]}"))
+    if folder.parent != root:
+        raise ValueError(f"stage name {stage!r} would put its folder outside {root}")
+    return folder
 
 
 def cache_key_from_param(context, parameters) -> str:
     """Prefect cache_key_fn: each stage task receives its precomputed key as ``key``."""
     return parameters["key"]
+
+
+#: The ``@task`` options of every cached stage: the key it receives, and its result persisted as
+#: JSON (a stage result is a dict of paths, digests, run ids and numbers; no pickle to load back).
+CACHED_STAGE: dict[str, Any] = dict(cache_key_fn=cache_key_from_param, persist_result=True, result_serializer="json")

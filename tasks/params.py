@@ -3,7 +3,7 @@
 :func:`flatten_params` turns a nested config (dicts, pydantic models, dataclasses) into MLflow's
 flat ``{"a.b.c": "value"}``; :func:`mask_secrets` hides credentials in a single value. Both mask
 the same things: keys naming a credential (:func:`is_secret_key`), values of environment variables
-named like a secret, and passwords embedded in URLs.
+named like a secret, and credentials embedded in URLs (the whole userinfo).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["MASK", "MAX_KEY", "MAX_PARAM_VALUE", "flatten_params", "is_secret_key", "mask_secrets", "masked_tags"]
+__all__ = ["MASK", "MAX_KEY", "MAX_PARAM_VALUE", "flatten_params", "is_secret_key", "mask_secrets", "mask_url",
+           "masked_tags"]
 
 MASK = "***"
 
@@ -37,7 +38,22 @@ _SECRET_ENV_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|KEY", re.IGNORECASE)
 # would otherwise be cut out of every value); longer ones wherever they occur in a value.
 _MIN_SECRET_SUBSTRING = 8
 _MIN_SECRET_EXACT = 6
-_URL_PASSWORD = re.compile(r"(\w+://[^:/@\s]+:)([^@/\s]+)(@)")
+# The userinfo of a URL (``scheme://USERINFO@host``): everything between "://" and the last "@"
+# before the authority ends at "/", "?", "#" or a space (so a raw "@" in a password is masked too).
+_URL_USERINFO = re.compile(r"([A-Za-z][\w+.-]*://)([^/?#\s]*)@")
+
+
+def _mask_userinfo(match: re.Match) -> str:
+    user, sep, _ = match.group(2).partition(":")
+    kept = f"{user}:{MASK}" if sep and user else MASK
+    return f"{match.group(1)}{kept}@"
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it masked: ``https://user:***@host`` when there
+    is a username and a password, ``https://***@host`` for a bare token (``https://tok@host``,
+    ``https://:tok@host``)."""
+    return _URL_USERINFO.sub(_mask_userinfo, text)
 
 
 def _key_words(key: str) -> list[str]:
@@ -78,11 +94,11 @@ def _mask_value(text: str, secrets: list[str]) -> str:
             return MASK
         if len(s) >= _MIN_SECRET_SUBSTRING and s in text:
             text = text.replace(s, MASK)
-    return _URL_PASSWORD.sub(rf"\1{MASK}\3", text)
+    return mask_url(text)
 
 
 def mask_secrets(text: Any) -> str:
-    """``text`` (stringified) with secret environment values and URL passwords replaced by ``***``:
+    """``text`` (stringified) with secret environment values and URL credentials replaced by ``***``:
     the masking of :func:`flatten_params`, for run names, tags and log lines."""
     return _mask_value(_stringify(text), _secret_env_values())
 
@@ -120,7 +136,7 @@ def flatten_params(nested: Any, prefix: str = "") -> dict[str, str]:
     - values are stringified and cut to MLflow's 6000-character limit (keys to 250);
     - secrets are masked with ``***``: keys naming a credential (see :func:`is_secret_key`), any
       occurrence of the value of an environment variable whose name contains
-      TOKEN/PASSWORD/SECRET/KEY, and passwords embedded in URLs (``scheme://user:pw@host``).
+      TOKEN/PASSWORD/SECRET/KEY, and credentials embedded in URLs (:func:`mask_url`).
     """
     secrets = _secret_env_values()
     out: dict[str, str] = {}

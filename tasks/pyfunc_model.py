@@ -20,7 +20,13 @@ from colar_core.text import PromptEncoder
 
 class ColarPyfunc(PythonModel):
     def load_context(self, context):
-        self.model, tokenizer = ColarModel.load_dir(context.artifacts["colar_model"], is_trainable=False)
+        """Load the logged model folder. Remote code and an outside LoRA base are the loader's choice,
+        never the folder's: ``mlflow.pyfunc.load_model(uri, model_config={"trust_remote_code": True,
+        "base_model": ...})``."""
+        allowed = dict(getattr(context, "model_config", None) or {})
+        self.model, tokenizer = ColarModel.load_dir(
+            context.artifacts["colar_model"], is_trainable=False,
+            trust_remote_code=bool(allowed.get("trust_remote_code", False)), base_model=allowed.get("base_model"))
         self.encoder = PromptEncoder(tokenizer)
 
     def predict(self, context, model_input, params=None):

@@ -20,7 +20,7 @@ from colar_core.training.callbacks import ConsoleLogger, read_metrics
 from colar_core.training.sft import SFTJob, run_sft_stage
 from colar_core.training.stage import StageData
 from colar.tasks.artifacts import directory_digest, log_artifact_dir
-from colar.tasks.keys import cache_key_from_param
+from colar.tasks.keys import CACHED_STAGE
 from colar.tasks.metrics_sender import MlflowMetricsCallback
 from colar.tasks.plots import training_curves_plot
 from colar.tasks.runs import child_run
@@ -58,7 +58,7 @@ def _stage_data(data_dir: str) -> StageData:
     return StageData(train=str(Path(data_dir) / "train.jsonl"), val=str(Path(data_dir) / "val.jsonl"))
 
 
-@task(name="sft", cache_key_fn=cache_key_from_param, persist_result=True, retries=0)
+@task(name="sft", **CACHED_STAGE, retries=0)
 def sft_stage(stage: str, train: dict, model: dict, init_model_dir: Optional[str], data_dir: str,
               tokenizer_dir: Optional[str], out_dir: str, parent_run_id: str, key: str) -> dict:
     """One SFT stage (CoT warm-up, CoLaR, or answer-only), logged as child run ``stage``."""
@@ -72,11 +72,13 @@ def sft_stage(stage: str, train: dict, model: dict, init_model_dir: Optional[str
                            {"train": train, "model": model_cfg, "init": init_model_dir}, out, parent_run_id)
 
 
-@task(name="rl", cache_key_fn=cache_key_from_param, persist_result=True, retries=0)
-def rl_stage(rl: dict, init_model_dir: str, data_dir: str, out_dir: str, parent_run_id: str, key: str) -> dict:
-    """GRPO over the latents of the CoLaR-SFT model; same engine, checkpoints and resume as SFT."""
+@task(name="rl", **CACHED_STAGE, retries=0)
+def rl_stage(rl: dict, init_model_dir: str, data_dir: str, out_dir: str, parent_run_id: str, key: str,
+             model: Optional[dict] = None) -> dict:
+    """GRPO over the latents of the CoLaR-SFT model; same engine, checkpoints and resume as SFT.
+    ``model``: the pipeline's model config (what may be trusted when the SFT model is loaded)."""
     out = stage_folder(out_dir)
-    job = RLJob(output_dir=str(out), init_from=init_model_dir, rl=rl, data=_stage_data(data_dir))
+    job = RLJob(output_dir=str(out), init_from=init_model_dir, rl=rl, data=_stage_data(data_dir), model=model)
     return _training_stage("rl", job, run_rl_stage, job.rl.launcher.multi_process,
                            {"rl": rl, "init": init_model_dir}, out, parent_run_id)
 

@@ -12,11 +12,17 @@ import math
 import operator
 import re
 
-__all__ = ["check_equation", "evaluate", "parse_number", "REL_TOL"]
+__all__ = ["check_equation", "evaluate", "parse_number", "answer_value", "REL_TOL", "MAX_OPERATORS", "MAX_ANSWER"]
 
 #: Float-noise tolerance between the two sides: ``|lhs - rhs| <= REL_TOL * max(1, |rhs|)``.
 #: (The real GSM8k-Aug valid/test files agree to ~1e-16.)
 REL_TOL = 1e-6
+#: Most operators and parentheses in one side of a step. A real step has a handful; thousands would
+#: only exhaust the parser's recursion (a bad record, not a crash).
+MAX_OPERATORS = 200
+#: Largest answer magnitude accepted: up to here a float holds every integer exactly (2**53 ~ 9e15),
+#: so scoring a prediction is not decided by rounding.
+MAX_ANSWER = 1e15
 
 _BINOPS = {
     ast.Add: operator.add,
@@ -29,36 +35,53 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)$")
 _LEADING_ZEROS = re.compile(r"(?<![\d.])0+(?=\d)")  # "08" is a SyntaxError for ast
 
 
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` cut for an error message (a runaway expression is not quoted in full)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def evaluate(expr: str) -> float:
-    """Value of an arithmetic expression; ``ValueError`` if it is not one (or divides by zero)."""
+    """Value of an arithmetic expression; ``ValueError`` if it is not one, divides by zero, or is too
+    large to evaluate (over ``MAX_OPERATORS`` operators, a number beyond float range)."""
     text = expr.strip()
     if not text:
         raise ValueError("empty expression")
     if not _ALLOWED_CHARS.match(text):
         bad = sorted({c for c in text if not _ALLOWED_CHARS.match(c)})
-        raise ValueError(f"expression '{expr}' has unsupported characters {''.join(bad)!r}")
+        raise ValueError(f"expression '{_short(expr)}' has unsupported characters {''.join(bad)!r}")
+    operators = sum(text.count(c) for c in "+-*/(")
+    if operators > MAX_OPERATORS:
+        raise ValueError(f"expression '{_short(expr)}' has {operators:,} operators and parentheses, "
+                         f"over the limit of {MAX_OPERATORS}")
     try:
-        tree = ast.parse(_LEADING_ZEROS.sub("", text), mode="eval")
+        return _walk(ast.parse(_LEADING_ZEROS.sub("", text), mode="eval").body, expr)
     except SyntaxError:
-        raise ValueError(f"expression '{expr}' does not parse") from None
-    return _walk(tree.body, expr)
+        raise ValueError(f"expression '{_short(expr)}' does not parse") from None
+    except (RecursionError, MemoryError):
+        raise ValueError(f"expression '{_short(expr)}' is nested too deeply to evaluate") from None
 
 
 def _walk(node: ast.AST, expr: str) -> float:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return float(node.value)
+        try:
+            value = float(node.value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ValueError(f"expression '{_short(expr)}' has a number beyond float range")
+        return value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _walk(node.operand, expr)
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
         left, right = _walk(node.left, expr), _walk(node.right, expr)
         if isinstance(node.op, ast.Div) and right == 0:
-            raise ValueError(f"expression '{expr}' divides by zero")
+            raise ValueError(f"expression '{_short(expr)}' divides by zero")
         value = _BINOPS[type(node.op)](left, right)
         if not math.isfinite(value):
-            raise ValueError(f"expression '{expr}' overflows")
+            raise ValueError(f"expression '{_short(expr)}' overflows")
         return value
-    raise ValueError(f"expression '{expr}' does not parse")
+    raise ValueError(f"expression '{_short(expr)}' does not parse")
 
 
 def _fmt(x: float) -> str:
@@ -86,26 +109,44 @@ def check_equation(eq: str) -> None:
     if not isinstance(eq, str):
         raise ValueError(f"equation must be a string, got {type(eq).__name__}")
     if eq.count("=") != 1:
-        raise ValueError(f"equation '{eq}' must contain exactly one '='")
+        raise ValueError(f"equation '{_short(eq)}' must contain exactly one '='")
     lhs, rhs = eq.split("=")
     try:
         left, right = evaluate(lhs), evaluate(rhs)
     except ValueError as err:
-        raise ValueError(f"equation '{eq}': {err}") from None
+        raise ValueError(f"equation '{_short(eq)}': {err}") from None
     if not _agrees(left, right, rhs):
         raise ValueError(f"equation '{eq}' evaluates to {_fmt(left)}, not {_fmt(right)}")
 
 
-def parse_number(s: str) -> float | None:
-    """Float value of an answer string such as ``"1,450,000"``, ``" 18."`` or ``"-3.5"``; else ``None``.
-
-    Commas and spaces are dropped and one trailing ``.`` is ignored; ``nan``/``inf`` are rejected.
-    """
+def _number_text(s: str) -> str | None:
+    """An answer string reduced to a plain number (commas, spaces and one trailing ``.`` dropped)."""
     if not isinstance(s, str):
         return None
     text = s.replace(",", "").replace(" ", "").strip()
     if text.endswith(".") and len(text) > 1:
         text = text[:-1]
-    if not _NUMBER.match(text):
-        return None
-    return float(text)
+    return text if _NUMBER.match(text) else None
+
+
+def parse_number(s: str) -> float | None:
+    """Float value of an answer string such as ``"1,450,000"``, ``" 18."`` or ``"-3.5"``; else ``None``.
+
+    Commas and spaces are dropped and one trailing ``.`` is ignored; ``nan``/``inf`` are rejected, and
+    so is a number too long for a float (it would be ``inf``).
+    """
+    text = _number_text(s)
+    value = None if text is None else float(text)
+    return value if value is not None and math.isfinite(value) else None
+
+
+def answer_value(s: str) -> float:
+    """Value of a record's answer; ``ValueError`` saying why it is refused: not a number, or out of
+    range (non-finite, or beyond ``MAX_ANSWER`` in magnitude)."""
+    text = _number_text(s)
+    if text is None:
+        raise ValueError(f"answer '{_short(str(s))}' is not a number")
+    value = float(text)
+    if not math.isfinite(value) or abs(value) > MAX_ANSWER:
+        raise ValueError(f"answer '{_short(str(s))}' is out of range (beyond +-{MAX_ANSWER:.0e})")
+    return value

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from .readers import ReadResult, hf_split_names, read_records, resolve_format
+from .readers import HF_MARKERS, ReadResult, hf_split_names, read_records, resolve_format
 from .records import DataError, Record
 from .synthetic import builtin_splits
 
@@ -29,7 +29,6 @@ __all__ = ["prepare_data", "write_split", "load_split", "file_digest", "SPLITS"]
 SPLITS = ("train", "val", "test")
 _SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 _BUILTIN_DEFAULTS = {"n_train": 8000, "n_val": 500, "n_test": 500, "difficulty": "easy"}
-_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 # --------------------------------------------------------------------------- file helpers
@@ -139,6 +138,29 @@ def _split_files(directory: Path) -> dict[str, Path]:
     return found
 
 
+def _check_output(source: str, out: Path) -> None:
+    """Refuse an ``out_dir`` that is (under) a file, or where a file to be written is an input file
+    (``--input d/train.jsonl --out d`` would overwrite the source with its own split)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"output directory {out}: {existing} is a file, not a directory")
+    path = Path(source)
+    if path.is_file():
+        inputs = [path]
+    elif path.is_dir():
+        inputs = [p for p in path.iterdir() if p.is_file()]
+    else:
+        return  # a hub id or 'builtin': nothing local to overwrite
+    inputs_by_path = {p.resolve(): p for p in inputs}
+    for name in (*(f"{s}.jsonl" for s in SPLITS), "manifest.json"):
+        target = out / name
+        if target.resolve() in inputs_by_path:
+            raise ValueError(f"output directory {out} would overwrite the input {inputs_by_path[target.resolve()]} "
+                             f"(input {source}): write the splits to another directory")
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -155,6 +177,8 @@ def prepare_data(input: str, out_dir: str | Path, format: str = "auto", policy: 
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum to less than 1")
     source = str(input)
+    out = Path(out_dir)
+    _check_output(source, out)
     extra: dict = {}
     if source == "builtin":
         kwargs = {**_BUILTIN_DEFAULTS, "seed": seed, **(builtin or {})}
@@ -172,7 +196,6 @@ def prepare_data(input: str, out_dir: str | Path, format: str = "auto", policy: 
         errors = [e for s in SPLITS if s in results for e in results[s].errors]
         extra.update(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
 
-    out = Path(out_dir)
     digests = {s: write_split(split_records[s], out / f"{s}.jsonl") for s in SPLITS}
     overall = hashlib.sha256("".join(f"{s}:{digests[s]}\n" for s in SPLITS).encode()).hexdigest()
     manifest = {
@@ -194,7 +217,7 @@ def prepare_data(input: str, out_dir: str | Path, format: str = "auto", policy: 
 def _read_source(source: str, format: str, policy: str) -> tuple[dict[str, ReadResult], str | dict]:
     """ReadResults keyed by split name (only ``train`` for a single unsplit source) and the format."""
     path = Path(source)
-    if path.is_dir() and not any((path / m).exists() for m in _HF_MARKERS):
+    if path.is_dir() and not any((path / m).exists() for m in HF_MARKERS):
         files = _split_files(path)
         results, formats = {}, {}
         for split, file in files.items():

@@ -14,9 +14,11 @@ Formats (``format=``):
 * ``auto`` — decided from the path (extension, directory contents) and the first record.
 
 Every record is validated the same way (non-empty question, numeric answer, each step an
-equation that holds; a line over ``MAX_LINE_BYTES`` is a bad record). ``policy="fail"`` raises the
-first :class:`DataError`; ``"skip"`` drops bad records, counting them and keeping their messages.
-Structural problems (missing or empty file, a DatasetDict without a chosen split) always raise.
+equation that holds; a line over ``MAX_LINE_BYTES``, JSON nested too deeply, a number too large or
+an expression too long to evaluate is a bad record). ``policy="fail"`` raises the first
+:class:`DataError`; ``"skip"`` drops bad records, counting them and keeping their messages.
+Structural problems (missing or empty file, a DatasetDict without a chosen split, a file whose every
+record is bad) always raise.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .equations import check_equation, parse_number
+from .equations import answer_value, check_equation
 from .records import DataError, Record
 
 __all__ = ["ReadResult", "read_records", "resolve_format", "hf_split_names", "validate_record", "FORMATS"]
@@ -35,10 +37,12 @@ __all__ = ["ReadResult", "read_records", "resolve_format", "hf_split_names", "va
 FORMATS = ("auto", "gsm8k-aug", "jsonl", "gsm8k", "hf")
 _ALIASES = {"aug": "gsm8k-aug", "icot": "gsm8k-aug", "txt": "gsm8k-aug", "json": "jsonl"}
 _EQUATION = re.compile(r"<<(.*?)>>")
-_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+#: Files that mark a directory written by ``datasets``' ``save_to_disk``.
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 #: A line (one record) longer than this is refused: a reasoning problem is a few KB, and a runaway
 #: line (a binary blob, a file without newlines) would otherwise reach the tokenizer and the GPU.
 MAX_LINE_BYTES = 1 << 20
+_TOO_DEEP = "invalid JSON: nested too deeply to read"
 
 
 @dataclass
@@ -69,8 +73,10 @@ def validate_record(rid: str, question: Any, steps: Any, answer: Any, source: st
         raise DataError(source, loc, "answer", "answer is empty" if isinstance(answer, str) else
                         f"answer must be a string or number, got {type(answer).__name__}")
     answer = answer.strip()
-    if parse_number(answer) is None:
-        raise DataError(source, loc, "answer", f"answer '{answer}' is not a number")
+    try:
+        answer_value(answer)
+    except ValueError as err:
+        raise DataError(source, loc, "answer", str(err)) from None
     if isinstance(steps, str):
         steps = _split_steps_text(steps)
     if not isinstance(steps, (list, tuple)):
@@ -112,7 +118,7 @@ def resolve_format(source: str, format: str = "auto") -> str:
         return fmt
     path = Path(source)
     if path.is_dir():
-        if any((path / m).exists() for m in _HF_MARKERS):
+        if any((path / m).exists() for m in HF_MARKERS):
             return "hf"
         raise DataError(source, None, None, "directory is not a saved Hugging Face dataset "
                         "(use prepare_data for a directory of split files)")
@@ -143,13 +149,13 @@ def _first_item(source: str) -> Any:
     if stripped.startswith("{"):
         try:
             return json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # the reader reports it, at its line
             return line
     if stripped.startswith("["):
         try:
             items = json.loads(Path(source).read_text(encoding="utf-8"))
             return items[0] if isinstance(items, list) and items else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             return None
     return line
 
@@ -229,6 +235,8 @@ def _json_items(source: str) -> Iterator[tuple[int | str, dict | DataError]]:
                                 f"invalid UTF-8 byte 0x{data[err.start]:02x}") from None
             except json.JSONDecodeError as err:
                 raise DataError(source, err.lineno, "json", f"invalid JSON: {err.msg} (column {err.colno})") from None
+            except RecursionError:
+                raise DataError(source, None, "json", _TOO_DEEP) from None
             if not items:
                 raise DataError(source, None, None, "file is empty: no records")
             for index, item in enumerate(items):
@@ -242,6 +250,8 @@ def _json_items(source: str) -> Iterator[tuple[int | str, dict | DataError]]:
             yield number, json.loads(line)
         except json.JSONDecodeError as err:
             yield number, DataError(source, number, "json", f"invalid JSON: {err.msg} (column {err.colno})")
+        except RecursionError:
+            yield number, DataError(source, number, "json", _TOO_DEEP)
 
 
 def _read_json(source: str, gsm8k: bool) -> Iterator[Record | DataError]:
@@ -279,11 +289,18 @@ def _from_mapping(item: Any, rid: str, source: str, loc: int | str, gsm8k: bool)
 
 
 def _load_hf(source: str, split: str | None):
+    """The dataset (or DatasetDict); a hub id that cannot be reached or found (offline, no network,
+    no such id) is a :class:`DataError` naming it, not a ``ConnectionError`` traceback."""
     import datasets  # heavy import, only when needed
 
     if Path(source).is_dir():
         return datasets.load_from_disk(source)
-    return datasets.load_dataset(source, split=split)
+    try:
+        return datasets.load_dataset(source, split=split)
+    except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, HFValidationError ...
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(source, None, None, f"cannot load the Hugging Face dataset: {type(err).__name__}: "
+                        f"{first}") from None
 
 
 def hf_split_names(source: str) -> list[str] | None:
@@ -342,4 +359,7 @@ def read_records(source: str, format: str = "auto", policy: str = "fail", split:
             result.errors.append(str(item))
         else:
             result.records.append(item)
+    if not result.records:  # only under skip: every record was bad, and 0 records is not a dataset
+        raise DataError(source, None, None, f"no valid records: all {result.skipped:,} records are bad "
+                        f"(first: {result.errors[0]})")
     return result

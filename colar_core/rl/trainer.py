@@ -45,6 +45,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from colar_core.config import ModelConfig
 from colar_core.inference import generate_latent
 from colar_core.model import ColarModel
 from colar_core.rl.config import RLConfig
@@ -301,13 +302,17 @@ class RLJob(StageJob):
     rl: RLConfig = Field(default_factory=RLConfig)
     data: StageData = Field(default_factory=StageData, description="train.jsonl (+ val.jsonl) from prepare_data; "
                             "None = the built-in problems (as SFT).")
+    model: Optional[ModelConfig] = Field(
+        None, description="The model config init_from was trained from: the only thing that may allow remote "
+        "code or name a LoRA base when it is loaded (ColarModel.load_options). None allows neither.")
 
 
 def run_rl_job(job: RLJob, callbacks: Sequence[Callback] = ()) -> RLResult:
     """Load data and the starting model for ``job`` and train in this process (one of a launched
     job's processes, or the only one)."""
     train_records, val_records = job.data.load()
-    model, tokenizer = ColarModel.load_dir(job.init_from, is_trainable=True)
+    options = ColarModel.load_options(job.model) if job.model is not None else {}  # the job's own config
+    model, tokenizer = ColarModel.load_dir(job.init_from, is_trainable=True, **options)
     return train_rl(model, tokenizer, train_records, val_records, job.rl, job.output_dir, callbacks)
 
 

@@ -9,15 +9,19 @@ Layout under a run's output directory::
         rank_00000.pt ...       per process: RNG states (python, numpy, torch, cuda) and the
                                 ``stateful`` objects (data position, r-sampling generator, ...)
         trainer_state.json      the loop state (step, best scores, ...), human-readable
-        COMPLETE                written last
+        COMPLETE                written last: the manifest (every file above, its size and CRC-32)
       .tmp-step_00000300/       a checkpoint being written (never picked; removed on restart)
+      .corrupt-step_00000400/   a complete checkpoint that failed verification or loading (never picked)
     best/step_00000200/         best-k exported models (``ColarModel.from_pretrained`` loadable)
     model/                      the final exported model
 
-A checkpoint is written into ``.tmp-step_N`` by every process, then rank 0 writes ``COMPLETE``
-and renames the directory to ``step_N`` (an atomic rename), so a run killed at any moment leaves
-either a complete checkpoint or an ignored temp directory. Restarting the same stage with the
-same output directory resumes from the newest complete one. Multi-node runs need the output
+A checkpoint is written into ``.tmp-step_N`` by every process, then rank 0 fsyncs every file and
+directory in it, writes ``COMPLETE`` (the manifest) and renames the directory to ``step_N`` (an
+atomic rename), so a run killed at any moment, power loss included, leaves either a complete
+checkpoint or an ignored temp directory. Restarting the same stage with the same output directory
+resumes from the newest complete one whose files match its manifest and that loads; a newest one
+that does not (a truncated file, a full disk the filesystem did not report) is renamed to
+``.corrupt-step_N`` with a warning and the previous one is used. Multi-node runs need the output
 directory on a filesystem every node sees.
 
 Our checkpoint files are read with ``torch.load(weights_only=True)``; DeepSpeed reads its own
@@ -27,16 +31,19 @@ safetensors only.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from colar_core.training.engines import Engine
 from colar_core.training.loop import LoopState, Stateful
@@ -49,6 +56,11 @@ COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step_"
 _TMP = ".tmp-"
+_CORRUPT = ".corrupt-"
+_CHUNK = 1 << 20
+# what a failed write raises: OSError; torch.save (and so DeepSpeed) a RuntimeError ("unexpected pos ..."),
+# safetensors its own error ("No space left on device")
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 class CheckpointError(OSError):
@@ -81,6 +93,48 @@ def complete_checkpoints(checkpoint_root: Path) -> list[tuple[int, Path]]:
         if step is not None and p.is_dir() and (p / COMPLETE).is_file():
             found.append((step, p))
     return sorted(found)
+
+
+def _file_digest(path: Path, sync: bool = False) -> dict:
+    """``{"size", "crc32"}`` of a file (fsynced first with ``sync``)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        if sync:
+            os.fsync(fh.fileno())
+        while chunk := fh.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return {"size": path.stat().st_size, "crc32": crc}
+
+
+def sync_tree(directory: Path) -> dict:
+    """fsync every file and directory under ``directory`` (deepest first); returns the manifest
+    ``{relative path: {"size", "crc32"}}`` of its files."""
+    manifest = {}
+    for dirpath, _, filenames in os.walk(directory, topdown=False):
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            manifest[path.relative_to(directory).as_posix()] = _file_digest(path, sync=True)
+        _fsync_dir(Path(dirpath))
+    return dict(sorted(manifest.items()))
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """What is wrong with the complete checkpoint ``path`` compared with its manifest, or None if
+    nothing is (checkpoints written before manifests existed are not checked)."""
+    try:
+        manifest = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable {COMPLETE}: {err}"
+    if not isinstance(manifest, dict):
+        return None  # an older checkpoint: COMPLETE holds only the step
+    for rel, want in manifest.get("files", {}).items():
+        try:
+            got = _file_digest(path / rel)
+        except OSError as err:
+            return f"{rel}: {err.strerror or err}"
+        if got != want:
+            return f"{rel}: size {got['size']} crc32 {got['crc32']}, manifest says size {want['size']} crc32 {want['crc32']}"
+    return None
 
 
 def latest_checkpoint(output_dir) -> Optional[Path]:
@@ -158,25 +212,28 @@ class CheckpointManager:
     def save(self, engine: Engine, state: LoopState, stateful: Optional[Mapping[str, Stateful]] = None) -> Path:
         """Write a checkpoint of step ``state.step``; returns its final path.
 
-        An OS error while writing (permissions, disk full) raises :class:`CheckpointError` naming the
-        directory and the previous complete checkpoint, which stays valid (everything is written into
-        a temp directory that is renamed into place only when complete).
+        An OS error while writing (permissions, disk full), or the ``RuntimeError`` / ``SafetensorError``
+        that ``torch.save`` (so DeepSpeed) / safetensors raise on a full disk, raises :class:`CheckpointError` naming the directory and
+        the previous complete checkpoint, which stays valid (everything is written into a temp
+        directory that is renamed into place only when complete).
         """
         try:
             return self._save(engine, state, stateful)
         except CheckpointError:
             raise
-        except OSError as err:
+        except _WRITE_ERRORS as err:
             tmp = self.root / f"{_TMP}{step_dir_name(state.step)}"
             if engine.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = self.latest()
             kept = (f"the previous checkpoint {previous} is intact and a rerun resumes from it" if previous
                     else "there is no earlier checkpoint")
+            free = _free_bytes(self.root)
             error = CheckpointError(f"cannot write checkpoint step {state.step} under {self.root}: "
-                                    f"{err.strerror or err} ({getattr(err, 'filename', None) or tmp}); {kept}. "
+                                    f"{getattr(err, 'strerror', None) or err} "
+                                    f"({getattr(err, 'filename', None) or tmp}; {free} bytes free there); {kept}. "
                                     "Make the directory writable or free space, then run the stage again")
-            error.errno = err.errno
+            error.errno = getattr(err, "errno", None) or (errno.ENOSPC if free == 0 else None)
             raise error from err
 
     def _save(self, engine: Engine, state: LoopState, stateful: Optional[Mapping[str, Stateful]] = None) -> Path:
@@ -207,7 +264,8 @@ class CheckpointManager:
                 "stateful_main_rank": _jsonable({k: v for k, v in rank_state["stateful"].items()}),
             }
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-            _write_synced(tmp / COMPLETE, f"{state.step}\n")
+            manifest = {"step": state.step, "files": sync_tree(tmp)}  # every rank's files are on disk now
+            _write_synced(tmp / COMPLETE, json.dumps(manifest, indent=1) + "\n")
             _fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. the end of a resumed, finished run)
                 shutil.rmtree(final)
@@ -224,39 +282,81 @@ class CheckpointManager:
 
     # ----- restore ------------------------------------------------------------------------------
     def restore(self, engine: Engine, stateful: Optional[Mapping[str, Stateful]] = None) -> Optional[LoopState]:
-        """Load the newest complete checkpoint into ``engine`` and ``stateful``; None when none exists.
+        """Load the newest intact complete checkpoint into ``engine`` and ``stateful``; None when none exists.
 
-        Leftover temp directories (a run killed while saving) are removed first.
+        Leftover temp directories (a run killed while saving) are removed first. A checkpoint whose
+        files do not match its manifest, or that fails to load on any process, is quarantined
+        (renamed ``.corrupt-step_N``, with a warning) and the previous complete one is tried.
         """
         stateful = stateful or {}
         if engine.is_main:
             self.cleanup_partial()
-        latest = self.latest() if engine.is_main else None
-        latest = engine.broadcast_object(str(latest) if latest is not None else None)
-        if latest is None:
+        load_failed = False
+        while True:
+            chosen = self._newest_intact() if engine.is_main else None
+            chosen = engine.broadcast_object(str(chosen) if chosen is not None else None)
+            if chosen is None:
+                if load_failed:  # the engine may hold part of a bad checkpoint: do not train on it
+                    raise CheckpointError(f"no checkpoint under {self.root} loads (the bad ones are now "
+                                          f"{_CORRUPT}step_*); run the stage again to start it from step 0")
+                engine.barrier()
+                return None
+            path = Path(chosen)
+            try:
+                loaded, error = self._load(engine, path), None
+            except Exception as err:  # noqa: BLE001 - any load failure: fall back to the previous checkpoint
+                loaded, error = None, err
+                log.warning("rank %d could not load %s: %r", engine.rank, path, err)
+            if float(engine.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0])).sum()) == 0:
+                break
+            if engine.is_main:
+                self._quarantine(path, f"it failed to load ({error!r})" if error else "it failed to load on a rank")
+            load_failed = True
             engine.barrier()
-            return None
-        path = Path(latest)
-        engine.load_checkpoint(path / "engine")
-        own = path / f"rank_{engine.rank:05d}.pt"
-        if not own.is_file():
-            log.warning("%s has no state for rank %d (saved with another world size): using rank 0's data "
-                        "position; this rank's random streams restart from rank 0's", path, engine.rank)
-            own = path / "rank_00000.pt"
-        rank_state = torch.load(own, map_location="cpu", weights_only=True)
+        rank_state, state = loaded
         restore_rng(rank_state["rng"])
         for key, obj in stateful.items():
             if key in rank_state["stateful"]:
                 obj.load_state_dict(rank_state["stateful"][key])
             else:
                 log.warning("%s holds no state for %r; it starts fresh", path, key)
-        trainer_state = json.loads((path / STATE_FILE).read_text())
-        state = LoopState.from_dict(trainer_state["loop"])
         if engine.is_main:
             self._prune_orphan_exports(state)
         engine.barrier()
         log.info("resumed from %s (step %d)", path, state.step)
         return state
+
+    def _load(self, engine: Engine, path: Path) -> tuple[dict, LoopState]:
+        """Read this rank's state and the loop state of ``path`` and load the engine from it."""
+        own = path / f"rank_{engine.rank:05d}.pt"
+        if not own.is_file():
+            log.warning("%s has no state for rank %d (saved with another world size): using rank 0's data "
+                        "position; this rank's random streams restart from rank 0's", path, engine.rank)
+            own = path / "rank_00000.pt"
+        rank_state = torch.load(own, map_location="cpu", weights_only=True)
+        state = LoopState.from_dict(json.loads((path / STATE_FILE).read_text())["loop"])
+        engine.load_checkpoint(path / "engine")
+        return rank_state, state
+
+    def _newest_intact(self) -> Optional[Path]:
+        """The newest complete checkpoint that matches its manifest; newer ones that do not are quarantined
+        (their exports of best-k models newer than the one picked are pruned by :meth:`restore`)."""
+        for _, path in reversed(complete_checkpoints(self.root)):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            self._quarantine(path, f"its files do not match its manifest ({problem})")
+        return None
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        """Rename a bad checkpoint to ``.corrupt-step_N`` (never picked again), with a warning."""
+        target = path.with_name(f"{_CORRUPT}{path.name}")
+        if target.exists():
+            target = path.with_name(f"{_CORRUPT}{path.name}-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(path, target)
+        _fsync_dir(self.root)
+        log.warning("checkpoint %s is unusable: %s; moved to %s, falling back to the previous checkpoint",
+                    path, why, target)
 
     def cleanup_partial(self) -> None:
         """Remove temp directories of checkpoints and exports that were never completed."""
@@ -327,6 +427,17 @@ def _write_synced(path: Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    """Free bytes on the filesystem of ``path`` (or of its nearest existing parent)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
 
 
 def _fsync_dir(path: Path) -> None:

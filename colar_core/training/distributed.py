@@ -3,6 +3,8 @@
 :func:`dist_env` reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` as set by ``deepspeed`` or
 ``torchrun``, and without a launcher sets the single-process defaults DeepSpeed needs (including a
 free ``MASTER_PORT``); :func:`default_device` picks this process's GPU, or the CPU.
+:func:`init_single_process_group` sets up a one-process group without any TCP rendezvous, so a
+single-process DeepSpeed run opens no port reachable from the network.
 """
 
 from __future__ import annotations
@@ -59,6 +61,21 @@ def default_device(local_rank: int = 0) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def init_single_process_group(backend: str) -> None:
+    """Initialise torch.distributed for one process (rank 0 of 1) on an in-memory store: no TCPStore
+    listens on ``MASTER_PORT``. Gloo's transport device, which listens too, is put on the loopback
+    interface (``GLOO_SOCKET_IFNAME=lo`` while the group is made, unless set). A later
+    ``deepspeed.init_distributed`` sees the group is up and uses it."""
+    pin_gloo = backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ and os.path.isdir("/sys/class/net/lo")
+    if pin_gloo:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    try:
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    finally:
+        if pin_gloo:
+            del os.environ["GLOO_SOCKET_IFNAME"]
 
 
 def dist_ready() -> bool:

@@ -10,7 +10,8 @@ ZeRO partitioning::
     with engine.full_model() as model: ...       # full parameters (ZeRO-3 gathered), for eval / export
 
 ``DeepSpeedEngine`` runs in one process without a launcher (it sets ``RANK=0 WORLD_SIZE=1`` and a
-free ``MASTER_PORT`` when they are absent) or in many under ``deepspeed`` / ``torchrun`` (which set
+free ``MASTER_PORT`` when they are absent, and starts its process group on an in-memory store, so no
+port listens) or in many under ``deepspeed`` / ``torchrun`` (which set
 them). ``TorchEngine`` is plain PyTorch in one process, for notebooks and quick checks.
 :func:`build_engine` makes the one ``TrainConfig.backend`` names.
 """
@@ -29,7 +30,8 @@ from torch import nn
 
 from colar_core.training.config import TrainConfig
 from colar_core.training.deepspeed_config import deepspeed_config
-from colar_core.training.distributed import DistEnv, default_device, dist_env, dist_ready
+from colar_core.training.distributed import (DistEnv, default_device, dist_env, dist_ready,
+                                                init_single_process_group)
 from colar_core.training.schedule import LRSchedule, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -204,8 +206,10 @@ class DeepSpeedEngine(_EngineBase):
         self.device = device or default_device(self.env.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-                                   verbose=False)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.env.world_size == 1 and not dist_ready():
+            init_single_process_group(backend)  # no TCPStore listening on MASTER_PORT (on every interface)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
         self.cfg = cfg
         self.grad_accum = cfg.grad_accum
         self.ds_config = deepspeed_config(cfg, self.env.world_size)

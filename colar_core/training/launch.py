@@ -17,25 +17,43 @@ CPU processes (it only sets ``CUDA_VISIBLE_DEVICES``), and ``torchrun --nproc_pe
 the same. ``auto`` picks the deepspeed launcher when it is installed, else torchrun. Multi-node:
 the deepspeed launcher starts every node from a hostfile over ssh/pdsh; torchrun needs one command
 per node (same ``master_addr``/``master_port``, its own ``node_rank``).
+
+The launcher runs in its own process group (session), and it and every process it starts carry
+``COLAR_LAUNCH_ID=<id>`` in their environment (torchrun puts each worker in a session of its own, so
+the group alone would miss them). Any exception in the caller (Ctrl-C, a cancelled task, a failed
+callback) stops all of them: SIGTERM, then SIGKILL after a grace period, so no worker outlives its
+run. While they run, ``launcher.json`` in the stage's output folder records the launch (pid, pgid,
+launch id, host, start time, the caller); :func:`live_launcher` reads it, so processes whose caller
+was SIGKILLed (and which therefore live on) are found, and nothing starts a second trainer on the
+same checkpoints while they live.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+from colar_core.procs import identity_alive, marked_processes, process_identity, stop_processes
 from colar_core.training.callbacks import PROGRESS_ENV
 from colar_core.training.config import LauncherConfig
 from colar_core.training.distributed import free_port
 
 ENTRY_MODULE = "colar_core.training.sft_main"
+LAUNCHER_RECORD = "launcher.json"
+LAUNCH_ID_ENV = "COLAR_LAUNCH_ID"  # inherited by every process of a launch: how they are found
+STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL grace when a launch is stopped
 
 
 class LaunchError(RuntimeError):
@@ -45,6 +63,86 @@ class LaunchError(RuntimeError):
         self.cmd, self.returncode, self.tail = list(cmd), returncode, tail
         short = "\n".join(tail.splitlines()[-40:])
         super().__init__(f"{' '.join(cmd)} exited with {returncode}\n--- last output ---\n{short}")
+
+
+class LauncherAliveError(RuntimeError):
+    """A launcher process group recorded in a stage folder is still alive: starting another trainer
+    there would write the same checkpoints twice."""
+
+
+def launch_processes(launch_id: str) -> list[int]:
+    """The live processes of the launch ``launch_id`` on this host (the launcher and its workers)."""
+    return marked_processes(LAUNCH_ID_ENV, launch_id)
+
+
+def live_launcher(folder: Union[str, Path]) -> Optional[dict]:
+    """The launcher record in ``folder`` if a process of that launch still lives on this host (the
+    recorded launcher itself, pid reuse excluded, or any process carrying its launch id), else None."""
+    try:
+        rec = json.loads((Path(folder) / LAUNCHER_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("launch_id"), str):
+        return None
+    if identity_alive(str(rec.get("identity", ""))):
+        return rec
+    if rec.get("host") == process_identity().split(":")[0] and launch_processes(rec["launch_id"]):
+        return rec
+    return None
+
+
+def describe_launcher(rec: dict) -> str:
+    """One line naming a launcher record: pid, group, host, start time."""
+    return (f"launcher pid {rec.get('pid')} (process group {rec.get('pgid')}) on {rec.get('host')}, "
+            f"started {rec.get('started_at')}")
+
+
+def check_no_live_launcher(folder: Union[str, Path]) -> None:
+    """Raise :class:`LauncherAliveError` naming the pid if ``folder`` has a live launcher record."""
+    if (rec := live_launcher(folder)) is not None:
+        raise LauncherAliveError(f"{folder} is still being trained by {describe_launcher(rec)}; stop its "
+                                 f"processes first (those with {LAUNCH_ID_ENV}={rec['launch_id']} in "
+                                 "/proc/PID/environ) or wait for them")
+
+
+_ACTIVE: dict[str, subprocess.Popen] = {}  # launch id -> launcher, for the launches running in this process
+
+
+def _stop_launch(launch_id: str, proc: subprocess.Popen, grace_s: float) -> bool:
+    """Stop every process of a launch (SIGTERM, SIGKILL after ``grace_s``); True once none is left."""
+    return stop_processes(lambda: launch_processes(launch_id), grace_s, proc.poll)
+
+
+def _stop_active_launches() -> None:
+    """Stop every launch still running when the interpreter shuts down (e.g. the main thread was
+    cancelled while a worker thread waits in :func:`launch`)."""
+    for launch_id, proc in list(_ACTIVE.items()):
+        _stop_launch(launch_id, proc, STOP_GRACE_S)
+
+
+if hasattr(threading, "_register_atexit"):  # runs before non-daemon threads are joined
+    threading._register_atexit(_stop_active_launches)
+
+
+class _SigtermAsInterrupt:
+    """In the main thread, turn SIGTERM (default action: die at once, leaving the group alive) into
+    ``KeyboardInterrupt`` for the duration of a launch, so the group is stopped first."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
 
 
 def resolve_launcher(launcher: LauncherConfig) -> str:
@@ -103,10 +201,17 @@ def build_launch_command(config_path: Union[str, Path], launcher: LauncherConfig
 
 def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: str = ENTRY_MODULE,
            env: Optional[dict] = None, cwd: Optional[Union[str, Path]] = None,
-           on_line: Optional[Callable[[str], None]] = None, tail_lines: int = 200) -> int:
-    """Run the launcher as a subprocess, streaming its output line by line (to ``on_line``, default
-    stdout); raise :class:`LaunchError` if it exits non-zero. Returns 0. With ``on_line`` the job
-    prints its progress lines although its output is a pipe (``COLAR_PROGRESS=1`` unless set)."""
+           on_line: Optional[Callable[[str], None]] = None, tail_lines: int = 200,
+           record_dir: Optional[Union[str, Path]] = None, grace_s: float = STOP_GRACE_S) -> int:
+    """Run the launcher as a subprocess in its own process group, streaming its output line by line
+    (to ``on_line``, default stdout); raise :class:`LaunchError` if it exits non-zero. Returns 0.
+
+    Any exception in this process while it runs (``KeyboardInterrupt``, an error in ``on_line``, a
+    cancellation; SIGTERM in the main thread) stops the launcher and all its workers (SIGTERM,
+    SIGKILL after ``grace_s``) before it propagates; so does its end (no straggler is left). With ``record_dir`` the group is recorded in
+    ``record_dir/launcher.json`` while it lives (:func:`live_launcher`); a live record already there
+    raises :class:`LauncherAliveError`. With ``on_line`` the job prints its progress lines although
+    its output is a pipe (``COLAR_PROGRESS=1`` unless set)."""
     cmd = build_launch_command(config_path, launcher, module)
     run_env = dict(os.environ if env is None else env)
     # the job's processes must import this checkout of colar_core
@@ -117,26 +222,50 @@ def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: s
         run_env.setdefault(PROGRESS_ENV, "1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         run_env.pop(var, None)  # set by the launcher, not inherited from an in-process run
+    if record_dir is not None:
+        check_no_live_launcher(record_dir)
+    launch_id = run_env[LAUNCH_ID_ENV] = uuid.uuid4().hex
     emit = on_line or (lambda line: print(line, flush=True))
     tail: list[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=run_env, cwd=str(cwd) if cwd else None)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            emit(line)
-            tail.append(line)
-            if len(tail) > tail_lines:
-                del tail[0]
-        rc = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+    with _SigtermAsInterrupt():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=run_env, cwd=str(cwd) if cwd else None, start_new_session=True)
+        _ACTIVE[launch_id] = proc
+        record = None
+        try:
+            record = _write_record(record_dir, proc, launch_id, cmd) if record_dir is not None else None
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                emit(line)
+                tail.append(line)
+                if len(tail) > tail_lines:
+                    del tail[0]
+            rc = proc.wait()
+        finally:  # normal exit too: no straggler may outlive the launcher
+            gone = _stop_launch(launch_id, proc, grace_s)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
+            _ACTIVE.pop(launch_id, None)
+            if record is not None and gone:
+                record.unlink(missing_ok=True)
     if rc != 0:
         raise LaunchError(cmd, rc, "\n".join(tail))
     return 0
+
+
+def _write_record(folder: Union[str, Path], proc: subprocess.Popen, launch_id: str, cmd: Sequence[str]) -> Path:
+    """Write ``folder/launcher.json`` for the launcher ``proc`` (leader of its own group) of ``launch_id``."""
+    path = Path(folder) / LAUNCHER_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity = process_identity(proc.pid)
+    rec = {"pid": proc.pid, "pgid": proc.pid, "launch_id": launch_id, "host": identity.split(":")[0],
+           "identity": identity,
+           "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "caller": process_identity(), "cmd": list(cmd)}
+    tmp = path.with_name(f".{LAUNCHER_RECORD}.tmp")
+    tmp.write_text(json.dumps(rec, indent=2))
+    os.replace(tmp, path)
+    return path
 
 
 def run_job(job, launcher: LauncherConfig, run_in_process: Callable, result_cls, *, module: str = ENTRY_MODULE,
@@ -144,8 +273,8 @@ def run_job(job, launcher: LauncherConfig, run_in_process: Callable, result_cls,
             on_line: Optional[Callable[[str], None]] = None):
     """Run a stage's job (anything with ``output_dir`` and ``model_dump_json``): ``run_in_process(job,
     callbacks)`` when ``launcher`` asks for one process, else through :func:`launch` of ``module``
-    (the job is written to ``config_path``, default ``output_dir/job.json``) and ``result_cls.load``
-    of the output directory. ``callbacks`` only run in-process; a launched job's metrics are in
+    (the job is written to ``config_path``, default ``output_dir/job.json``; the launcher is recorded
+    in ``output_dir/launcher.json`` while it runs) and ``result_cls.load`` of the output directory. ``callbacks`` only run in-process; a launched job's metrics are in
     ``metrics.jsonl``."""
     if not launcher.multi_process:
         return run_in_process(job, callbacks)
@@ -153,7 +282,7 @@ def run_job(job, launcher: LauncherConfig, run_in_process: Callable, result_cls,
     out.mkdir(parents=True, exist_ok=True)
     path = Path(config_path) if config_path else out / "job.json"
     path.write_text(job.model_dump_json(indent=2))
-    launch(path, launcher, module=module, on_line=on_line)
+    launch(path, launcher, module=module, on_line=on_line, record_dir=out)
     return result_cls.load(out)
 
 

@@ -247,7 +247,7 @@ class SFTJob(StageJob):
 def load_model_and_tokenizer(job: SFTJob, train_records: Sequence, val_records: Sequence):
     """The model and tokenizer a job starts from (identical on every process: seeded build)."""
     if job.init_from:
-        return ColarModel.load_dir(job.init_from)
+        return ColarModel.load_dir(job.init_from, **ColarModel.load_options(job.model))  # the job's own config
     if job.model.tokenizer:
         tokenizer = load_tokenizer(job.model.tokenizer, trust_remote_code=job.model.trust_remote_code)
     elif job.model.name_or_path == "tiny":
