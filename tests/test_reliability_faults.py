@@ -8,6 +8,7 @@ tests/test_rl_jobs.py / tests/test_rl_training.py (RL); here the whole pipeline 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -321,7 +322,11 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
     from colar.tasks.artifacts import directory_digest
 
     ref_colar = next((tmp_path / "ref").glob("sft-colar-*"))
-    assert colar_dir.name == ref_colar.name  # same stage key: same config, data and code
+    # The keys differ (the output folder is part of every key), the data they were trained on does not.
+    assert colar_dir.name != ref_colar.name
+    data = [json.loads(next(root.glob("prepare-*/stage_result.json")).read_text())["digest"]
+            for root in (colar_dir.parent, ref_colar.parent)]
+    assert data[0] == data[1]
     assert directory_digest(colar_dir / "model") == directory_digest(ref_colar / "model")
     last = [read_metrics(d / "metrics.jsonl", "step")[-1] for d in (colar_dir, ref_colar)]
     assert last[0]["step"] == last[1]["step"] == 40 and last[0]["loss"] == last[1]["loss"]
