@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench.common import RESULTS_DIR, command_line, utc_now, versions, write_json
-from colar_core.procs import marked_processes
+from colar_core.procs import marked_processes, proc_stat
 from colar_core.training.checkpoint import COMPLETE
 from colar.tasks.artifacts import content_digest
 from tests.test_pipeline import TINY
@@ -157,17 +157,9 @@ def _mentions(pid: int, needle: bytes) -> bool:
     return False
 
 
-def _stat(pid: int) -> Optional[list[str]]:
-    """``/proc/<pid>/stat`` after the command name (state, ppid, pgrp, session, ...); None if gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def _session(pid: int) -> Optional[int]:
     """The session id of a live (non-zombie) process, else None."""
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     return None if fields is None or fields[0] == "Z" else int(fields[3])
 
 
@@ -176,7 +168,7 @@ def _ancestors() -> set[int]:
     found, pid = set(), os.getpid()
     while pid > 0 and pid not in found:
         found.add(pid)
-        fields = _stat(pid)
+        fields = proc_stat(pid)
         pid = int(fields[1]) if fields else 0
     return found
 

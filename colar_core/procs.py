@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 
-def _stat(pid: int) -> Optional[list[str]]:
+def proc_stat(pid: int) -> Optional[list[str]]:
     """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, pgrp, session, ...),
     or None when the process is gone or ``/proc`` is missing."""
     try:
@@ -32,7 +32,7 @@ def process_identity(pid: Optional[int] = None) -> str:
     """``host:pid:start`` of a process (start = its start time in clock ticks, so a recycled pid differs;
     ``?`` when the process is gone or a zombie)."""
     pid = os.getpid() if pid is None else pid
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     start = "?" if fields is None or fields[0] == "Z" or len(fields) < 20 else fields[19]
     return f"{socket.gethostname()}:{pid}:{start}"
 
@@ -57,7 +57,7 @@ def marked_processes(var: str, value: str) -> list[int]:
         except OSError:
             continue
         pid = int(environ.parent.name)
-        if pid != os.getpid() and (fields := _stat(pid)) is not None and fields[0] != "Z":
+        if pid != os.getpid() and (fields := proc_stat(pid)) is not None and fields[0] != "Z":
             found.append(pid)
     return found
 
