@@ -9,7 +9,8 @@ kills left within this kill's share of it: :meth:`Timeline.kill_window_s`) the w
 tree of the current ``colar run`` / ``colar retry`` is SIGKILLed and ``colar retry <parent run>``
 is started once nothing of it is alive. After the last kill the retry runs to the end. Then:
 
-* the evaluation metrics (the evaluate stage's ``metrics.json`` and the parent run's metrics) and
+* the evaluation metrics (the evaluate stage's ``metrics.json`` and the parent run's metrics, less the
+  decoding wall times ``sec_per_question/*``, which no two runs share) and
   the weights of every stage's final model (sha256 of its safetensors files) equal the reference's,
   bit for bit (training on the CPU of one machine is deterministic, and resume is exact);
 * no process of the soak is left (``/proc`` scanned for the soak's marker variable and for command
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench.common import RESULTS_DIR, command_line, utc_now, versions, write_json
+from colar_core.evaluation import without_timings
 from colar_core.procs import marked_processes, proc_stat
 from colar_core.training.checkpoint import COMPLETE
 from colar.tasks.artifacts import content_digest
@@ -383,7 +385,7 @@ def model_digests(root: Path) -> dict[str, dict[str, str]]:
 def eval_metrics(root: Path) -> Optional[dict]:
     """The evaluate stage's ``metrics.json``, or None when there is none."""
     found = sorted(root.glob("evaluate-*/metrics.json"))
-    return json.loads(found[0].read_text()) if found else None
+    return without_timings(json.loads(found[0].read_text())) if found else None
 
 
 def compare(soak: Soak, ref_dir: Path, out: Path, ref_parent: Optional[str], parent_id: Optional[str]) -> dict:
@@ -396,7 +398,8 @@ def compare(soak: Soak, ref_dir: Path, out: Path, ref_parent: Optional[str], par
     def parent_metrics(run_id: Optional[str]) -> dict:
         if run_id is None:
             return {}
-        return {k: v for k, v in soak.client.get_run(run_id).data.metrics.items() if not k.startswith("time/")}
+        return without_timings({k: v for k, v in soak.client.get_run(run_id).data.metrics.items()
+                                if not k.startswith("time/")})
 
     ref_pm, got_pm = parent_metrics(ref_parent), parent_metrics(parent_id)
     if not ref_pm or ref_pm != got_pm:

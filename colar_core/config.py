@@ -110,7 +110,11 @@ class ObjectiveConfig(StrictModel):
     latent_loss: Literal["soft_mse", "nll"] = "soft_mse"
     ce_weight: float = Field(1.0, ge=0.0)
     latent_weight: float = Field(1.0, ge=0.0)
-    entropy_weight: float = Field(0.0, ge=0.0, description="Entropy bonus of the latent head (soft-MSE only).")
+    entropy_weight: float = Field(
+        0.0, description="Weight of the latent head's entropy (per dim, mean over latent positions), ADDED to the "
+        "loss as the reference does (total += entropy_weight * entropy): a positive weight lowers the entropy "
+        "(an entropy penalty), a negative one is an entropy bonus. Reference default 0. Applies to both latent "
+        "losses. (Before this matched the reference, colar subtracted it.)")
     second_pass_weight: float = Field(
         0.0, ge=0.0, description="CE of a second forward pass fed the predicted latents (0 = off)."
     )
@@ -135,11 +139,65 @@ class GenerationConfig(StrictModel):
     sample_latents: bool = Field(True, description="Sample latents from the Gaussian head (reference) or use its mean.")
     do_sample: bool = Field(True, description="Sample tokens (stop check and answer) or decode greedily.")
     temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="Nucleus sampling of the answer tokens and of an explicit CoT chain (with do_sample): only "
+        "the most likely tokens whose probabilities (at `temperature`) add up to top_p may be drawn; 1.0 = off. "
+        "Reference: 0.9 (answer_generation_config in its colar.yaml, passed to HF generate, which also decodes "
+        "its CoT baseline). Not applied to the '###' stop check after each latent, which the reference samples "
+        "from the full softmax.")
     batch_size: int = Field(64, gt=0)
 
 
+#: The prepared test split of the pipeline's own data, as an ``eval.datasets`` source.
+TEST_SPLIT = "test"
+#: Names an evaluation set may not take: the average over sets, and the modes of the metric names.
+RESERVED_SET_NAMES = frozenset({"avg", "cot", "nocot"})
+_SET_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+
+
+class EvalSet(StrictModel):
+    """One named test set of the evaluation. Its metrics are ``accuracy/{name}/c{c}``,
+    ``mean_latents/{name}/c{c}``, ``accuracy/{name}/cot``, ... (see :mod:`colar_core.evaluation`).
+
+    Written in a config either in full or as a bare string, which is both name and source
+    (``- svamp`` is ``{name: svamp, source: svamp}``).
+    """
+
+    name: str = Field(pattern=_SET_NAME, description="Name in metric keys and the Table-1 report "
+                      "(letters, digits, '_', '.', '-'; not 'avg', 'cot' or 'nocot').")
+    source: str = Field(TEST_SPLIT, min_length=1, description="'test' (the prepared test split of `data`), a "
+                        "bundled set (gsm8k-test, gsm8k-aug-test, gsm-hard, svamp, multiarith, ...), a file, or a "
+                        "Hugging Face dataset id / saved folder.")
+    format: str = Field("auto", description="Reader format, as `data.format` (auto recognises every bundled set).")
+    split: Optional[str] = Field(None, description="Split of a Hugging Face dataset that has several.")
+    n_examples: Optional[int] = Field(None, gt=0, description="First N problems of this set; None = eval.n_examples.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, value):
+        return {"name": value, "source": value} if isinstance(value, str) else value
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v):
+        from colar_core.data.readers import _ALIASES, FORMATS  # the readers import this module's neighbours
+
+        if v not in FORMATS and v not in _ALIASES:
+            raise ValueError(f"unknown format {v!r}; one of {', '.join(FORMATS)}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v):
+        if v in RESERVED_SET_NAMES:
+            raise ValueError(f"set name {v!r} is reserved (metric keys use {sorted(RESERVED_SET_NAMES)})")
+        return v
+
+
 class EvalConfig(StrictModel):
-    """The evaluation sweep: CoLaR at each compression factor, plus the CoT / no-CoT baselines."""
+    """The evaluation sweep: CoLaR at each compression factor, plus the CoT / no-CoT baselines, on
+    each set of ``datasets`` (default: the test split of the training data)."""
 
     compression_factors: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Sampling seeds (paper: 5).")
@@ -147,6 +205,22 @@ class EvalConfig(StrictModel):
     cot_baseline: bool = Field(True, description="Evaluate the CoT-SFT model with explicit decoding.")
     nocot_baseline: bool = Field(False, description="Train and evaluate an answer-only model.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    datasets: list[EvalSet] = Field(
+        default_factory=list, description="Named test sets, each evaluated at every factor and seed (and the "
+        "baselines); the first is the primary set, whose metrics are also logged without the set name "
+        "(accuracy/c{c}, as runs before named sets). Empty: the test split of `data`, named 'test'.")
+
+    @field_validator("datasets")
+    @classmethod
+    def _distinct_names(cls, v):
+        names = [s.name for s in v]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"set names must be distinct; repeated: {dupes}")
+        return v
+
+    def sets(self) -> list[EvalSet]:
+        """The sets to evaluate, primary first: ``datasets``, or the test split named 'test'."""
+        return list(self.datasets) or [EvalSet(name=TEST_SPLIT, source=TEST_SPLIT)]
 
     @field_validator("compression_factors")
     @classmethod

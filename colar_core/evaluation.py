@@ -2,12 +2,19 @@
 
 Metric names are a contract the pipeline logs verbatim: ``accuracy/c{c}``, ``accuracy_ci95/c{c}``,
 ``mean_latents/c{c}`` for latent reasoning, and ``accuracy/{mode}``, ``accuracy_ci95/{mode}``,
-``mean_tokens/{mode}`` for the text baselines (``cot``, ``nocot``).
+``mean_tokens/{mode}`` for the text baselines (``cot``, ``nocot``); ``sec_per_question/{setting}`` is
+the wall time of decoding, per question and seed, for every setting (latents at each c, CoT, No-CoT).
+
+On several named test sets, each name goes after the metric (:func:`for_set`:
+``accuracy/svamp/c2``) and :func:`average_over_sets` adds ``.../avg/...``, the plain mean over the
+sets (the paper's "Average" column).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+import time
+from typing import Mapping, Sequence
 
 from colar_core.config import GenerationConfig
 from colar_core.inference import generate
@@ -28,8 +35,11 @@ def check_compression_factors(factors: Sequence[int], trained: Sequence[int], fi
 def _sweep(model, encoder, records, mode: str, compression, seeds, gen, key: str, length_name: str):
     questions = [r.question for r in records]
     accs, lengths, rows = [], [], []
+    decode_s = 0.0
     for seed in seeds:
+        t0 = time.perf_counter()
         gens = generate(model, encoder, questions, mode, compression, gen, seed=seed)
+        decode_s += time.perf_counter() - t0
         correct = [answers_match(g.answer, r.answer) for g, r in zip(gens, records)]
         accs.append(sum(correct) / max(1, len(records)))
         lengths.append(mean(g.chain_length for g in gens))
@@ -39,7 +49,8 @@ def _sweep(model, encoder, records, mode: str, compression, seeds, gen, key: str
             for g, r, ok in zip(gens, records, correct)
         )
     acc, ci = mean_ci95(accs)
-    metrics = {f"accuracy/{key}": acc, f"accuracy_ci95/{key}": ci, f"{length_name}/{key}": mean(lengths)}
+    metrics = {f"accuracy/{key}": acc, f"accuracy_ci95/{key}": ci, f"{length_name}/{key}": mean(lengths),
+               f"sec_per_question/{key}": decode_s / max(1, len(records) * len(seeds))}
     return metrics, rows
 
 
@@ -59,3 +70,39 @@ def evaluate_text(model, encoder: PromptEncoder, records, mode: str, seeds: Sequ
                   gen: GenerationConfig = GenerationConfig()) -> tuple[dict[str, float], list[dict]]:
     """Explicit decoding (``mode`` 'cot' or 'nocot'): ``accuracy/{mode}``, ``mean_tokens/{mode}``."""
     return _sweep(model, encoder, records, mode, 1, seeds, gen, mode, "mean_tokens")
+
+
+def for_set(metrics: Mapping[str, float], set_name: str) -> dict[str, float]:
+    """``metrics`` of one test set, the set's name after the metric: ``accuracy/c2`` ->
+    ``accuracy/{set_name}/c2``."""
+    out = {}
+    for key, value in metrics.items():
+        name, _, setting = key.partition("/")
+        out[f"{name}/{set_name}/{setting}"] = value
+    return out
+
+
+_PER_SET = re.compile(r"(?P<metric>[^/]+)/(?P<set>[^/]+)/(?P<setting>[^/]+)")
+
+
+def average_over_sets(metrics: Mapping[str, float], set_names: Sequence[str]) -> dict[str, float]:
+    """``{metric}/avg/{setting}``: the mean over ``set_names`` of ``{metric}/{set}/{setting}``, for each
+    metric and setting that every set has. Confidence intervals are not averaged (the mean of
+    intervals is not an interval of the mean), so ``accuracy_ci95`` has no average."""
+    by_setting: dict[tuple[str, str], dict[str, float]] = {}
+    for key, value in metrics.items():
+        m = _PER_SET.fullmatch(key)
+        if m and m["set"] in set_names and m["metric"] != "accuracy_ci95":
+            by_setting.setdefault((m["metric"], m["setting"]), {})[m["set"]] = value
+    return {f"{metric}/avg/{setting}": sum(values.values()) / len(values)
+            for (metric, setting), values in sorted(by_setting.items()) if len(values) == len(set_names)}
+
+
+#: Metrics that measure wall time (they differ between two runs of the same model on the same data).
+TIMING_PREFIXES = ("sec_per_question/",)
+
+
+def without_timings(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``metrics`` less the wall-time ones (:data:`TIMING_PREFIXES`): what two runs of the same
+    model and data must agree on."""
+    return {k: v for k, v in metrics.items() if not k.startswith(TIMING_PREFIXES)}

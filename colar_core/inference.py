@@ -20,7 +20,7 @@ import torch
 
 from colar_core.config import GenerationConfig
 from colar_core.scoring import extract_answer
-from colar_core.text import THINK, PromptEncoder, Speed
+from colar_core.text import PromptEncoder, Speed
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Generation:
     """One answered question. ``n_latents`` for latent reasoning, ``n_tokens`` chain tokens for CoT."""
 
     text: str
-    answer: Optional[str]
+    answer: Optional[str]  # what is scored: scoring.extract_answer(text), uncleaned (answers_match cleans it)
     n_latents: int = 0
     n_tokens: int = 0
 
@@ -81,11 +81,33 @@ class DecodeState:
         return self.model.latent_head.mean.weight.dtype
 
 
-def pick_tokens(logits: torch.Tensor, gen: GenerationConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One token per row: the argmax, or sampled at ``gen.temperature`` when ``gen.do_sample``."""
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of ``[..., V]`` logits: tokens outside the smallest most-likely set whose
+    probability reaches ``top_p`` get ``-inf``.
+
+    A token is kept when the probability of the tokens ranked strictly above it is below ``top_p``,
+    so the most likely token always stays; this is HF's ``TopPLogitsWarper`` (which removes a token
+    when the tokens ranked at or below it hold at most ``1 - top_p``), the warper the reference's
+    ``generate(top_p=0.9)`` applies. ``top_p >= 1`` returns ``logits`` unchanged.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_above = probs.cumsum(-1) - probs
+    remove_sorted = mass_above >= top_p
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def pick_tokens(logits: torch.Tensor, gen: GenerationConfig, generator: Optional[torch.Generator],
+                top_p: Optional[float] = None) -> torch.Tensor:
+    """One token per row: the argmax, or sampled at ``gen.temperature`` when ``gen.do_sample``, from
+    the nucleus of ``top_p`` (default ``gen.top_p``; 1.0 samples from the full softmax)."""
     if not gen.do_sample:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / gen.temperature, dim=-1)
+    scaled = top_p_filter(logits.float() / gen.temperature, gen.top_p if top_p is None else top_p)
+    probs = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -129,7 +151,8 @@ def generate_latent(
         latent_mask.append(active.clone())
         state.feed(z * scale, active)
         n_latents += active.long()
-        stop = active & (pick_tokens(model.token_logits(state.hidden), gen, generator) == encoder.think_id)
+        # the stop check samples from the full softmax (top_p=1), as the reference's (no nucleus there)
+        stop = active & (pick_tokens(model.token_logits(state.hidden), gen, generator, top_p=1.0) == encoder.think_id)
         active = active & ~stop
         if not bool(active.any()):
             break
@@ -172,8 +195,8 @@ def generate_text(
     for row in tokens.tolist():
         text = encoder.decode(row)
         chain = row.index(encoder.think_id) if encoder.think_id in row else len([t for t in row if t != encoder.pad_id])
-        answer = extract_answer(text.split(THINK, 1)[1]) if THINK in text else None
-        results.append(Generation(text=text, answer=answer, n_tokens=chain))
+        # scored like the reference's CoT outputs: the whole decoded text goes through extract_answer
+        results.append(Generation(text=text, answer=extract_answer(text), n_tokens=chain))
     return results
 
 

@@ -370,7 +370,7 @@ class ColarModel(nn.Module):
         total = objective.ce_weight * ce
 
         wants_latent = objective.mode == "colar" and (objective.latent_weight > 0 or objective.second_pass_weight > 0
-                                                      or objective.entropy_weight > 0)
+                                                      or objective.entropy_weight != 0)
         if wants_latent and batch.latent_src.numel() > 0:
             scale = self.state.embedding_scale
             mean, log_std = self.latent_head(flat.index_select(0, batch.latent_src))
@@ -380,7 +380,8 @@ class ColarModel(nn.Module):
                 mean, log_std, target, objective.latent_loss, self.state.deterministic_latents, generator
             )
             parts["latent"], parts["entropy"] = lat, entropy
-            total = total + objective.latent_weight * lat - objective.entropy_weight * entropy
+            # the entropy term is added, as the reference's (see ObjectiveConfig.entropy_weight)
+            total = total + objective.latent_weight * lat + objective.entropy_weight * entropy
             if objective.second_pass_weight > 0:
                 replaced = flat_groups.index_copy(0, batch.latent_tgt, (sample * scale).to(flat_groups.dtype))
                 inputs2 = self._packed(batch, prompt, replaced.view_as(groups), answer)

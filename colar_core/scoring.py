@@ -8,38 +8,39 @@ from typing import Iterable, Optional, Sequence
 from colar_core.text import ANSWER_PREFIX
 
 
-def extract_answer(text: str) -> Optional[str]:
-    """Text after the last ``Answer:``, cleaned as the reference does; None when there is none."""
-    if ANSWER_PREFIX not in text:
-        return None
-    return normalize_answer(text.rsplit(ANSWER_PREFIX, 1)[1])
+def extract_answer(text: str) -> str:
+    """The part of a model's output that is scored, exactly as the reference extracts it
+    (``LitCoTModelBase.extract_answer_from_output``: ``text.split("Answer:")[1]``): the text after the
+    first ``Answer:`` up to the next one if there are several, or the whole output when there is no
+    ``Answer:``. Returned as is; :func:`answers_match` cleans it."""
+    pieces = text.split(ANSWER_PREFIX)
+    return pieces[1] if len(pieces) > 1 else text
 
 
-def normalize_answer(ans: str) -> str:
-    """Strip spaces and newlines, a trailing '.', and thousands commas."""
-    ans = ans.strip().replace(",", "")
-    while ans.endswith("."):
-        ans = ans[:-1].rstrip()
-    return ans.strip()
-
-
-def _as_float(s: str) -> Optional[float]:
-    try:
-        value = float(s)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+def normalize_answer(ans: str, gold: bool = False) -> str:
+    """The reference's cleaning (``verify_answer``): strip spaces and newlines at both ends, then
+    trailing dots, then (predictions only) trailing dots and newlines, then drop every comma."""
+    ans = ans.strip("\n ").rstrip(".")
+    if not gold:
+        ans = ans.rstrip(".\n")
+    return ans.replace(",", "")
 
 
 def answers_match(pred: Optional[str], gold: str) -> bool:
-    """Compare as floats when both parse, else as strings (after normalisation)."""
+    """The reference's ``verify_answer``: both sides cleaned (:func:`normalize_answer`), then compared
+    as floats when both parse with ``float()``, as strings when the gold one does not parse, and
+    never equal when only the gold one parses. ``pred`` None (nothing extracted) never matches."""
     if pred is None:
         return False
-    p, g = normalize_answer(pred), normalize_answer(str(gold))
-    pf, gf = _as_float(p), _as_float(g)
-    if pf is not None and gf is not None:
-        return pf == gf
-    return p == g
+    p, g = normalize_answer(pred), normalize_answer(str(gold), gold=True)
+    try:
+        gf = float(g)
+    except ValueError:
+        return p == g
+    try:
+        return float(p) == gf
+    except ValueError:
+        return False
 
 
 def accuracy(preds: Sequence[Optional[str]], golds: Sequence[str]) -> float:

@@ -18,6 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from colar_core.data.prepare import prepare_data
+from colar_core.data.readers import FORMATS
 from colar_core.data.records import DataError
 from colar.flows import servers
 from colar.flows.config import ConfigError, PipelineConfig, load_config, preflight
@@ -47,11 +48,17 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None) -> int:
     from mlflow.tracking import MlflowClient
 
     from colar.flows.pipeline import run_pipeline
+    from colar.tasks.runs import server_answers
 
     state = run_pipeline(cfg, parent_run_id=parent_run_id, return_state=True)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
     mlflow.set_tracking_uri(urls["mlflow"])
     client = MlflowClient()
+    if not server_answers(client):  # lost during the run: no lookups (each would sit in MLflow's retries)
+        print(f"pipeline {state.name}: {mask_secrets(state.message)}", file=sys.stderr)
+        print(f"MLflow server at {mask_url(urls['mlflow'])} does not answer; what it could not take waits in "
+              f"$COLAR_HOME/unflushed. Once it is back: colar retry {parent_run_id or flow_run_id}", file=sys.stderr)
+        return 0 if state.is_completed() else 1
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
         filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'" if parent_run_id is None else "",
@@ -137,9 +144,17 @@ def load_stored_config(path: str) -> PipelineConfig:
 
 
 def cmd_compare(args) -> int:
-    from colar.flows.compare import compare_runs, table_text  # imports mlflow: lazily, see _run
+    from colar.flows.compare import compare_runs, table1_by_run, table_text  # imports mlflow: lazily, see _run
+    from colar.tasks.table1 import table1_markdown
 
     servers.use_mlflow(servers.ensure_mlflow())
+    if args.table:
+        tables = table1_by_run(args.experiment)
+        if not tables:
+            print(f"no finished pipeline runs with evaluation metrics in experiment {args.experiment!r}")
+        for title, table in tables:
+            print(table1_markdown(table, title))
+        return 0
     table = compare_runs(args.experiment, args.plot)
     if table.empty:
         print(f"no finished pipeline runs in experiment {args.experiment!r}")
@@ -184,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="read, validate and split a dataset; write a manifest")
     prep.add_argument("--input", required=True,
-                      help="'builtin', a file, a directory of split files, or a HF dataset id / saved path")
-    prep.add_argument("--format", default="auto", choices=["auto", "gsm8k-aug", "jsonl", "gsm8k", "hf"])
+                      help="'builtin', a bundled set (gsm8k-train, gsm8k-test, gsm8k-aug-valid, gsm8k-aug-test, "
+                      "gsm-hard, svamp, multiarith), a file, a directory of split files, or a HF dataset id / saved path")
+    prep.add_argument("--format", default="auto", choices=list(FORMATS),
+                      help="input format (default auto: from the path and the first record's fields)")
     prep.add_argument("--out", required=True, help="output directory for {train,val,test}.jsonl and manifest.json")
     prep.add_argument("--policy", default="fail", choices=["fail", "skip"],
                       help="bad records: fail (default) or skip and count")
@@ -208,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="table of pipeline runs: accuracy and #L per compression factor")
     compare.add_argument("--experiment", default="colar")
     compare.add_argument("--plot", default="compare_accuracy_vs_length.png")
+    compare.add_argument("--table", action="store_true",
+                         help="print each run's Table 1 (methods x test sets: Acc +- CI, #L, ms per question)")
     compare.set_defaults(func=cmd_compare)
     servers = sub.add_parser("servers", help="start / stop / status of the local MLflow and Prefect servers")
     servers.add_argument("action", choices=["start", "stop", "status"])

@@ -1,4 +1,5 @@
-"""``colar compare``: pipeline runs side by side, from MLflow's search API."""
+"""``colar compare``: pipeline runs side by side, from MLflow's search API: one row per run
+(:func:`compare_runs`), or each run's Table 1 (:func:`table1_by_run`, ``colar compare --table``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import mlflow
 import pandas as pd
 
 from colar.tasks.plots import pyplot, save_figure
+from colar.tasks.table1 import per_set_values, table1
 
 HIGHLIGHTS = {
     "params.model.name_or_path": "model",
@@ -17,14 +19,19 @@ HIGHLIGHTS = {
 }
 
 
-def compare_runs(experiment: str = "colar", plot_path: str | None = None) -> pd.DataFrame:
-    """One row per parent (pipeline) run: config highlights, accuracy and #L per c, wall time."""
+def finished_parent_runs(experiment: str = "colar") -> pd.DataFrame:
+    """The experiment's FINISHED pipeline (parent) runs, newest first, as MLflow's search gives them."""
     runs = mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
     if runs.empty:
         return runs
     if "tags.mlflow.parentRunId" in runs:
         runs = runs[runs["tags.mlflow.parentRunId"].isna()]
-    runs = runs[runs["status"] == "FINISHED"]
+    return runs[runs["status"] == "FINISHED"]
+
+
+def compare_runs(experiment: str = "colar", plot_path: str | None = None) -> pd.DataFrame:
+    """One row per parent (pipeline) run: config highlights, accuracy and #L per c, wall time."""
+    runs = finished_parent_runs(experiment)
     if runs.empty:
         return runs
     metric_cols = [c for c in runs.columns if re.match(r"metrics\.(accuracy|mean_latents|mean_tokens)/", c)]
@@ -52,17 +59,39 @@ def _metric_order(col: str):
     return (0 if m else 1, int(m.group(1)) if m else 0, col)
 
 
+def table1_by_run(experiment: str = "colar") -> list[tuple[str, pd.DataFrame]]:
+    """``(title, Table 1)`` of each finished pipeline run, newest first (:func:`colar.tasks.table1.table1`
+    over the run's metrics)."""
+    out = []
+    for _, run in finished_parent_runs(experiment).iterrows():
+        metrics = {c.removeprefix("metrics."): run[c] for c in run.index
+                   if c.startswith("metrics.") and pd.notna(run[c])}
+        table = table1(metrics)
+        if not table.empty:
+            out.append((f"{run.get('tags.mlflow.runName', '')} ({run['run_id']})", table))
+    return out
+
+
 def _plot(runs: pd.DataFrame, path: str) -> None:
-    fig, ax = pyplot().subplots(figsize=(6, 4))
+    """Accuracy against #L of the CoLaR factors, a line per run, a panel per test set."""
+    per_run = []
     for _, run in runs.iterrows():
-        cs = sorted(int(m.group(1)) for c in runs.columns if (m := re.match(r"metrics\.accuracy/c(\d+)$", c))
-                    and pd.notna(run[c]))
-        xs = [run[f"metrics.mean_latents/c{c}"] for c in cs]
-        ys = [run[f"metrics.accuracy/c{c}"] for c in cs]
-        if xs:
-            ax.plot(xs, ys, marker="o", label=f"{run.get('tags.mlflow.runName', '')} {run['run_id'][:6]}")
-    ax.set_xlabel("mean #latents")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7)
+        metrics = {c.removeprefix("metrics."): run[c] for c in run.index
+                   if c.startswith("metrics.") and pd.notna(run[c])}
+        per_run.append((f"{run.get('tags.mlflow.runName', '')} {run['run_id'][:6]}", *per_set_values(metrics)))
+    sets = list(dict.fromkeys(s for _, run_sets, _ in per_run for s in run_sets)) or ["test"]
+    fig, axes = pyplot().subplots(1, len(sets), figsize=(4.2 * len(sets), 4), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        for label, _, values in per_run:
+            cs = sorted(int(st[1:]) for (metric, set_name, st) in values
+                        if metric == "accuracy" and set_name == s and re.fullmatch(r"c\d+", st)
+                        and ("mean_latents", s, st) in values)
+            if cs:
+                ax.plot([values[("mean_latents", s, f"c{c}")] for c in cs],
+                        [values[("accuracy", s, f"c{c}")] for c in cs], marker="o", label=label)
+        ax.set_xlabel("mean #latents")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("average over sets" if s == "avg" else s)
+        ax.legend(fontsize=7)
     save_figure(fig, path)

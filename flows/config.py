@@ -18,7 +18,8 @@ from typing import Any, Iterable, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from colar_core.config import EvalConfig, GenerationConfig, ModelConfig, ObjectiveConfig, StrictModel
+from colar_core.config import TEST_SPLIT, EvalConfig, GenerationConfig, ModelConfig, ObjectiveConfig, StrictModel
+from colar_core.data.bundled import BUNDLED, resolve_bundled
 from colar_core.data.readers import HF_MARKERS
 from colar_core.rl.config import RLConfig
 from colar_core.training.config import TrainConfig
@@ -37,8 +38,10 @@ class BuiltinDataConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    source: str = Field("builtin", description="'builtin', a file, a directory of split files, or a HF dataset id / saved path.")
-    format: Literal["auto", "gsm8k-aug", "jsonl", "gsm8k", "hf"] = "auto"
+    source: str = Field("builtin", description="'builtin', a bundled set (gsm8k-train, gsm8k-test, gsm8k-aug-valid, "
+                        "gsm8k-aug-test, gsm-hard, svamp, multiarith; an existing path of that name wins), a file, a "
+                        "directory of split files, or a HF dataset id / saved path.")
+    format: Literal["auto", "gsm8k-aug", "jsonl", "gsm8k", "gsm-hard", "svamp", "multiarith", "hf"] = "auto"
     policy: Literal["fail", "skip"] = Field("fail", description="Bad records: fail (default) or skip and count.")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, ge=0, lt=1)
@@ -66,6 +69,12 @@ def _default_cot() -> TrainConfig:
                        eval_every=0, zero_stage=2)
 
 
+def _default_rl() -> RLConfig:
+    """The embedded default's GRPO stage: sized to show the stage in a CPU run of a few minutes."""
+    return RLConfig(max_steps=30, questions_per_step=8, group_size=8, compression_factor=2, lr=1e-4,
+                    checkpoint_every=10, generation=GenerationConfig(max_latents=32))
+
+
 def _default_colar() -> TrainConfig:
     return TrainConfig(objective=ObjectiveConfig(mode="colar", compression_factors=[1, 2, 3]), max_steps=900,
                        batch_size=32, lr=3e-3, warmup_steps=20, lr_schedule="cosine", min_lr_ratio=0.1,
@@ -80,10 +89,10 @@ class PipelineConfig(StrictModel):
         tiny=dict(arch="llama", hidden_size=128, num_layers=3, num_heads=4)))
     sft_cot: Optional[TrainConfig] = Field(default_factory=_default_cot, description="CoT warm-up (None = skip).")
     sft_colar: TrainConfig = Field(default_factory=_default_colar)
-    rl: Optional[RLConfig] = Field(None, description="GRPO over the latents after CoLaR SFT (None = skip). "
-                                   "Evaluation and the registered model then use the RL model.")
+    rl: Optional[RLConfig] = Field(default_factory=_default_rl, description="GRPO over the latents after CoLaR "
+                                   "SFT (None = skip). Evaluation and the registered model then use the RL model.")
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(
-        compression_factors=[1, 2, 3], seeds=[0, 1, 2], n_examples=200,
+        compression_factors=[1, 2, 3], seeds=[0, 1, 2], n_examples=200, nocot_baseline=True,
         generation=GenerationConfig(max_latents=32, max_cot_tokens=64, batch_size=100)))
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     training_retries: int = Field(
@@ -247,6 +256,12 @@ def _hub_problem(repo_id: str, repo_type: str) -> Optional[str]:
                 f"({name}: {first[:200]})")
 
 
+def _bundled_path(source: str) -> str:
+    """The file of a bundled set named ``source`` (``gsm8k-train``, ...); any other source as it is."""
+    bundled = resolve_bundled(source) if not Path(source).exists() else None
+    return bundled[0] if bundled else source
+
+
 def _needs_test_split(source: Path) -> bool:
     """True when the test split must be carved out of ``source`` (by ``data.test_fraction``): one
     file, or a directory of split files without a ``test.*`` one. (A hub dataset's splits are only
@@ -265,7 +280,8 @@ def preflight(cfg: PipelineConfig) -> None:
     - ``model.name_or_path``: 'tiny', an existing directory, or a hub model id that resolves
       (local cache, else one quick Hub query unless offline);
     - ``model.tokenizer``: the same, when set;
-    - ``data.source``: 'builtin', an existing file or directory, or a hub dataset id that resolves;
+    - ``data.source``: 'builtin', an existing file or directory, a bundled set's name, or a hub
+      dataset id that resolves;
     - ``data.test_fraction``: above 0 when the test split is carved out of the source.
     """
     problems = []
@@ -280,15 +296,26 @@ def preflight(cfg: PipelineConfig) -> None:
             problems.append(f"field '{field}': {name!r} is not 'tiny', an existing directory or a known hub "
                             f"model: {why}")
     source = cfg.data.source
-    if cfg.data.test_fraction == 0 and _needs_test_split(Path(source)):
+    evaluates_test_split = any(s.source == TEST_SPLIT for s in cfg.eval.sets())
+    if cfg.data.test_fraction == 0 and evaluates_test_split and _needs_test_split(Path(_bundled_path(source))):
         problems.append(f"field 'data.test_fraction': 0 leaves no test split for the evaluate stage "
-                        f"(data.source {source!r} has none of its own); set it above 0")
-    if source != "builtin" and not Path(source).exists():
+                        f"(data.source {source!r} has none of its own); set it above 0, or evaluate "
+                        f"other sets (eval.datasets)")
+    for i, spec in enumerate(cfg.eval.datasets):
+        if spec.source == TEST_SPLIT or resolve_bundled(spec.source) is not None or Path(spec.source).exists():
+            continue
+        field = f"eval.datasets[{i}].source"
+        if _looks_like_path(spec.source, _PATH_SUFFIXES):
+            problems.append(f"field '{field}': file or directory {spec.source!r} does not exist")
+        elif (why := _hub_problem(spec.source, "dataset")) is not None:
+            problems.append(f"field '{field}': {spec.source!r} is not 'test', a bundled set ({', '.join(BUNDLED)}), "
+                            f"an existing path or a known Hugging Face dataset: {why}")
+    if source != "builtin" and resolve_bundled(source) is None and not Path(source).exists():
         if _looks_like_path(source, _PATH_SUFFIXES):
             problems.append(f"field 'data.source': file or directory {source!r} does not exist")
         elif (why := _hub_problem(source, "dataset")) is not None:
-            problems.append(f"field 'data.source': {source!r} is not 'builtin', an existing path or a known "
-                            f"Hugging Face dataset: {why}")
+            problems.append(f"field 'data.source': {source!r} is not 'builtin', an existing path, a bundled set "
+                            f"({', '.join(BUNDLED)}) or a known Hugging Face dataset: {why}")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

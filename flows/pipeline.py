@@ -27,14 +27,14 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 from prefect.states import Crashed
 
-from colar_core.data.prepare import load_split
+from colar_core.config import TEST_SPLIT
 from colar_core.procs import identity_alive
 from colar_core.procs import process_identity as _process_identity
 from colar_core.training.launch import LAUNCHER_RECORD, check_no_live_launcher, describe_launcher, live_launcher
 from colar.flows.config import PipelineConfig, preflight
 from colar.flows.locks import exclusive_lock
 from colar.tasks.evaluate import evaluate_stage
-from colar.tasks.keys import code_version, data_inputs, model_inputs
+from colar.tasks.keys import code_version, data_inputs, eval_inputs, model_inputs
 from colar.tasks.prepare import prepare_stage
 from colar.tasks.report import report_stage
 from colar.tasks.runs import end_orphaned_children, ending_run, log_metrics, start_parent_run
@@ -170,7 +170,8 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
                           cfg.stage_lock_timeout_s)
 
     prep = run(prepare_stage, "prepare", {"data": conf["data"], "model": conf["model"]},
-               data_inputs(conf["data"]), {"parent_run_id": parent_run_id})
+               data_inputs(conf["data"]), {"parent_run_id": parent_run_id,
+                                           "needs_test_split": any(s.source == TEST_SPLIT for s in cfg.eval.sets())})
     data_in = {"data": prep["digest"]}
     data_args = {"data_dir": prep["data_dir"], "parent_run_id": parent_run_id}
     model_in = model_inputs(conf["model"])
@@ -197,13 +198,12 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
         nocot = sft("sft-nocot", section, None)
     evaluation = run(evaluate_stage, "evaluate", {"eval_cfg": conf["eval"]},
                      {"colar": final["model_digest"], "cot": cot and cot["model_digest"],
-                      "nocot": nocot and nocot["model_digest"], **data_in, **model_in},
+                      "nocot": nocot and nocot["model_digest"], **data_in, **model_in, **eval_inputs(conf["eval"])},
                      {"colar_model_dir": final["model_dir"], "cot_model_dir": cot and cot["model_dir"],
                       "nocot_model_dir": nocot and nocot["model_dir"], "model": conf["model"], **data_args})
-    example = load_split(Path(prep["data_dir"]) / "test.jsonl")[0].question
     report = report_stage(parent_run_id, evaluation["metrics"], final["model_dir"],
                           str(Path(out_root) / "reports" / parent_run_id),
-                          cfg.tracking.registered_model_name, example)
+                          cfg.tracking.registered_model_name, evaluation["example_question"])
     return {"metrics": evaluation["metrics"], **report, "stages": states}
 
 

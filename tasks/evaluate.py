@@ -1,5 +1,5 @@
-"""The ``evaluate`` stage: the sweep over compression factors plus the CoT / No-CoT baselines, on the
-test split."""
+"""The ``evaluate`` stage: the sweep over compression factors plus the CoT / No-CoT baselines, on each
+test set of ``eval.datasets`` (default: the test split of the prepared data)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import pandas as pd
 from mlflow import MlflowClient
 from prefect import get_run_logger, task
 
-from colar_core.config import EvalConfig, ModelConfig
+from colar_core.config import TEST_SPLIT, EvalConfig, EvalSet, ModelConfig
 from colar_core.data.prepare import load_split
-from colar_core.evaluation import evaluate_latent, evaluate_text
+from colar_core.data.readers import read_records
+from colar_core.data.records import Record
+from colar_core.evaluation import average_over_sets, evaluate_latent, evaluate_text, for_set
 from colar_core.model import ColarModel
 from colar_core.text import PromptEncoder
 from colar.tasks.keys import CACHED_STAGE
@@ -27,11 +29,23 @@ def _load(model_dir: str, options: dict) -> tuple[ColarModel, PromptEncoder]:
     return model, PromptEncoder(tokenizer)
 
 
+def load_eval_set(spec: EvalSet, data_dir: str, n_examples: Optional[int]) -> list[Record]:
+    """The first ``spec.n_examples`` (else ``n_examples``; None = all) problems of one test set: the
+    prepared test split for source 'test', else the set read with the data readers (policy fail: a
+    test set with a bad record is an error naming it, not a smaller test set)."""
+    if spec.source == TEST_SPLIT:
+        records = load_split(Path(data_dir) / "test.jsonl")
+    else:
+        records = read_records(spec.source, spec.format, policy="fail", split=spec.split).records
+    return records[: spec.n_examples or n_examples]
+
+
 @task(name="evaluate", **CACHED_STAGE, retries=1, retry_delay_seconds=2)
 def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional[str], nocot_model_dir: Optional[str],
                    data_dir: str, out_dir: str, parent_run_id: str, key: str, model: Optional[dict] = None) -> dict:
-    """Evaluate the CoLaR model (and the baselines given) on ``data_dir/test.jsonl``; metrics, the
-    predictions table and ``metrics.json`` go to the ``evaluate`` child run. ``model``: the pipeline's
+    """Evaluate the CoLaR model (and the baselines given) on each set of ``eval.datasets`` (default
+    ``data_dir/test.jsonl``); metrics, the predictions table (a ``set`` column) and ``metrics.json``
+    go to the ``evaluate`` child run. ``model``: the pipeline's
     model config, the only thing that may allow remote code or name a LoRA base (see
     ``ColarModel.load_options``); None allows neither."""
     logger = get_run_logger()
@@ -40,19 +54,29 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
     client = MlflowClient()
     with child_run(parent_run_id, "evaluate", {"eval": eval_cfg}) as run_id:
         t0 = time.perf_counter()
-        records = load_split(Path(data_dir) / "test.jsonl")[: cfg.n_examples]
+        sets = cfg.sets()
+        records = {s.name: load_eval_set(s, data_dir, cfg.n_examples) for s in sets}
+        logger.info("evaluation sets: %s", {name: len(r) for name, r in records.items()})
         metrics, rows = {}, []
+
+        def add(name: str, m: dict, r: list) -> None:
+            metrics.update(for_set(m, name))
+            if name == sets[0].name:  # the primary set also under the names runs had before named sets
+                metrics.update(m)
+            rows.extend({"set": name, **row} for row in r)
+
         options = ColarModel.load_options(ModelConfig.model_validate(model)) if model else {}
         colar_model, enc = _load(colar_model_dir, options)
-        m, r = evaluate_latent(colar_model, enc, records, cfg.compression_factors, cfg.seeds, cfg.generation)
-        metrics.update(m)
-        rows += r
+        for name, recs in records.items():
+            add(name, *evaluate_latent(colar_model, enc, recs, cfg.compression_factors, cfg.seeds, cfg.generation))
+        del colar_model
         for mode, model_dir in (("cot", cot_model_dir), ("nocot", nocot_model_dir)):
             if model_dir:
                 base, base_enc = _load(model_dir, options)
-                m, r = evaluate_text(base, base_enc, records, mode, cfg.seeds, cfg.generation)
-                metrics.update(m)
-                rows += r
+                for name, recs in records.items():
+                    add(name, *evaluate_text(base, base_enc, recs, mode, cfg.seeds, cfg.generation))
+        if len(sets) > 1:
+            metrics.update(average_over_sets(metrics, [s.name for s in sets]))
         work_s = time.perf_counter() - t0
         log_metrics(run_id, metrics, client=client)
         pd.DataFrame(rows).to_csv(out / "predictions.csv", index=False)
@@ -60,5 +84,6 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         client.log_artifact(run_id, str(out / "metrics.json"))
         logger.info("evaluation: %s", {k: round(v, 3) for k, v in metrics.items()})
+    example = next((r[0].question for r in records.values() if r), "")
     return save_result(out, {"metrics": metrics, "predictions": str(out / "predictions.csv"), "mlflow_run_id": run_id,
-                             "work_s": work_s})
+                             "work_s": work_s, "example_question": example})

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from colar_core.config import TEST_SPLIT
+from colar_core.data.bundled import resolve_bundled
 from colar.tasks.artifacts import content_digest
 
 #: The packages whose code runs a stage: a change in any of their sources re-keys every stage.
@@ -64,10 +66,12 @@ def hub_revision(repo_id: str, repo_type: Literal["model", "dataset"]) -> Option
 
 def input_digest(ref: str, repo_type: Literal["model", "dataset"]) -> str:
     """What a cache key holds of an input named by ``ref``: ``sha256:<content digest>`` for an
-    existing file or folder; for a hub id ``hub:<id>@<commit>`` (:func:`hub_revision`). When the
+    existing file or folder (a bundled data set by its file); for a hub id ``hub:<id>@<commit>`` (:func:`hub_revision`). When the
     local hub cache cannot resolve the id (not downloaded yet, or a dataset held only in the
     ``datasets`` library's own cache) it is ``hub:<id>@unresolved``: the key then covers the id
     only, and a new revision published under it is not seen."""
+    if repo_type == "dataset" and not os.path.exists(ref) and (bundled := resolve_bundled(ref)) is not None:
+        ref = bundled[0]
     if os.path.exists(ref):
         return f"sha256:{content_digest(ref)}"
     return f"hub:{ref}@{hub_revision(ref, repo_type) or 'unresolved'}"
@@ -85,6 +89,14 @@ def data_inputs(data: Mapping[str, Any]) -> dict[str, str]:
     'builtin' (generated from the config, which the key covers)."""
     source = data["source"]
     return {} if source == "builtin" else {"data.source": input_digest(source, "dataset")}
+
+
+def eval_inputs(eval_conf: Mapping[str, Any]) -> dict[str, str]:
+    """Input digests of the evaluate stage's own test sets (an EvalConfig as a dict): one per set of
+    ``eval.datasets`` read from a source other than the prepared test split (which the data digest
+    covers)."""
+    return {f"eval.{s['name']}": input_digest(s["source"], "dataset")
+            for s in eval_conf.get("datasets") or () if s["source"] != TEST_SPLIT}
 
 
 def absolute_dir(output_dir: Union[str, os.PathLike]) -> Path:

@@ -13,8 +13,6 @@ import os
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,22 +23,17 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
 from colar.tasks.params import MAX_KEY, MAX_PARAM_VALUE, mask_secrets
-from colar.tasks.runs import MAX_PARAMS_PER_BATCH, client_or_default
+from colar.tasks.runs import (MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, client_or_default, health_url,
+                              pending_path, probe, replay_pending, tracking_uri_of)
 
 __all__ = ["MlflowMetricsCallback", "metric_key", "replay_unflushed"]
 
 # MLflow limits (mlflow.utils.validation) of one log_batch call: 1000 metrics, 1000 entities in all
 # (metrics + params + tags), 100 tags.
-MAX_METRICS_PER_BATCH = 1000
 MAX_ENTITIES_PER_BATCH = 1000
 # Error codes with which the server refuses a batch for good: retrying cannot help.
 _NOT_RETRYABLE = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
 _BAD_METRIC_CHARS = re.compile(r"[^/\w.\- :]")
-
-
-def _tracking_uri_of(client: MlflowClient) -> str:
-    uri = getattr(client, "tracking_uri", None) or getattr(getattr(client, "_tracking_client", None), "tracking_uri", "")
-    return str(uri or "")
 
 
 class MlflowMetricsCallback:
@@ -51,7 +44,8 @@ class MlflowMetricsCallback:
     thread sends the buffer with ``client.log_batch`` in chunks, retrying ``max_retries`` times
     with exponential backoff. If the server is unreachable the buffer is kept and retried at the
     next flush. :meth:`close` makes a last attempt; what still could not be sent is written to a
-    JSONL file (``fallback_path``, default ``$COLAR_HOME|./.colar/unflushed/<run_id>.jsonl``,
+    JSONL file (``fallback_path``, default the run's pending file
+    ``$COLAR_HOME|./.colar/unflushed/<run_id>.jsonl``, :func:`colar.tasks.runs.pending_path`;
     replayable with :func:`replay_unflushed`) and a warning is issued.
 
     For an http(s) tracking URI each attempt first probes ``/health`` with a short timeout:
@@ -87,10 +81,8 @@ class MlflowMetricsCallback:
         self.close_timeout_s = close_timeout_s
         self.eval_prefix = eval_prefix
         self.max_buffer = max(MAX_METRICS_PER_BATCH, int(max_buffer))
-        home = Path(os.environ.get("COLAR_HOME") or Path.cwd() / ".colar")
-        self.fallback_path = Path(fallback_path) if fallback_path else home / "unflushed" / f"{run_id}.jsonl"
-        uri = _tracking_uri_of(self.client)
-        self._health_url = uri.rstrip("/") + "/health" if uri.startswith(("http://", "https://")) else None
+        self.fallback_path = Path(fallback_path) if fallback_path else pending_path(run_id)
+        self._health_url = health_url(tracking_uri_of(self.client))
 
         self._metrics: list[Metric] = []  # pending, oldest first
         self._tags: dict[str, str] = {}  # pending tags (latest value wins)
@@ -195,8 +187,8 @@ class MlflowMetricsCallback:
                 where = f"nowhere ({e})"
             warnings.warn(
                 f"MLflow: {len(metrics)} metrics and {len(tags)} tags of run {self.run_id} could not be "
-                f"sent ({self.last_error!r}); written to {where}. Replay with "
-                f"colar.tasks.metrics_sender.replay_unflushed().",
+                f"sent ({self.last_error!r}); written to {where}. The pipeline sends them when its next stage "
+                f"starts or on `colar retry` (or: colar.tasks.metrics_sender.replay_unflushed(path)).",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -297,7 +289,7 @@ class MlflowMetricsCallback:
     def _send_pending(self) -> None:
         if not self.pending():
             return
-        if self._health_url is not None and not _probe(self._health_url, self.probe_timeout_s):
+        if self._health_url is not None and not probe(self._health_url, self.probe_timeout_s):
             raise ConnectionError(f"MLflow server {self._health_url} does not answer")
         while True:
             with self._lock:
@@ -345,35 +337,9 @@ class MlflowMetricsCallback:
                 fh.write(json.dumps({"run_id": self.run_id, "tag": k, "value": v}) + "\n")
 
 
-def replay_unflushed(path: Union[str, os.PathLike], client: Optional[MlflowClient] = None) -> int:
-    """Send the metrics/tags of a fallback JSONL file written by :meth:`MlflowMetricsCallback.close`.
-
-    Returns the number of records sent; the file is renamed to ``*.replayed`` afterwards.
-    """
-    client = client_or_default(client)
-    path = Path(path)
-    by_run: dict[str, tuple[list[Metric], list[RunTag]]] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        metrics, tags = by_run.setdefault(rec["run_id"], ([], []))
-        if "tag" in rec:
-            tags.append(RunTag(rec["tag"], rec["value"]))
-        else:
-            metrics.append(Metric(rec["key"], float(rec["value"]), int(rec["timestamp"]), int(rec["step"])))
-    sent = 0
-    for run_id, (metrics, tags) in by_run.items():
-        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            chunk = metrics[i : i + MAX_METRICS_PER_BATCH]
-            client.log_batch(run_id, metrics=chunk, synchronous=True)
-            sent += len(chunk)
-        for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
-            chunk = tags[i : i + MAX_PARAMS_PER_BATCH]
-            client.log_batch(run_id, tags=chunk, synchronous=True)
-            sent += len(chunk)
-    path.rename(path.with_name(path.name + ".replayed"))
-    return sent
+#: Sends a fallback (pending) file: :func:`colar.tasks.runs.replay_pending`, which also sends the
+#: artifacts and run ends a stage could not log while the server was away.
+replay_unflushed = replay_pending
 
 
 def metric_key(key: str) -> str:
@@ -404,11 +370,3 @@ def _as_float(value: Any) -> Optional[float]:
 
 def _json_number(x: float) -> Union[float, str]:
     return x if math.isfinite(x) else str(x)
-
-
-def _probe(url: str, timeout: float) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - tracking server
-            return 200 <= resp.status < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False

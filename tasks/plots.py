@@ -47,22 +47,36 @@ def training_curves_plot(steps: list[dict], path: Path, title: str = "") -> Path
 
 
 def accuracy_vs_length_plot(metrics: dict, path: Path, title: str = "") -> Path:
-    """Accuracy against mean chain length: one point per compression factor, plus the baselines."""
-    fig, ax = pyplot().subplots(figsize=(6, 4))
-    factors = sorted(int(m.group(1)) for k in metrics if (m := re.fullmatch(r"accuracy/c(\d+)", k)))
-    xs = [metrics[f"mean_latents/c{c}"] for c in factors]
-    ys = [metrics[f"accuracy/c{c}"] for c in factors]
-    errs = [metrics.get(f"accuracy_ci95/c{c}", 0.0) for c in factors]
-    ax.errorbar(xs, ys, yerr=errs, marker="o", label="CoLaR")
-    for c, x, y in zip(factors, xs, ys):
-        ax.annotate(f"c={c}", (x, y), textcoords="offset points", xytext=(4, 4))
-    for mode, marker in (("cot", "s"), ("nocot", "x")):
-        if f"accuracy/{mode}" in metrics:
-            ax.scatter([metrics.get(f"mean_tokens/{mode}", 0.0)], [metrics[f"accuracy/{mode}"]], marker=marker,
-                       label=mode.upper().replace("NO", "No-"), zorder=3)
-    ax.set_xlabel("mean chain length (latents, or tokens for CoT)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    ax.set_title(title)
+    """Accuracy against mean chain length, one panel per test set (and the average over sets): one
+    point per compression factor (a line through them, the 95% interval as error bars), one marker
+    per text baseline (CoT, No-CoT) and per other method."""
+    from colar.tasks.table1 import method_label, per_set_values, setting_order  # table1 imports this module
+
+    sets, values = per_set_values(metrics)
+    settings = sorted({st for (_, _, st) in values}, key=setting_order)
+    fig, axes = pyplot().subplots(1, max(1, len(sets)), figsize=(4.2 * max(1, len(sets)), 4), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        def point(setting):
+            acc = values.get(("accuracy", s, setting))
+            length = values.get(("mean_latents", s, setting), values.get(("mean_tokens", s, setting)))
+            return None if acc is None or length is None else (length, acc, values.get(("accuracy_ci95", s, setting), 0.0))
+
+        latent = [(int(st[1:]), p) for st in settings if re.fullmatch(r"c\d+", st) and (p := point(st))]
+        if latent:
+            xs, ys, errs = zip(*(p for _, p in latent))
+            ax.errorbar(xs, ys, yerr=errs, marker="o", label="CoLaR")
+            for (c, (x, y, _)) in latent:
+                ax.annotate(f"c={c}", (x, y), textcoords="offset points", xytext=(4, 4))
+        markers = iter("sxD^v<>P*")
+        for st in settings:
+            if not re.fullmatch(r"c\d+", st) and (p := point(st)):
+                ax.errorbar([p[0]], [p[1]], yerr=[p[2]], marker=next(markers, "o"), linestyle="none",
+                            label=method_label(st), zorder=3)
+        ax.set_xlabel("#L: latents (CoLaR) or tokens (CoT)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("average over sets" if s == "avg" else s)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     return save_figure(fig, path)

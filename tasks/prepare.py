@@ -19,9 +19,11 @@ from colar.tasks.stage_spec import save_result, stage_folder
 
 
 @task(name="prepare", **CACHED_STAGE, retries=1, retry_delay_seconds=2)
-def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key: str) -> dict:
+def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key: str,
+                  needs_test_split: bool = True) -> dict:
     """Write ``out_dir/data/{train,val,test}.jsonl`` and the manifest; record counts, digests and the
-    splits as dataset inputs on the ``prepare`` child run."""
+    splits as dataset inputs on the ``prepare`` child run. ``needs_test_split``: the evaluate stage
+    reads the test split (an empty one is then an error); False when every evaluation set is its own."""
     logger = get_run_logger()
     out = stage_folder(out_dir)
     client = MlflowClient()
@@ -32,7 +34,7 @@ def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key
         manifest = prepare_data(data["source"], out / "data", format=data["format"], policy=data["policy"],
                                 val_fraction=data["val_fraction"], test_fraction=data["test_fraction"],
                                 seed=data["seed"], builtin=builtin)
-        if manifest["counts"]["test"] == 0:  # preflight catches the cases it can see without reading
+        if needs_test_split and manifest["counts"]["test"] == 0:  # preflight catches the cases it can see without reading
             raise ValueError(f"field 'data.test_fraction': {source} gave no test split and the evaluate stage "
                              "needs one: set data.test_fraction above 0 or give a test split")
         for split, n in manifest["counts"].items():

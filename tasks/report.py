@@ -1,4 +1,5 @@
-"""The ``report`` step, on the parent run: headline metrics, the accuracy-vs-length plot, and the
+"""The ``report`` step, on the parent run: headline metrics, the accuracy-vs-length plot (a panel per
+test set), the Table-1 report (``table1.md``, ``table1.png``: :mod:`colar.tasks.table1`), and the
 final model logged as an MLflow pyfunc and registered with the alias ``candidate``.
 
 The model logging is the one place in the pipeline that uses MLflow's active run (``mlflow.start_run``),
@@ -25,6 +26,7 @@ from prefect import get_run_logger, task
 from colar.tasks.plots import accuracy_vs_length_plot
 from colar.tasks.runs import log_metrics
 from colar.tasks.stage_spec import stage_folder
+from colar.tasks.table1 import table1, table1_markdown, table1_png
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
@@ -40,6 +42,11 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
     plot = accuracy_vs_length_plot(metrics, out / "accuracy_vs_length.png")
     client.log_artifact(parent_run_id, str(plot), "plots")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    table = table1(metrics)
+    (out / "table1.md").write_text(table1_markdown(table, f"Table 1 (run {parent_run_id})"))
+    table1_png(table, out / "table1.png", f"run {parent_run_id}")
+    for name in ("table1.md", "table1.png"):
+        client.log_artifact(parent_run_id, str(out / name))
 
     example = pd.DataFrame({"question": [example_question]})
     output = pd.DataFrame({"answer": ["0"], "n_latents": [1], "text": ["Answer:0"]})
@@ -50,7 +57,7 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
         info = mlflow.pyfunc.log_model(name="colar_model", python_model=str(PYFUNC_CODE),
                                        artifacts={"colar_model": model_dir}, signature=signature,
                                        registered_model_name=registered_model_name)
-    result = {"model_uri": info.model_uri, "plot": str(plot)}
+    result = {"model_uri": info.model_uri, "plot": str(plot), "table1": str(out / "table1.md")}
     if registered_model_name:
         version = info.registered_model_version
         client.set_registered_model_alias(registered_model_name, "candidate", str(version))

@@ -4,6 +4,11 @@ Each trains on the DeepSpeed engine in its own folder (checkpoints there; a re-r
 its metrics to its child run, and logs the final model (``model/`` artifact, content digest) and a
 loss plot. Under a multi-process launcher the job runs in subprocesses whose ``metrics.jsonl`` is
 logged to MLflow afterwards.
+
+Training never waits for MLflow. If the server is away when the stage ends, the metrics not yet
+sent, the model and plot artifacts and the run's end go to the run's pending file
+(:mod:`colar.tasks.runs`) and the stage still returns its result (and is cached): nothing trained
+is lost, and the pending file is sent when the next stage starts or by ``colar retry``.
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ from colar_core.rl.trainer import RLJob, run_rl_stage
 from colar_core.training.callbacks import ConsoleLogger, read_metrics
 from colar_core.training.sft import SFTJob, run_sft_stage
 from colar_core.training.stage import StageData
-from colar.tasks.artifacts import directory_digest, log_artifact_dir
+from colar.tasks.artifacts import directory_digest
 from colar.tasks.keys import CACHED_STAGE
 from colar.tasks.metrics_sender import MlflowMetricsCallback
 from colar.tasks.plots import training_curves_plot
-from colar.tasks.runs import child_run
+from colar.tasks.runs import child_run, log_or_defer
 from colar.tasks.stage_spec import save_result, stage_folder
 
 
@@ -46,7 +51,7 @@ def _training_stage(stage: str, job, runner, launched: bool, params: dict, out: 
         if launched:  # the launched processes wrote metrics.jsonl; the callbacks ran nowhere
             _log_metrics_file(client, run_id, out / "metrics.jsonl")
         result["model_digest"] = directory_digest(result["model_dir"])
-        log_artifact_dir(client, run_id, result["model_dir"], "model")
+        log_or_defer(run_id, {"artifact": result["model_dir"], "artifact_path": "model"}, client=client)
         _log_training_curves(client, run_id, out)
     result["mlflow_run_id"] = run_id
     logger.info("%s finished at step %s (resumed from %s): %s", stage, result.get("final_step"),
@@ -101,4 +106,4 @@ def _log_training_curves(client: MlflowClient, run_id: str, out: Path) -> None:
     steps = read_metrics(path, "step")
     if steps:
         png = training_curves_plot(steps, out / "training_curves.png", out.name)
-        client.log_artifact(run_id, str(png), "plots")
+        log_or_defer(run_id, {"artifact": str(png), "artifact_path": "plots"}, client=client)

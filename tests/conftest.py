@@ -207,5 +207,48 @@ def fail_stage_once(monkeypatch):
     return arm
 
 
+@pytest.fixture
+def at_training_step(monkeypatch):
+    """``at_training_step("sft-colar", 3, action)``: in the first run of that training stage, call
+    ``action(callbacks)`` at step 3 (``callbacks``: the stage's callback list, the MLflow metrics
+    callback first). Later runs of the stage are left alone. Same hook as :func:`fail_stage_once`."""
+    from colar.tasks import training
+    from tests.tiny import AtStep
+
+    def arm(stage: str, step: int, action) -> None:
+        build, armed = training.training_callbacks, []
+
+        def with_action(name: str, *args, **kwargs) -> list:
+            callbacks = build(name, *args, **kwargs)
+            if name == stage and not armed:
+                armed.append(name)
+                callbacks.append(AtStep(step, lambda: action(callbacks)))
+            return callbacks
+
+        monkeypatch.setattr(training, "training_callbacks", with_action)
+
+    return arm
+
+
+@pytest.fixture
+def fail_once(monkeypatch):
+    """``fail_once(module, "name", exc)``: the first call of ``module.name`` raises ``exc``; later calls
+    (a Prefect retry of the task that made it) go through. Returns the list of calls made."""
+
+    def arm(module, name: str, exc: BaseException) -> list:
+        real, calls = getattr(module, name), []
+
+        def once(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 1:
+                raise exc
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, once)
+        return calls
+
+    return arm
+
+
 # --------------------------------------------------------------------------------------------
 # add model / data fixtures below

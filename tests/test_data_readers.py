@@ -212,3 +212,16 @@ def test_hf_saved_dataset_jsonl_style_and_gsm8k_style(tmp_path):
     with pytest.raises(DataError, match=r"dict:row 1: field 'steps\[0\]': equation '2\*3=5' evaluates to 6, not 5"):
         read_records(str(tmp_path / "dict"), split="test")
     assert read_records(str(tmp_path / "dict"), split="test", policy="skip").skipped == 1
+
+
+def test_numeric_answers_are_written_as_plain_numbers(tmp_path):
+    rows = [{**GOOD, "answer": 10.0}, {**GOOD, "question": "Q2?", "answer": 2.5e-05}, {**GOOD, "question": "Q3?", "answer": -7}]
+    recs = read_records(_jsonl(tmp_path / "n.jsonl", rows)).records
+    assert [r.answer for r in recs] == ["10", "0.000025", "-7"]
+
+
+def test_new_formats_and_aliases_resolve():
+    assert resolve_format("x.jsonl", "gsmhard") == "gsm-hard"
+    assert resolve_format("x.json", "svamp") == "svamp" and resolve_format("x.json", "multiarith") == "multiarith"
+    with pytest.raises(ValueError, match="unknown format 'svamp2'.*gsm-hard, svamp, multiarith"):
+        resolve_format("x.json", "svamp2")

@@ -6,7 +6,8 @@ import torch
 
 from colar_core.collate import collate
 from colar_core.config import GenerationConfig, ObjectiveConfig
-from colar_core.inference import generate, generate_latent, generate_text
+from colar_core import inference
+from colar_core.inference import generate, generate_latent, generate_text, pick_tokens, top_p_filter
 from colar_core.scoring import accuracy
 from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
@@ -58,6 +59,58 @@ def test_trace_holds_latents_and_answer_tokens_of_each_row(tok):
     assert trace.latents.shape[:2] == trace.latent_mask.shape
     assert trace.latent_mask.sum(1).tolist() == [g.n_latents for g in gens]
     assert (trace.answer_ids[:, 0] == enc.think_id).all()
+
+
+def test_top_p_cuts_the_unlikely_tail():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    logits = probs.log()
+    kept = torch.isfinite(top_p_filter(logits, 0.9))
+    # 0.5 + 0.3 < 0.9, so the third token is still needed; the fourth is not
+    assert kept.tolist() == [[True, True, True, False], [False, True, True, True]]
+    assert torch.isfinite(top_p_filter(logits, 0.8)).sum(1).tolist() == [2, 2]  # 0.5 + 0.3 reaches 0.8
+    assert torch.isfinite(top_p_filter(logits, 0.3)).sum(1).tolist() == [1, 1]  # the top token always stays
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+    # sampling never draws a cut token; without top-p it does
+    gen = GenerationConfig()  # reference default: top_p 0.9, temperature 1
+    assert gen.top_p == 0.9
+    g = torch.Generator().manual_seed(0)
+    many = logits[:1].expand(4000, -1)
+    assert not (pick_tokens(many, gen, g) == 3).any()
+    assert (pick_tokens(many, GenerationConfig(top_p=1.0), g) == 3).any()
+    with pytest.raises(ValueError):
+        GenerationConfig(top_p=0.0)
+
+
+def test_top_p_is_hfs_top_p_warper():
+    """The reference samples answers with HF generate(top_p=0.9): same kept set as its warper."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 50, generator=g) * 3
+    for p in (0.5, 0.9, 0.99):
+        want = torch.isfinite(TopPLogitsWarper(p)(None, logits.clone()))
+        assert torch.equal(torch.isfinite(top_p_filter(logits, p)), want)
+
+
+def test_top_p_applies_to_answers_and_cot_text_but_not_the_stop_check(tok, monkeypatch):
+    model = tiny_model(tok).eval()
+    enc = encoder_for(tok)
+    seen = []
+    original = inference.top_p_filter
+
+    def recording(logits, top_p):
+        seen.append(top_p)
+        return original(logits, top_p)
+
+    monkeypatch.setattr(inference, "top_p_filter", recording)
+    gen = GenerationConfig(max_latents=3, max_answer_tokens=2, top_p=0.7)
+    gens, trace = generate_latent(model, enc, [PROBLEMS[0].question], 2, gen, torch.Generator().manual_seed(0),
+                                  return_trace=True)
+    n_answer = int(trace.answer_mask.sum()) - 1  # decoded answer tokens (without the fed '###')
+    assert seen == [1.0] * gens[0].n_latents + [0.7] * n_answer  # stop checks: full softmax
+    seen.clear()
+    generate_text(model, enc, [PROBLEMS[0].question], 1, gen, torch.Generator().manual_seed(0))
+    assert seen and set(seen) == {0.7}  # the CoT chain and its answer
 
 
 def _overfit(model, enc, steps, factors, objective, lr=3e-3):

@@ -61,3 +61,28 @@ def test_token_ce_on_no_labels_is_zero_and_differentiable():
     loss = token_cross_entropy(logits, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert float(loss) == 0.0
+
+
+def test_entropy_weight_is_added_to_the_sft_loss_as_the_reference():
+    """The reference's colar.py: ``total_loss += entropy * entropy_weight``. A positive weight
+    therefore pushes the latent head's entropy down (its log-std gradient is positive); a negative
+    weight is a bonus, and is accepted."""
+    from colar_core.collate import collate
+    from colar_core.config import ObjectiveConfig
+    from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    enc = encoder_for(tok)
+    torch.manual_seed(0)
+    model = tiny_model(tok)
+    batch = collate([enc.encode(r) for r in PROBLEMS], enc, r=2, generator=torch.Generator().manual_seed(0))
+    for w in (0.5, -0.5):
+        model.zero_grad(set_to_none=True)
+        out = model.sft_loss(batch, ObjectiveConfig(ce_weight=0.0, latent_weight=0.0, entropy_weight=w))
+        assert torch.isfinite(out["entropy"]) and out["entropy"].abs() > 0
+        assert torch.allclose(out["loss"], w * out["entropy"])
+        out["loss"].backward()
+        # d(entropy per dim)/d(log_std) = 1 / H > 0: descending lowers the entropy iff w > 0
+        assert (model.latent_head.log_std.bias.grad.sign() == math.copysign(1.0, w)).all()
+    out = model.sft_loss(batch, ObjectiveConfig(entropy_weight=0.1))
+    assert torch.allclose(out["loss"], out["ce"] + out["latent"] + 0.1 * out["entropy"])

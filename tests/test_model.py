@@ -28,7 +28,7 @@ def test_every_arch_trains_one_step_with_all_loss_parts(tok, arch):
     out = model.sft_loss(batch, ObjectiveConfig(second_pass_weight=0.5, entropy_weight=0.1))
     assert all(torch.isfinite(out[k]) for k in ("ce", "latent", "entropy", "second_pass", "loss"))
     assert out["latent"] > 0 and out["second_pass"] > 0
-    expected = out["ce"] + out["latent"] - 0.1 * out["entropy"] + 0.5 * out["second_pass"]
+    expected = out["ce"] + out["latent"] + 0.1 * out["entropy"] + 0.5 * out["second_pass"]  # entropy added
     assert torch.allclose(out["loss"], expected)
     out["loss"].backward()
     assert model.latent_head.mean.weight.grad is not None

@@ -3,6 +3,8 @@ a failed stage, and config validation before any stage starts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -21,6 +23,9 @@ TINY = [
     "eval.compression_factors=[1,2]", "eval.seeds=[0]", "eval.n_examples=8",
     "eval.generation.max_latents=6", "eval.generation.max_cot_tokens=16", "eval.generation.max_answer_tokens=4",
     "tracking.registered_model_name=colar-test",
+    # The embedded default trains RL and the No-CoT baseline; tests add them where they test them
+    # (an `rl.*` override on top of `rl=null` starts from RLConfig's defaults).
+    "rl=null", "eval.nocot_baseline=false",
 ]
 
 
@@ -55,7 +60,8 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
     from colar.flows.pipeline import run_pipeline
 
     cfg = tiny_config(tmp_path, "rl.max_steps=2", "rl.questions_per_step=2", "rl.group_size=2",
-                      "rl.checkpoint_every=0", "rl.compression_factor=2", "rl.lr=0.0001")
+                      "rl.checkpoint_every=0", "rl.compression_factor=2", "rl.lr=0.0001", "eval.nocot_baseline=true",
+                      "eval.datasets=[test, {name: svamp, source: svamp, n_examples: 4}]")
     state = run_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
@@ -67,14 +73,33 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
     assert parent.data.params["sft_colar.max_steps"] == "6"
 
     children = {r.data.tags["colar.stage"]: r for r in _children(client, parent.info.run_id)}
-    assert set(children) == {"prepare", "sft-cot", "sft-colar", "rl", "evaluate"}
+    assert set(children) == {"prepare", "sft-cot", "sft-colar", "rl", "sft-nocot", "evaluate"}
     assert "reward_mean" in children["rl"].data.metrics
     assert all(r.info.status == "FINISHED" for r in children.values())
 
     for c in (1, 2):
         for name in (f"accuracy/c{c}", f"mean_latents/c{c}", f"accuracy_ci95/c{c}"):
             assert name in children["evaluate"].data.metrics and name in parent.data.metrics
-    assert {"accuracy/cot", "mean_tokens/cot"} <= set(parent.data.metrics)
+    assert {"accuracy/cot", "mean_tokens/cot", "accuracy/nocot"} <= set(parent.data.metrics)
+    # Every set at every setting, the primary set ('test') also unprefixed, and the average over sets.
+    for s in ("test", "svamp", "avg"):
+        for setting in ("c1", "c2", "cot", "nocot"):
+            assert f"accuracy/{s}/{setting}" in parent.data.metrics, (s, setting)
+            assert f"sec_per_question/{s}/{setting}" in parent.data.metrics
+    assert parent.data.metrics["accuracy/c2"] == parent.data.metrics["accuracy/test/c2"]
+    avg = parent.data.metrics["mean_latents/avg/c2"]
+    assert avg == pytest.approx((parent.data.metrics["mean_latents/test/c2"] +
+                                 parent.data.metrics["mean_latents/svamp/c2"]) / 2)
+    assert all(parent.data.metrics[f"sec_per_question/svamp/{st}"] > 0 for st in ("c1", "c2", "cot", "nocot"))
+    predictions = pd.read_csv(client.download_artifacts(children["evaluate"].info.run_id, "predictions.csv", str(tmp_path)))
+    assert predictions.groupby("set").size().to_dict() == {"test": 8 * 4, "svamp": 4 * 4}  # 4 settings, 1 seed
+    root = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"table1.md", "table1.png"} <= root
+    md = Path(client.download_artifacts(parent.info.run_id, "table1.md", str(tmp_path))).read_text()
+    lines = [l for l in md.splitlines() if l.startswith("| ")]
+    assert lines[0].split(" | ")[1:4] == ["test Acc (%)", "test #L", "test ms/q"]
+    assert "Average Acc (%)" in lines[0] and "svamp #L" in lines[0]
+    assert [l.split(" | ")[0].removeprefix("| ") for l in lines[2:]] == ["No-CoT", "CoT", "CoLaR-1", "CoLaR-2"]
     assert children["sft-colar"].data.metrics["ce"] > 0
     assert len(client.get_metric_history(children["sft-colar"].info.run_id, "loss")) == 6
 
@@ -142,6 +167,9 @@ def test_compare_tables_finished_runs_and_plots(tmp_path, mlflow_server, prefect
     assert (tmp_path / "cmp.png").stat().st_size > 1000
     assert main(["compare", "--plot", str(tmp_path / "cmp2.png")]) == 0
     assert "accuracy/c1" in capsys.readouterr().out
+    assert main(["compare", "--table"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | test Acc (%) | test #L | test ms/q |" in out and "| CoLaR-2 |" in out
 
 
 RL_TINY = ["rl.max_steps=4", "rl.questions_per_step=2", "rl.group_size=2", "rl.checkpoint_every=2",

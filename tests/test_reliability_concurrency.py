@@ -5,12 +5,18 @@ The two configs differ in name and CoLaR seed, so their prepare and CoT stages h
 (the same work, the same folder) and their CoLaR and evaluate stages differ: the shared stages are
 done once (a per-folder lock serialises them; the second run finds them finished), the others in
 separate folders.
+
+Two `colar run` processes with the same config but different output folders at once share nothing:
+the absolute output folder is part of every stage key, so each runs every stage in its own folder
+under its own parent run, and neither waits for the other's locks.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +93,71 @@ def test_two_pipelines_at_once_keep_runs_checkpoints_and_metrics_apart(tmp_path,
     loss_a, loss_b = ([m.value for m in client.get_metric_history(children[n]["sft-colar"].info.run_id, "loss")]
                       for n in configs)
     assert loss_a != loss_b  # different seeds, different training: nothing was mixed up
+
+
+def _string_values(value):
+    """Every string in a (nested) stage result."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _string_values(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _string_values(v)
+
+
+def test_the_same_config_in_two_output_folders_at_once_shares_nothing(tmp_path, mlflow_server, prefect_server):
+    from mlflow import MlflowClient
+
+    from colar_core.training.callbacks import read_metrics
+
+    roots = {name: tmp_path / name / "runs" for name in ("a", "b")}
+    common = TINY + ["name=rel-conc-folders", "tracking.registered_model_name=null"]
+    env = cli_env(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server)
+    procs = {}
+    for name, root in roots.items():
+        log = open(tmp_path / f"{name}.log", "w")
+        procs[name] = (subprocess.Popen(colar_cmd("run", overrides=common + [f"output_dir={root}"]), env=env,
+                                        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log)
+    deadline = time.time() + 420
+    for name, (proc, log) in procs.items():
+        try:
+            proc.wait(timeout=max(1, deadline - time.time()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        text = (tmp_path / f"{name}.log").read_text()
+        assert proc.returncode == 0, text[-4000:]
+        assert "LockTimeout" not in text and "waiting for lock" not in text  # neither waited for the other
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("colar").experiment_id
+    parents = {}
+    for run in client.search_runs([exp], filter_string="attributes.run_name = 'rel-conc-folders'"):
+        parents.setdefault(run.data.params["output_dir"], []).append(run)
+    assert sorted(parents) == sorted(str(r) for r in roots.values())  # same config, one parent per folder
+    assert all(len(runs) == 1 and runs[0].info.status == "FINISHED" for runs in parents.values())
+    assert len({runs[0].data.tags["prefect.flow_run_id"] for runs in parents.values()}) == 2
+
+    stages = ("prepare", "sft-cot", "sft-colar", "evaluate")
+    folders = {}
+    for name, root in roots.items():
+        parent = parents[str(root)][0]
+        kids = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted((k.data.tags["colar.stage"], k.info.status) for k in kids) == sorted(
+            (stage, "FINISHED") for stage in stages)  # its own children, one per stage
+        kid_ids = {k.info.run_id for k in kids}
+        for stage in stages:
+            (folder,) = root.glob(f"{stage}-*")  # every stage ran here, in a folder of its own key
+            folders.setdefault(stage, set()).add(folder.name)
+            result = json.loads((folder / "stage_result.json").read_text())
+            assert result["mlflow_run_id"] in kid_ids, (name, stage)  # a result of this run, not the other's
+            paths = [v for v in _string_values(result) if v.startswith("/")]
+            assert paths and all(Path(p).is_relative_to(root) for p in paths), (name, stage, paths)
+            if stage.startswith("sft-"):
+                assert len(read_metrics(folder / "metrics.jsonl", "start")) == 1  # trained here, once
+        colar = next(k for k in kids if k.data.tags["colar.stage"] == "sft-colar")
+        assert Path(colar.data.tags["colar.checkpoint.latest"]).is_relative_to(root)
+    assert all(len(names) == 2 for names in folders.values())  # the folder is in the key: two keys per stage

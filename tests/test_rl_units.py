@@ -33,7 +33,7 @@ def test_correctness_uses_the_papers_answer_check():
     assert correctness("1,200", "1200") == 1.0  # thousands commas dropped
     assert correctness(" 7. ", "7") == 1.0
     assert correctness("24", "23") == 0.0
-    assert correctness(None, "23") == 0.0  # no 'Answer:' in the text
+    assert correctness(None, "23") == 0.0  # nothing extracted
     assert correctness("abc", "abd") == 0.0 and correctness("abc", "abc") == 1.0
 
 
@@ -120,6 +120,57 @@ def test_clipped_loss_equals_the_written_out_formula():
     assert torch.allclose(clipped_policy_loss(logp, old, adv, mask, eps)["loss"], per_row.mean(), atol=1e-6)
 
 
+def _reference_grpo_loss(lat_logp, lat_old, lat_mask, ans_logp, ans_old, ans_mask, adv, eps, per_token):
+    """The reference's GRPOLoss (src/modules/grpo.py), written out: clipped loss per action, then per
+    trajectory masked_mean (average_per_token_loss True) or masked_sum = sum / 32 (False), mean over
+    the batch's trajectories, separately for latents and answer tokens; total = latent + answer."""
+    def part(logp, old, mask):
+        ratio = (logp - old).exp()
+        a = adv[:, None]
+        loss = -torch.min(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+        m = mask.float()
+        per_row = (loss * m).sum(-1) / m.sum(-1) if per_token else (loss * m).sum(-1) / 32
+        return per_row.mean()
+    return part(lat_logp, lat_old, lat_mask) + part(ans_logp, ans_old, ans_mask)
+
+
+def test_part_mean_and_sum_div32_are_the_references_two_modes():
+    g = torch.Generator().manual_seed(4)
+    n, k, t, eps = 6, 9, 5, 0.2
+    lat_old, ans_old = torch.randn(n, k, generator=g) * 0.3, torch.randn(n, t, generator=g) * 0.3
+    lat_logp = lat_old + torch.randn(n, k, generator=g) * 0.4
+    ans_logp = ans_old + torch.randn(n, t, generator=g) * 0.4
+    lengths = torch.tensor([1, 9, 3, 5, 2, 8])  # ragged chains, right-padded as the reference's
+    lat_mask = torch.arange(k)[None] < lengths[:, None]
+    ans_mask = torch.arange(t)[None] < torch.tensor([5, 2, 3, 4, 5, 1])[:, None]
+    adv = torch.randn(n, generator=g)
+    logp, old = torch.cat([lat_logp, ans_logp], 1), torch.cat([lat_old, ans_old], 1)
+    mask = torch.cat([lat_mask, ans_mask], 1)
+    parts = torch.tensor([0] * k + [1] * t)
+    for how, per_token in (("part_mean", True), ("sum_div32", False)):
+        want = _reference_grpo_loss(lat_logp, lat_old, lat_mask, ans_logp, ans_old, ans_mask, adv, eps, per_token)
+        got = clipped_policy_loss(logp, old, adv, mask, eps, how, parts=parts)["loss"]
+        assert got.item() == pytest.approx(want.item(), rel=1e-5), how
+    # token_mean (one mean over both) is not the reference's combination on ragged chains
+    one_mean = clipped_policy_loss(logp, old, adv, mask, eps, "token_mean", parts=parts)["loss"]
+    ref = _reference_grpo_loss(lat_logp, lat_old, lat_mask, ans_logp, ans_old, ans_mask, adv, eps, True)
+    assert abs(one_mean.item() - ref.item()) > 1e-3
+
+
+def test_part_mean_keeps_the_answers_weight_as_the_chain_grows():
+    """Gradient reaching an answer token's log-prob, for a 1-latent and a 30-latent chain: with
+    part_mean it is the same (1 / answer tokens); token_mean divides it by the chain length too."""
+    def answer_grad(n_latents: int, how: str) -> float:
+        k, t = 30, 3
+        logp = torch.zeros(1, k + t, requires_grad=True)
+        mask = torch.cat([torch.arange(k) < n_latents, torch.ones(t, dtype=torch.bool)])[None]
+        parts = torch.tensor([0] * k + [1] * t)
+        clipped_policy_loss(logp, torch.zeros(1, k + t), torch.ones(1), mask, 0.2, how, parts=parts)["loss"].backward()
+        return logp.grad[0, k].item()
+    assert answer_grad(1, "part_mean") == pytest.approx(answer_grad(30, "part_mean")) == pytest.approx(-1 / 3)
+    assert answer_grad(30, "token_mean") == pytest.approx(answer_grad(1, "token_mean") * 4 / 33)
+
+
 def test_kl_term_is_k3_and_zero_at_the_reference():
     logp = torch.tensor([[-1.0, -2.0]])
     assert kl_k3(logp, logp).abs().max() == 0
@@ -135,6 +186,15 @@ def test_aggregate_and_masks():
     m = torch.tensor([[True, True, False], [False, False, False]])
     assert aggregate(per, m, "token_mean").item() == pytest.approx((1.5 + 0.0) / 2)
     assert aggregate(per, m, "sum").item() == pytest.approx(1.5)
+    assert aggregate(per, m, "sum_div32").item() == pytest.approx(1.5 / 32)
+    per2 = torch.tensor([[1.0, 3.0, 10.0, 20.0, 0.0], [2.0, 0.0, 6.0, 0.0, 0.0]])
+    m2 = torch.tensor([[True, True, True, True, False], [True, False, False, False, False]])
+    parts = torch.tensor([0, 0, 1, 1, 1])
+    # row 0: mean(1, 3) + mean(10, 20) = 2 + 15; row 1: mean(2) + (no answer actions: 0)
+    assert aggregate(per2, m2, "part_mean", parts).item() == pytest.approx((17.0 + 2.0) / 2)
+    assert aggregate(per2, m2, "part_mean").item() == aggregate(per2, m2, "token_mean").item()  # one part
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(per, m, "mean")
     mask = torch.tensor([[False, False, True, False, True, False]])
     assert previous_real_position(mask).tolist() == [[-1, -1, -1, 2, 2, 4]]
     assert continue_mask(torch.tensor([[True, True, True, False]])).tolist() == [[True, True, False, False]]
@@ -146,7 +206,7 @@ def test_aggregate_and_masks():
 def test_config_defaults_follow_the_reference_and_validate():
     c = RLConfig()
     assert (c.group_size, c.clip_eps, c.lr, c.grad_clip, c.kl_beta, c.update_epochs) == (8, 0.2, 1e-6, 1.0, 0.0, 1)
-    assert c.loss_aggregation == "token_mean" and c.compression_factor == 2
+    assert c.loss_aggregation == "part_mean" and c.compression_factor == 2  # the reference's combination
     assert c.rewards.correct == 1.0 and c.rewards.length == 0.0
     assert c.generation.sample_latents and c.generation.do_sample
     with pytest.raises(ValueError, match="compression_factor"):
@@ -254,6 +314,27 @@ def test_ratio_is_one_at_the_first_update_and_micro_batching_changes_nothing(rol
         out["loss"].backward()  # differentiable
     assert model.latent_head.mean.weight.grad is not None
     model.zero_grad(set_to_none=True)
+
+
+def test_grpo_loss_aggregations_at_the_first_update(rollout):
+    """Ratio 1 at the first update, so every action's clipped loss is -A: part_mean gives -2A per
+    trajectory (latents' mean + answer's mean), token_mean -A, sum -A * actions, sum_div32 that / 32."""
+    model, enc, gens, trace, _, _ = rollout
+    traj = Trajectories.from_trace(trace)
+    traj.advantages = torch.linspace(-1, 1.5, len(traj))
+    with torch.no_grad():
+        old = policy_log_probs(model, traj)
+        traj.old_latent_logp, traj.old_answer_logp = old.latent_logp, old.answer_logp
+        a = traj.advantages
+        n_actions = (traj.latent_mask.sum(1) + traj.answer_mask.sum(1)).float()
+        want = {"part_mean": (-2 * a).mean(), "token_mean": (-a).mean(), "sum": (-a * n_actions).mean(),
+                "sum_div32": (-a * n_actions / 32).mean()}
+        for how, value in want.items():
+            assert grpo_loss(model, traj, aggregation=how)["loss"].item() == pytest.approx(value.item(), abs=1e-5)
+        assert grpo_loss(model, traj)["loss"].item() == pytest.approx(want["part_mean"].item(), abs=1e-5)
+        # a deterministic head (no latent actions): the latent part is empty, only the answer's mean is left
+        no_lat = grpo_loss(model, traj, latent_actions=False)["loss"]
+        assert no_lat.item() == pytest.approx((-a).mean().item(), abs=1e-5)
 
 
 def test_concatenated_rollout_chunks_keep_every_rows_log_probs(rollout):

@@ -43,3 +43,16 @@ class CrashAt:
     def on_step(self, step: int, metrics: dict) -> None:
         if step == self.step:
             raise Crash(step)
+
+
+class AtStep:
+    """A training callback that calls ``action()`` once, when ``step`` is reached (a fault injected
+    at a chosen moment of a real run: a server stopped, a file removed)."""
+
+    def __init__(self, step: int, action):
+        self.step, self.action, self.done = step, action, False
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        if step == self.step and not self.done:
+            self.done = True
+            self.action()

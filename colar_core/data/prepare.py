@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from .bundled import resolve_bundled
 from .readers import HF_MARKERS, ReadResult, hf_split_names, read_records, resolve_format
 from .records import DataError, Record
 from .synthetic import builtin_splits
@@ -147,6 +148,8 @@ def _check_output(source: str, out: Path) -> None:
     if existing.exists() and not existing.is_dir():
         raise ValueError(f"output directory {out}: {existing} is a file, not a directory")
     path = Path(source)
+    if not path.exists() and (bundled := resolve_bundled(source)) is not None:
+        path = Path(bundled[0])  # a bundled set: its file in the package must not be overwritten either
     if path.is_file():
         inputs = [path]
     elif path.is_dir():
@@ -170,9 +173,10 @@ def prepare_data(input: str, out_dir: str | Path, format: str = "auto", policy: 
     """Read/generate, split, validate and write the data; return (and write) the manifest.
 
     ``input``: ``"builtin"`` (the synthetic task; ``builtin`` holds n_train, n_val, n_test, seed,
-    difficulty), one file (split by a seeded shuffle using the fractions), a directory of
-    split files (missing val/test carved from train), or a Hugging Face dataset id / saved path
-    (its splits when it has them).
+    difficulty), one file (split by a seeded shuffle using the fractions), a bundled set's name
+    (:mod:`.bundled`, e.g. ``"gsm8k-train"``: its file, split the same way), a directory of split
+    files (missing val/test carved from train), or a Hugging Face dataset id / saved path (its
+    splits when it has them). The manifest's ``source`` is ``input`` as given.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum to less than 1")

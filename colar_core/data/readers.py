@@ -9,9 +9,23 @@ Formats (``format=``):
 * ``gsm8k`` — the original GSM8K JSONL: ``question`` plus a free-text ``answer`` with
   ``<<expr=value>>`` calculator annotations and a final ``#### answer``; only the annotations
   are kept as steps (the paper's GSM8k-Aug convention).
-* ``hf`` — a Hugging Face dataset: a directory written by ``save_to_disk`` or a hub id. Columns
-  are detected per dataset: ``steps``/``cot`` (jsonl style) or an ``answer`` with ``####``.
-* ``auto`` — decided from the path (extension, directory contents) and the first record.
+* ``gsm-hard`` — GSM-Hard (PAL) JSON lines ``{"input", "code", "target"}``: ``input`` is the
+  question, the number ``target`` the answer (``-9867630.0`` -> ``"-9867630"``).
+* ``svamp`` — SVAMP, a JSON list of ``{"Body", "Question", "Answer", ...}``; the question is
+  ``Body.strip(". ") + ". " + Question.strip()``, as the reference implementation builds it.
+* ``multiarith`` — MultiArith, a JSON list of ``{"sQuestion", "lSolutions", ...}``; question
+  ``sQuestion`` (stripped), answer ``lSolutions[0]``. (``question`` + ``final_ans`` too, the hub copy.)
+* ``hf`` — a Hugging Face dataset: a directory written by ``save_to_disk`` or a hub id. The layout
+  is detected from the columns: ``question``/``answer`` with ``steps``/``cot`` (jsonl style) or
+  without (GSM8K, ``openai/gsm8k``), ``input``/``target`` (GSM-Hard, ``reasoning-machines/gsm-hard``),
+  ``Body``/``Question``/``Answer`` (SVAMP, ``ChilleD/SVAMP``), ``sQuestion``/``lSolutions`` or
+  ``question``/``final_ans`` (MultiArith, ``ChilleD/MultiArith``).
+* ``auto`` — decided from the path (extension, directory contents) and the first record's fields.
+
+``source`` may also name a bundled set (:mod:`.bundled`: ``gsm8k-train``, ``svamp``, ...); an
+existing local path of that name wins. GSM-Hard, SVAMP and MultiArith are evaluation sets: their
+records have no equation steps (``steps=()``), as a GSM8k-Aug line without equations has none.
+A numeric answer is written as a plain number: ``51.0`` -> ``"51"``, ``3244047.0999999996`` as is.
 
 Every record is validated the same way (non-empty question, numeric answer, each step an
 equation that holds; a line over ``MAX_LINE_BYTES``, JSON nested too deeply, a number too large or
@@ -23,19 +37,26 @@ record is bad) always raise.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from decimal import Decimal
 from typing import Any, Iterable, Iterator
 
+from .bundled import resolve_bundled
 from .equations import answer_value, check_equation
 from .records import DataError, Record
 
-__all__ = ["ReadResult", "read_records", "resolve_format", "hf_split_names", "validate_record", "FORMATS"]
+__all__ = ["ReadResult", "read_records", "resolve_format", "hf_split_names", "hf_layout", "validate_record",
+           "plain_number", "FORMATS", "JSON_FORMATS"]
 
-FORMATS = ("auto", "gsm8k-aug", "jsonl", "gsm8k", "hf")
-_ALIASES = {"aug": "gsm8k-aug", "icot": "gsm8k-aug", "txt": "gsm8k-aug", "json": "jsonl"}
+FORMATS = ("auto", "gsm8k-aug", "jsonl", "gsm8k", "gsm-hard", "svamp", "multiarith", "hf")
+_ALIASES = {"aug": "gsm8k-aug", "icot": "gsm8k-aug", "txt": "gsm8k-aug", "json": "jsonl",
+            "gsmhard": "gsm-hard", "gsm_hard": "gsm-hard"}
+#: Formats read from JSON lines or a ``.json`` list, one object a record.
+JSON_FORMATS = ("jsonl", "gsm8k", "gsm-hard", "svamp", "multiarith")
 _EQUATION = re.compile(r"<<(.*?)>>")
 #: Files that mark a directory written by ``datasets``' ``save_to_disk``.
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -68,7 +89,7 @@ def validate_record(rid: str, question: Any, steps: Any, answer: Any, source: st
         raise DataError(source, loc, "question", "question is empty" if isinstance(question, str) else
                         f"question must be a string, got {type(question).__name__}")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        answer = str(answer)
+        answer = plain_number(answer)
     if not isinstance(answer, str) or not answer.strip():
         raise DataError(source, loc, "answer", "answer is empty" if isinstance(answer, str) else
                         f"answer must be a string or number, got {type(answer).__name__}")
@@ -98,6 +119,19 @@ def validate_record(rid: str, question: Any, steps: Any, answer: Any, source: st
     return Record(id=str(rid), question=question.strip(), steps=tuple(clean), answer=answer)
 
 
+def plain_number(value: int | float) -> str:
+    """A JSON number as answer text: integral values without ``.0`` (``51.0`` -> ``"51"``), others
+    in their shortest exact decimal form, never in exponent notation (``1e-05`` -> ``"0.00001"``)."""
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)  # refused by answer_value: 'nan' is not a number
+    if value == int(value) and abs(value) < 2 ** 53:
+        return str(int(value))
+    text = format(Decimal(repr(value)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def _split_steps_text(text: str) -> list[str]:
     """Equations from a steps string: the ``<<…>>`` spans if any, else whitespace-separated items."""
     found = _EQUATION.findall(text)
@@ -110,12 +144,16 @@ def _split_steps_text(text: str) -> list[str]:
 
 
 def resolve_format(source: str, format: str = "auto") -> str:
-    """The concrete format for ``source`` (one of ``gsm8k-aug``, ``jsonl``, ``gsm8k``, ``hf``)."""
+    """The concrete format for ``source`` (any of :data:`FORMATS` but ``auto``); a bundled set's
+    name resolves to that set's format."""
     fmt = _ALIASES.get(format, format)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
     if fmt != "auto":
         return fmt
+    source = str(source)
+    if not os.path.exists(source) and (bundled := resolve_bundled(source)) is not None:
+        return bundled[1]
     path = Path(source)
     if path.is_dir():
         if any((path / m).exists() for m in HF_MARKERS):
@@ -130,13 +168,25 @@ def resolve_format(source: str, format: str = "auto") -> str:
         return "gsm8k-aug"
     first = _first_item(source)
     if isinstance(first, dict):
-        if "steps" in first or "cot" in first:
-            return "jsonl"
-        if isinstance(first.get("answer"), str) and "####" in first["answer"]:
-            return "gsm8k"
-        return "jsonl"
+        return _json_format(first)
     if isinstance(first, str) and "||" in first:
         return "gsm8k-aug"
+    return "jsonl"
+
+
+def _json_format(first: dict) -> str:
+    """The JSON format whose fields the first record has (``jsonl`` when none fits: its reader then
+    names the missing field)."""
+    if "steps" in first or "cot" in first:
+        return "jsonl"
+    if isinstance(first.get("answer"), str) and "####" in first["answer"]:
+        return "gsm8k"
+    if "input" in first and "target" in first:
+        return "gsm-hard"
+    if "Body" in first and "Question" in first:
+        return "svamp"
+    if "sQuestion" in first or "lSolutions" in first or ("question" in first and "final_ans" in first):
+        return "multiarith"
     return "jsonl"
 
 
@@ -191,8 +241,8 @@ def _text_lines(source: str) -> Iterator[tuple[int, str | DataError]]:
         raise DataError(source, None, None, "file is empty: no records")
 
 
-def _read_gsm8k_aug(source: str) -> Iterator[Record | DataError]:
-    base = os.path.basename(source)
+def _read_gsm8k_aug(source: str, label: str | None = None) -> Iterator[Record | DataError]:
+    base = label or os.path.basename(source)
     for number, line in _text_lines(source):
         if isinstance(line, DataError):
             yield line
@@ -254,23 +304,70 @@ def _json_items(source: str) -> Iterator[tuple[int | str, dict | DataError]]:
             yield number, DataError(source, number, "json", _TOO_DEEP)
 
 
-def _read_json(source: str, gsm8k: bool) -> Iterator[Record | DataError]:
-    base = os.path.basename(source)
+def _read_json(source: str, fmt: str, label: str | None = None) -> Iterator[Record | DataError]:
+    base = label or os.path.basename(source)
     for loc, item in _json_items(source):
         if isinstance(item, DataError):
             yield item
             continue
         tag = loc.replace(" ", "") if isinstance(loc, str) else loc
         try:
-            yield _from_mapping(item, f"{base}:{tag}", source, loc, gsm8k)
+            yield _from_mapping(item, f"{base}:{tag}", source, loc, fmt)
         except DataError as err:
             yield err
 
 
-def _from_mapping(item: Any, rid: str, source: str, loc: int | str, gsm8k: bool) -> Record:
-    """A JSON object / dataset row → Record, in jsonl style or GSM8K free-text style."""
+def _require(item: dict, names: Iterable[str], source: str, loc: int | str) -> None:
+    for name in names:
+        if name not in item:
+            raise DataError(source, loc, name, f"missing field '{name}'")
+
+
+def _text_field(item: dict, name: str, source: str, loc: int | str) -> str:
+    """``item[name]`` as it is; a DataError naming the field unless it is a non-empty string."""
+    value = item[name]
+    if not isinstance(value, str):
+        raise DataError(source, loc, name, f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(source, loc, name, f"{name} is empty")
+    return value
+
+
+def _eval_set_record(item: dict, rid: str, source: str, loc: int | str, fmt: str) -> Record:
+    """GSM-Hard / SVAMP / MultiArith row → Record without steps, with the question built as the
+    reference implementation (xiaomi-research/colar, ``data_preprocessing/*.py``) builds it."""
+    if fmt == "gsm-hard":
+        _require(item, ("input", "target"), source, loc)
+        question, answer, answer_field = _text_field(item, "input", source, loc), item["target"], "target"
+    elif fmt == "svamp":
+        _require(item, ("Body", "Question", "Answer"), source, loc)
+        body, ask = _text_field(item, "Body", source, loc), _text_field(item, "Question", source, loc)
+        question, answer, answer_field = body.strip(". ") + ". " + ask.strip(), item["Answer"], "Answer"
+    elif "sQuestion" in item or "lSolutions" in item or "final_ans" not in item:  # MultiArith (original)
+        _require(item, ("sQuestion", "lSolutions"), source, loc)
+        solutions = item["lSolutions"]
+        if not isinstance(solutions, (list, tuple)) or not solutions:
+            raise DataError(source, loc, "lSolutions", "lSolutions must be a non-empty list of numbers, got "
+                            + (f"{type(solutions).__name__}" if not isinstance(solutions, (list, tuple)) else "[]"))
+        question, answer, answer_field = _text_field(item, "sQuestion", source, loc).strip(), solutions[0], "lSolutions[0]"
+    else:  # MultiArith as on the hub (ChilleD/MultiArith): question, final_ans
+        _require(item, ("question", "final_ans"), source, loc)
+        question, answer, answer_field = _text_field(item, "question", source, loc).strip(), item["final_ans"], "final_ans"
+    try:
+        return validate_record(rid, question, [], answer, source, loc)
+    except DataError as err:
+        if err.field != "answer":
+            raise
+        raise DataError(source, loc, answer_field, err.reason.replace("answer ", f"{answer_field} ", 1)) from None
+
+
+def _from_mapping(item: Any, rid: str, source: str, loc: int | str, fmt: str) -> Record:
+    """A JSON object / dataset row → Record in the layout of ``fmt`` (one of :data:`JSON_FORMATS`)."""
     if not isinstance(item, dict):
         raise DataError(source, loc, "json", f"expected a JSON object, got {type(item).__name__}")
+    if fmt not in ("jsonl", "gsm8k"):
+        return _eval_set_record(item, rid, source, loc, fmt)
+    gsm8k = fmt == "gsm8k"
     for name in ("question", "answer") if gsm8k else ("question", "steps", "answer"):
         if name not in item and not (name == "steps" and "cot" in item):
             raise DataError(source, loc, name, f"missing field '{name}'")
@@ -318,36 +415,59 @@ def _read_hf(source: str, split: str | None) -> Iterator[Record | DataError]:
         if split not in names:
             raise DataError(source, None, "split", f"choose a split with split=...; available: {', '.join(names)}")
         ds = ds[split]
-    cols = set(ds.column_names)
-    if "question" not in cols or "answer" not in cols:
-        raise DataError(source, None, "question" if "question" not in cols else "answer",
-                        f"dataset needs 'question' and 'answer' columns; has {sorted(cols)}")
-    gsm8k = "steps" not in cols and "cot" not in cols
+    fmt = hf_layout(source, ds.column_names)
     name = os.path.basename(os.path.normpath(source)) if Path(source).is_dir() else source
     prefix = f"{name}:{split}" if split else name
     if len(ds) == 0:
         raise DataError(source, None, None, "dataset is empty: no records")
     for index, row in enumerate(ds):
         try:
-            yield _from_mapping(row, f"{prefix}:{index}", source, f"row {index}", gsm8k)
+            yield _from_mapping(row, f"{prefix}:{index}", source, f"row {index}", fmt)
         except DataError as err:
             yield err
+
+
+def hf_layout(source: str, columns: Iterable[str]) -> str:
+    """The JSON format a Hugging Face dataset's columns match (``DataError`` naming them if none).
+
+    Column sets as the hub's copies of the sets have them (as far as known offline: the reference
+    implementation loads ``openai/gsm8k`` this way; the others follow the sets' original files and
+    the hub cards): ``openai/gsm8k`` question/answer, ``reasoning-machines/gsm-hard``
+    input/code/target, ``ChilleD/SVAMP`` ID/Body/Question/Equation/Answer/Type (+question_concat),
+    ``ChilleD/MultiArith`` question/final_ans.
+    """
+    cols = set(columns)
+    if "question" in cols and "answer" in cols:
+        return "jsonl" if "steps" in cols or "cot" in cols else "gsm8k"
+    if {"input", "target"} <= cols:
+        return "gsm-hard"
+    if {"Body", "Question", "Answer"} <= cols:
+        return "svamp"
+    if {"sQuestion", "lSolutions"} <= cols or {"question", "final_ans"} <= cols:
+        return "multiarith"
+    raise DataError(source, None, "columns", f"no known layout in columns {sorted(cols)}: expected question+answer "
+                    "(GSM8K; with steps or cot: jsonl style), input+target (GSM-Hard), Body+Question+Answer "
+                    "(SVAMP), sQuestion+lSolutions or question+final_ans (MultiArith)")
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def read_records(source: str, format: str = "auto", policy: str = "fail", split: str | None = None) -> ReadResult:
-    """Read and validate every record of ``source``; see the module docstring for formats."""
+    """Read and validate every record of ``source`` (a path, a hub id or a bundled set's name such
+    as ``"svamp"``); see the module docstring for formats."""
     if policy not in ("fail", "skip"):
         raise ValueError(f"unknown policy '{policy}'; expected 'fail' or 'skip'")
     source = str(source)
     fmt = resolve_format(source, format)
+    label = None
+    if not os.path.exists(source) and (bundled := resolve_bundled(source)) is not None:
+        label, source = source, bundled[0]  # ids say the set's name ("svamp:row0"), errors the file
     items: Iterable[Record | DataError]
     if fmt == "gsm8k-aug":
-        items = _read_gsm8k_aug(source)
-    elif fmt in ("jsonl", "gsm8k"):
-        items = _read_json(source, gsm8k=fmt == "gsm8k")
+        items = _read_gsm8k_aug(source, label)
+    elif fmt in JSON_FORMATS:
+        items = _read_json(source, fmt, label)
     else:
         items = _read_hf(source, split)
     result = ReadResult(records=[])

@@ -1,8 +1,9 @@
 """Typed configuration of the RL stage (GRPO over latent reasoning).
 
 Defaults follow docs/METHOD.md's "RL (GRPO)" section where the reference has a value (8 rollouts per
-question, reward 1 if correct else 0, epsilon 0.2, per-token averaging, no KL, lr 1e-6, grad clip
-1.0, one update pass per rollout); every other default is our choice and says why.
+question, reward 1 if correct else 0, epsilon 0.2, the loss averaged over latents and over answer
+tokens separately and added, no KL, lr 1e-6, grad clip 1.0, one update pass per rollout); every other
+default is our choice and says why.
 
 Why not ``optim: TrainConfig``: a TrainConfig carries an SFT objective, SFT batch fields and SFT
 validation fields that mean nothing (or something else) here. Instead :class:`RLConfig` holds the
@@ -74,10 +75,15 @@ class RLConfig(StageChecks):
 
     # ----- the objective ---------------------------------------------------------------------------
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range epsilon (reference 0.2).")
-    loss_aggregation: Literal["token_mean", "sum"] = Field(
-        "token_mean", description="'token_mean': each trajectory's clipped loss is averaged over its latents and "
-        "answer tokens, then trajectories are averaged (reference main setting); 'sum': summed over the "
-        "trajectory's tokens (the reference shows #L then runs to the cap).")
+    loss_aggregation: Literal["part_mean", "token_mean", "sum", "sum_div32"] = Field(
+        "part_mean", description="How each trajectory's per-action clipped loss (and KL) is combined; the result is "
+        "then averaged over all trajectories of the optimizer step. 'part_mean' (default; the reference's "
+        "average_per_token_loss: True, src/modules/grpo.py): the mean over the trajectory's latents plus the mean "
+        "over its answer tokens (closing '###' included), so the answer weighs the same however long the chain "
+        "is; continue_actions count with the latents. 'token_mean' (colar's earlier default): one mean over "
+        "latents and answer tokens together, so answer tokens weigh less as chains grow. 'sum': the sum over all "
+        "actions (the paper reports #L then runs to the cap). 'sum_div32': that sum divided by 32, exactly the "
+        "reference's average_per_token_loss: False (masked_sum), the value its shipped colar.yaml sets.")
     kl_beta: float = Field(0.0, ge=0.0, description="Weight of the k3 KL estimate to the frozen starting policy "
                            "(0 = off, as in the reference). When on, every process keeps a full frozen copy of "
                            "the starting model.")

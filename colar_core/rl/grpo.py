@@ -19,9 +19,18 @@ what the rollout's KV-cache decoding saw (tests check it against the logits and 
 recorded during generation).
 
 The loss (:func:`clipped_policy_loss`) is PPO's clipped surrogate per action, with the group
-advantage of the trajectory, plus ``beta * k3`` KL to a reference policy when asked; it is
-averaged per trajectory over its actions (``token_mean``) or summed (``sum``), then averaged over
-trajectories.
+advantage of the trajectory, plus ``beta * k3`` KL to a reference policy when asked. Per
+trajectory it is aggregated by :func:`aggregate` (see ``AGGREGATIONS``), then averaged over the
+trajectories of the optimizer step (every group of the step together, as the reference averages
+over its experience mini-batch):
+
+* ``part_mean`` (default, the reference's ``average_per_token_loss: True``, ``src/modules/grpo.py``
+  ``GRPOLoss``): the mean over the trajectory's latents plus the mean over its answer tokens, so
+  the answer weighs the same however long the chain is;
+* ``token_mean``: one mean over latents and answer tokens together (colar's earlier default);
+* ``sum``: the sum over all actions;
+* ``sum_div32``: that sum divided by 32, exactly the reference's ``average_per_token_loss: False``
+  (``masked_sum``), the setting its shipped ``colar.yaml`` names.
 """
 
 from __future__ import annotations
@@ -236,15 +245,39 @@ def policy_log_probs(model, traj: Trajectories, temperature: float = 1.0, think_
 # ----------------------------------------------------------------------------------------------
 # The objective
 # ----------------------------------------------------------------------------------------------
-def aggregate(per_action: torch.Tensor, mask: torch.Tensor, how: str = "token_mean") -> torch.Tensor:
-    """Per-trajectory mean (``token_mean``) or sum (``sum``) over masked actions, then the mean over
-    trajectories. A trajectory without actions contributes 0."""
+AGGREGATIONS = ("part_mean", "token_mean", "sum", "sum_div32")
+#: The reference's ``masked_sum`` divides every trajectory's summed loss by this constant.
+REFERENCE_SUM_DIVISOR = 32.0
+#: Part ids of the action columns (see :func:`action_log_probs`).
+LATENT_PART, ANSWER_PART = 0, 1
+
+
+def aggregate(per_action: torch.Tensor, mask: torch.Tensor, how: str = "part_mean",
+              parts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Aggregate ``[N, A]`` per-action losses over each trajectory's masked actions, then take the
+    mean over the ``N`` trajectories.
+
+    ``parts`` (``[A]`` ints, or None: every column one part) says which part each column belongs
+    to. ``part_mean``: the sum over parts of the mean over the part's masked actions (a part
+    without actions adds 0); ``token_mean``: one mean over all masked actions; ``sum``: their sum;
+    ``sum_div32``: their sum / 32 (the reference's ``masked_sum``). A trajectory without actions
+    contributes 0.
+    """
+    if how not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {how!r}")
     m = mask.to(per_action.dtype)
-    per_traj = (per_action * m).sum(1)
-    if how == "token_mean":
-        per_traj = per_traj / m.sum(1).clamp(min=1.0)
-    elif how != "sum":
-        raise ValueError(f"loss aggregation must be 'token_mean' or 'sum', got {how!r}")
+    masked = per_action * m
+    if how == "part_mean" and parts is not None:
+        per_traj = masked.new_zeros(masked.shape[0])
+        for p in torch.unique(parts).tolist():
+            cols = parts == p
+            per_traj = per_traj + masked[:, cols].sum(1) / m[:, cols].sum(1).clamp(min=1.0)
+    else:
+        per_traj = masked.sum(1)
+        if how in ("token_mean", "part_mean"):  # part_mean with a single part is the token mean
+            per_traj = per_traj / m.sum(1).clamp(min=1.0)
+        elif how == "sum_div32":
+            per_traj = per_traj / REFERENCE_SUM_DIVISOR
     return per_traj.mean() if per_traj.numel() else per_action.sum() * 0.0
 
 
@@ -260,16 +293,18 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
-    aggregation: str = "token_mean",
+    aggregation: str = "part_mean",
     ref_logp: Optional[torch.Tensor] = None,
     kl_beta: float = 0.0,
+    parts: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """PPO's clipped surrogate over actions ``[N, L]`` with one advantage per trajectory ``[N]``.
 
     Per action: ``-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)`` with
     ``ratio = exp(logp - old_logp)``, plus ``kl_beta * k3`` when ``ref_logp`` is given; aggregated
-    by :func:`aggregate`. Returns ``loss`` and detached stats: ``pg_loss``, ``kl``, ``clip_frac``
-    (share of actions whose clipped branch is active), ``ratio_mean``, ``ratio_max``.
+    by :func:`aggregate` (``parts``: the part of each column, for ``part_mean``). Returns ``loss``
+    and detached stats: ``pg_loss``, ``kl``, ``clip_frac`` (share of actions whose clipped branch
+    is active), ``ratio_mean``, ``ratio_max``.
     """
     mask = mask.bool()
     log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -278,12 +313,12 @@ def clipped_policy_loss(
     surr = ratio * adv
     surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
     per_action = -torch.minimum(surr, surr_clipped)
-    pg_loss = aggregate(per_action, mask, aggregation)
+    pg_loss = aggregate(per_action, mask, aggregation, parts)
     loss = pg_loss
     kl = pg_loss.new_zeros(())
     if ref_logp is not None and kl_beta > 0:
         kl_per = kl_k3(logp, ref_logp)
-        kl = aggregate(kl_per, mask, aggregation)
+        kl = aggregate(kl_per, mask, aggregation, parts)
         loss = loss + kl_beta * kl
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
@@ -299,27 +334,33 @@ def clipped_policy_loss(
 
 
 def action_log_probs(lp: PolicyLogProbs, traj: Trajectories, latent_actions: bool = True,
-                     prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logp, mask)`` over all actions of the objective, ``[N, A]``: latents (unless
-    ``latent_actions`` is False), 'go on' decisions (when computed), answer tokens.
+                     prefix: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp, mask, parts)`` over all actions of the objective, ``[N, A]``, ``[N, A]``, ``[A]``:
+    latents (unless ``latent_actions`` is False), 'go on' decisions (when computed), answer tokens.
 
-    With ``prefix`` 'old_' or 'ref_' the log-probs are read from ``traj`` instead of ``lp``.
+    ``parts`` is ``LATENT_PART`` for the latents and the 'go on' decisions (both are decisions of
+    the chain, one per latent step) and ``ANSWER_PART`` for the answer tokens, the closing ``###``
+    included (as the reference). With ``prefix`` 'old_' or 'ref_' the log-probs are read from
+    ``traj`` instead of ``lp``.
     """
     def get(name):
         return getattr(traj, f"{prefix}{name}") if prefix else getattr(lp, name)
 
     lat_mask = traj.latent_mask if latent_actions else torch.zeros_like(traj.latent_mask)
-    parts, masks = [get("latent_logp")], [lat_mask]
+    cols, masks, part_ids = [get("latent_logp")], [lat_mask], [LATENT_PART] * traj.latent_mask.shape[1]
     cont = get("continue_logp")
     if cont is not None:
-        parts.append(cont)
+        cols.append(cont)
         masks.append(continue_mask(traj.latent_mask))
-    parts.append(get("answer_logp"))
+        part_ids += [LATENT_PART] * cont.shape[1]
+    cols.append(get("answer_logp"))
     masks.append(traj.answer_mask)
-    return torch.cat(parts, 1), torch.cat(masks, 1)
+    part_ids += [ANSWER_PART] * traj.answer_mask.shape[1]
+    parts = torch.tensor(part_ids, dtype=torch.long, device=traj.answer_mask.device)
+    return torch.cat(cols, 1), torch.cat(masks, 1), parts
 
 
-def grpo_loss(model, traj: Trajectories, clip_eps: float = 0.2, aggregation: str = "token_mean",
+def grpo_loss(model, traj: Trajectories, clip_eps: float = 0.2, aggregation: str = "part_mean",
               kl_beta: float = 0.0, temperature: float = 1.0, latent_actions: bool = True,
               think_id: Optional[int] = None) -> dict[str, torch.Tensor]:
     """The RL loss of one micro-batch of trajectories (needs ``advantages`` and old log-probs).
@@ -335,14 +376,14 @@ def grpo_loss(model, traj: Trajectories, clip_eps: float = 0.2, aggregation: str
     if think_id is not None and traj.old_continue_logp is None:
         raise ValueError("continue actions need old_continue_logp on the trajectories")
     cur = policy_log_probs(model, traj, temperature, think_id)
-    logp, mask = action_log_probs(cur, traj, latent_actions)
-    old, _ = action_log_probs(cur, traj, latent_actions, "old_")
+    logp, mask, parts = action_log_probs(cur, traj, latent_actions)
+    old, _, _ = action_log_probs(cur, traj, latent_actions, "old_")
     ref = None
     if kl_beta > 0:
         if traj.ref_answer_logp is None:
             raise ValueError("kl_beta > 0 needs reference log-probs on the trajectories")
-        ref, _ = action_log_probs(cur, traj, latent_actions, "ref_")
-    out = clipped_policy_loss(logp, old, traj.advantages, mask, clip_eps, aggregation, ref, kl_beta)
+        ref, _, _ = action_log_probs(cur, traj, latent_actions, "ref_")
+    out = clipped_policy_loss(logp, old, traj.advantages, mask, clip_eps, aggregation, ref, kl_beta, parts)
     with torch.no_grad():
         n_lat = traj.latent_mask.sum().clamp(min=1)
         n_ans = traj.answer_mask.sum().clamp(min=1)
