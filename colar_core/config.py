@@ -7,6 +7,7 @@ default. These classes are plain pydantic: the pipeline composes them, the libra
 
 from __future__ import annotations
 
+import os
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -59,7 +60,16 @@ class ModelConfig(StrictModel):
     name_or_path: str = Field(
         "tiny",
         description="'tiny' builds a small model from scratch (see `tiny`); otherwise a hub id or local "
-        "directory loaded with AutoModelForCausalLM.from_pretrained (safetensors only).",
+        "directory loaded with AutoModelForCausalLM.from_pretrained (safetensors only); or, with "
+        "`gguf_file`, that file (filled in from it).",
+    )
+    gguf_file: Optional[str] = Field(
+        None,
+        description="A GGUF checkpoint to start from (e.g. SmolLM2-135M-Instruct.Q4_1.gguf; `colar model "
+        "fetch-smollm2` fetches that one): converted once into a safetensors model folder with its tokenizer, "
+        "cached under $COLAR_CACHE_DIR (default ~/.cache/colar) by the file's sha256, and used as backbone and "
+        "tokenizer (colar_core.gguf_import). `name_or_path` then names the same file (a .gguf name_or_path "
+        "sets this field). `colar model import` writes such a folder where you choose.",
     )
     tiny: TinyBackboneConfig = Field(default_factory=TinyBackboneConfig)
     tokenizer: Optional[str] = Field(
@@ -92,6 +102,25 @@ class ModelConfig(StrictModel):
         if v != "auto" and not v > 0:
             raise ValueError("must be 'auto' or a positive number")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_names_the_backbone(cls, data):
+        """``gguf_file`` and ``name_or_path`` name one backbone: the GGUF fills an unset (or 'tiny')
+        ``name_or_path``, a ``.gguf`` name_or_path fills ``gguf_file``; two different ones are refused.
+        A leading '~' is expanded here, so keys, preflight and loaders all see the same path."""
+        if not isinstance(data, dict):
+            return data
+        gguf, name = data.get("gguf_file"), data.get("name_or_path")
+        if gguf is None and isinstance(name, str) and name.lower().endswith(".gguf"):
+            gguf = name
+        if not isinstance(gguf, str):
+            return data
+        gguf = os.path.expanduser(gguf)
+        if name not in (None, "tiny") and (not isinstance(name, str) or os.path.expanduser(name) != gguf):
+            raise ValueError(f"gguf_file {gguf!r} and name_or_path {name!r} name two backbones; "
+                             "give the GGUF file alone")
+        return {**data, "gguf_file": gguf, "name_or_path": gguf}
 
 
 class ObjectiveConfig(StrictModel):

@@ -10,7 +10,9 @@ its own word is limited: :func:`check_model_dir`)::
     model_dir/
       colar_config.json        ColarState: scale, pooling, head shape, base model, LoRA settings
       backbone/                save_pretrained of the full causal LM (full fine-tune)
-      adapter/ (+ base/)       or: the peft adapter (and the base weights when the base is not on a hub)
+      adapter/ (+ base/)       or: the peft adapter, and the base weights unless the base is a hub id
+                               (a from-scratch, local-folder or GGUF base is kept in base/, so the
+                               folder can be moved or copied and still loads: portable)
       latent_head.safetensors
       tokenizer/               the tokenizer the model was trained with
 """
@@ -120,14 +122,23 @@ def load_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
     else:
         from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
 
+        from colar_core.gguf_import import resolve_model_path  # a GGUF file -> its converted folder
+
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
+            resolve_model_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code, use_safetensors=True
         )
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if cfg.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     return model
+
+
+def base_is_local(name_or_path: str) -> bool:
+    """True when a backbone exists only on this machine: built from scratch ('tiny'), a local folder
+    or a GGUF file. A LoRA model on such a base keeps a copy of it (``base/``) when saved."""
+    path = Path(name_or_path).expanduser()
+    return name_or_path == "tiny" or path.exists() or path.is_absolute() or name_or_path.startswith(".")
 
 
 def _apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
@@ -225,8 +236,9 @@ class ColarModel(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.is_lora:
-            self.lm.save_pretrained(out / "adapter")
-            if self.state.base_model == "tiny":  # a from-scratch base exists nowhere else: keep it
+            own_base = base_is_local(self.state.base_model)
+            self._save_adapter(out / "adapter", None if own_base else self.state.base_model)
+            if own_base:  # a base that exists only here (from scratch, a local folder, a GGUF): keep it
                 base = self.lm.get_base_model()
                 frozen = {
                     k.replace(".base_layer.", ".").replace(".original_module.", "."): v
@@ -243,6 +255,21 @@ class ColarModel(nn.Module):
         (out / CONFIG_FILE).write_text(json.dumps(asdict(self.state), indent=2, sort_keys=True))
         return out
 
+    def _save_adapter(self, adapter_dir: Path, base_name: Optional[str]) -> None:
+        """The peft adapter, its config naming the base as ``base_name`` (a hub id, or None for a
+        base kept in the folder) and never the path a base happened to be loaded from: a folder
+        copied elsewhere names nothing that was left behind."""
+        configs = self.lm.peft_config.values()
+        for c in configs:  # peft fills a None from the base's load path: set it before and after
+            c.base_model_name_or_path = base_name
+        self.lm.save_pretrained(adapter_dir)
+        for c in configs:
+            c.base_model_name_or_path = base_name
+        config_file = adapter_dir / "adapter_config.json"
+        data = json.loads(config_file.read_text())
+        data["base_model_name_or_path"] = base_name
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True))
+
     @classmethod
     def from_pretrained(cls, model_dir, is_trainable: bool = True, dtype: Optional[torch.dtype] = None,
                         trust_remote_code: bool = False, base_model: Optional[str] = None) -> "ColarModel":
@@ -258,7 +285,9 @@ class ColarModel(nn.Module):
         if base_path is not None:
             from peft import PeftModel  # heavy: only for LoRA models
 
-            base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
+            from colar_core.gguf_import import resolve_model_path  # a GGUF base -> its converted folder
+
+            base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_path), **kw)
             lm = PeftModel.from_pretrained(base, root / "adapter", is_trainable=is_trainable)
         else:
             lm = AutoModelForCausalLM.from_pretrained(root / "backbone", **kw)

@@ -7,6 +7,12 @@ A record becomes (paper, no chat template)::
 The pieces are tokenized separately (question, speed suffix, steps, answer) so that the speed
 suffix can be swapped per batch without re-tokenizing, and so that training and inference build
 byte-identical prompts. ``###`` must be a single token (see ``colar_core.tokenizer``).
+
+The start token follows each tokenizer's own rule (:func:`start_token_ids`): what the tokenizer puts
+before a text when asked for its special tokens. Llama-3 adds ``<|begin_of_text|>``, colar's
+word-level tokenizer ``<bos>``; SmolLM2 (whose BOS ``<|im_start|>`` opens chat turns and never began
+plain text in training), GPT-2 and Qwen2 add nothing. Every other piece is encoded without special
+tokens, as the reference encodes everything (``add_special_tokens=False``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,19 @@ def full_text(question: str, steps: Sequence[str], answer: str, r: Speed = 1) ->
     return f"{question_text(question)}{speed_text(r)}{THINK}{steps_text(steps)}{THINK}{ANSWER_PREFIX}{answer}"
 
 
+def start_token_ids(tokenizer) -> tuple[int, ...]:
+    """The ids ``tokenizer`` itself puts before a text: the difference between encoding a probe
+    with and without special tokens, up to where the plain encoding starts (empty when the
+    tokenizer adds nothing in front, or when the two do not line up)."""
+    probe = question_text("1 + 2")
+    plain = tokenizer.encode(probe, add_special_tokens=False)
+    full = tokenizer.encode(probe, add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return tuple(full[:start])
+    return ()
+
+
 @dataclass(frozen=True)
 class EncodedExample:
     """Token ids of one record. ``answer_ids`` starts with the closing ``###`` and ends with EOS."""
@@ -52,7 +71,9 @@ class PromptEncoder:
     """Turns records and questions into the token-id pieces of the training text.
 
     Holds the ids every batch needs (``###``, pad, EOS, the speed suffixes) so they are
-    computed once per tokenizer.
+    computed once per tokenizer. A question starts with the tokenizer's own start tokens
+    (:func:`start_token_ids`; ``add_bos=False``: none), unless one of them is its EOS (which would
+    read as the end of a text).
     """
 
     def __init__(self, tokenizer, add_bos: bool = True):
@@ -69,8 +90,8 @@ class PromptEncoder:
             raise ValueError("tokenizer has no EOS token")
         self.pad_id: int = tokenizer.pad_token_id
         self.eos_id: int = tokenizer.eos_token_id
-        bos = tokenizer.bos_token_id
-        self.bos_ids: tuple[int, ...] = (bos,) if (add_bos and bos is not None and bos != self.eos_id) else ()
+        start = start_token_ids(tokenizer) if add_bos else ()
+        self.bos_ids: tuple[int, ...] = () if self.eos_id in start else start
         self._speed_cache: dict[str, tuple[int, ...]] = {}
         self.answer_prefix_ids = tuple(self._encode(ANSWER_PREFIX))
 

@@ -13,7 +13,9 @@ of it) is in the vocabulary too, so an unseen word falls back to shorter pieces 
 instead of ``<unk>``: it still round-trips exactly. ``###`` (opens/closes thinking) is an added
 token, matched before pre-tokenization, so it is one id even in ``)###Answer``.
 
-No BOS/EOS is added automatically; the training code appends ``<eos>`` itself.
+Its start-token rule is Llama's: ``<bos>`` before a text encoded with special tokens (the saved
+``add_bos_token``), which :class:`colar_core.text.PromptEncoder` follows as it follows any
+tokenizer's own rule; no EOS is added automatically (the training code appends ``<eos>`` itself).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from .text import ANSWER_PREFIX, THINK, full_text, question_text, speed_text, steps_text
 
-__all__ = ["THINK_TOKEN", "SPECIAL_TOKENS", "build_tokenizer", "prepare_tokenizer", "load_tokenizer", "training_texts"]
+__all__ = ["THINK_TOKEN", "SPECIAL_TOKENS", "build_tokenizer", "prepare_tokenizer", "load_tokenizer", "is_word_level",
+           "training_texts"]
 
 THINK_TOKEN = THINK  # "###", defined once in colar_core.text
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -111,7 +114,7 @@ def build_tokenizer(records: Iterable, out_dir: str | Path | None = None, max_nu
     tok.add_tokens([AddedToken(THINK_TOKEN, special=False, normalized=False)])
 
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS,
-                                 unk_token=UNK, clean_up_tokenization_spaces=False)
+                                 unk_token=UNK, clean_up_tokenization_spaces=False, add_bos_token=True)
     hf = prepare_tokenizer(hf)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -143,9 +146,21 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+def is_word_level(tokenizer) -> bool:
+    """True for a tokenizer made by :func:`build_tokenizer` (a WordPiece model on colar's
+    continuation prefix)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return getattr(getattr(backend, "model", None), "continuing_subword_prefix", None) == _CONT
+
+
 def load_tokenizer(path_or_id: str, trust_remote_code: bool = False):
-    """``AutoTokenizer.from_pretrained`` (local dir or cached hub id) followed by :func:`prepare_tokenizer`."""
+    """``AutoTokenizer.from_pretrained`` (local dir, cached hub id, or a GGUF file: its converted
+    folder, :mod:`colar_core.gguf_import`) followed by :func:`prepare_tokenizer`."""
     from transformers import AutoTokenizer  # heavy: only when a tokenizer is loaded
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+    from .gguf_import import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(path_or_id)), trust_remote_code=trust_remote_code)
+    if is_word_level(tokenizer) and not tokenizer.add_bos_token:
+        tokenizer.add_bos_token = True  # saved before its rule was written into it: <bos> first, as it trained
     return prepare_tokenizer(tokenizer)

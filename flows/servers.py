@@ -16,6 +16,11 @@ State directory: ``$COLAR_HOME`` if set, else ``./.colar``. Layout::
     mlflow.db, mlartifacts/ MLflow backend store and proxied artifacts
     mlflow.log, prefect.log server output
     prefect/                PREFECT_HOME of the Prefect server (its sqlite database)
+    prefect/ui/             the Prefect UI's static files, copied there at the first start
+
+Both servers serve their web UI: MLflow at its base URL, Prefect at ``http://127.0.0.1:PORT/``
+(``PREFECT_UI_API_URL`` is set to the server's own ``/api``, so the browser's UI talks to the
+port the server was started on, not Prefect's default 4200).
 
 This module imports neither mlflow nor prefect (the servers run as subprocesses), so the CLI
 starts fast.
@@ -33,6 +38,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -55,7 +61,9 @@ __all__ = [
 RECORD_FILE = "servers.json"
 
 #: Seconds to wait for a freshly started server to answer its health endpoint.
-#: Measured here: MLflow ~9-18 s, Prefect ~11-17 s (slower on a loaded machine).
+#: Measured here: MLflow ~9-18 s, Prefect ~11-17 s (slower on a loaded machine). Serving the Prefect
+#: UI costs ~0.2 s at the first start in a state dir (copying its static files) and no start time
+#: measurable on a busy 2-core machine (medians of 4 starts: 10.4 s with, 11.4 s without).
 DEFAULT_START_TIMEOUT_S = 90.0
 SERVER_LOCK_TIMEOUT_S = 600.0  # a holder starts a server at most twice (DEFAULT_START_TIMEOUT_S each)
 #: Seconds an externally configured server (env var) has to answer before we give up.
@@ -324,6 +332,7 @@ def _ensure(
     port: Optional[int],
     build_cmd,  # (port) -> list[str]
     env: dict[str, str],
+    port_env=None,  # (port) -> dict[str, str]: environment that depends on the port, or None
     health_path: str,
     marker: str,
     url_suffix: str,
@@ -337,6 +346,7 @@ def _ensure(
             if _recorded_alive(rec, marker):
                 # Alive: reuse it if it answers (waiting in case it is still starting).
                 if same_place and _wait_healthy(_health_url(rec["base_url"], health_path), timeout_s):
+                    _warn_if_outdated(name, rec, extra)
                     return rec["url"]
                 _terminate_group(rec["pid"], rec.get("pgid", rec["pid"]), timeout_s=10.0)
             _set_record(state_dir, name, None)
@@ -349,7 +359,7 @@ def _ensure(
             cmd = build_cmd(use_port)
             log_offset = log_path.stat().st_size if log_path.exists() else 0
             started = time.monotonic()
-            proc = _spawn(cmd, env, log_path, cwd=state_dir)
+            proc = _spawn(cmd, {**env, **(port_env(use_port) if port_env else {})}, log_path, cwd=state_dir)
             try:
                 healthy = _wait_healthy(_health_url(base_url, health_path), timeout_s, proc)
             except BaseException:  # Ctrl-C while waiting: do not leave an unrecorded server behind
@@ -382,6 +392,17 @@ def _ensure(
             if not (died and port_clash and port is None):
                 break
         raise ServerError(last_error)
+
+
+def _warn_if_outdated(name: str, rec: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Warn when a reused server was started with other settings (e.g. a Prefect server an older colar
+    started with its UI off). It is not restarted: other pipelines may be using it."""
+    differ = sorted(k for k, v in extra.items() if rec.get(k) != v)
+    if differ:
+        warnings.warn(f"the running {name} server (pid {rec.get('pid')}, {mask_url(str(rec.get('base_url')))}) was "
+                      f"started with other settings ({', '.join(differ)}; e.g. without the Prefect UI); it is reused "
+                      "as it is. `colar servers stop` (when no pipeline uses it) lets the next command start it anew.",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _base_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
@@ -454,7 +475,10 @@ def ensure_prefect(
     """Return the API URL (``http://127.0.0.1:PORT/api``) of a Prefect server, starting one if needed.
 
     ``$PREFECT_API_URL`` wins if set (checked via ``/health``). Otherwise reuse the recorded server
-    or start ``prefect server start`` with ``PREFECT_HOME=state_dir/prefect``, UI and analytics off.
+    or start ``prefect server start`` with ``PREFECT_HOME=state_dir/prefect``, analytics off and the
+    UI on at ``http://127.0.0.1:PORT/`` (its static files in ``state_dir/prefect/ui``, not in the
+    installed package, which may be read-only; ``PREFECT_UI_API_URL`` = this server's ``/api``:
+    Prefect's default would send the browser to port 4200).
     Callers then point flows at it with :func:`use_prefect` (setting ``os.environ`` alone is not
     enough once ``prefect`` has been imported: it reads settings at import time).
     """
@@ -469,14 +493,21 @@ def ensure_prefect(
     def build_cmd(p: int) -> list[str]:
         return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(p)]
 
-    env = _base_env(drop=("PREFECT_API_URL", "PREFECT_PROFILE"))
+    env = _base_env(drop=("PREFECT_API_URL", "PREFECT_PROFILE") + _PREFECT_UI_ENV)
     env.update(
         {
             "PREFECT_HOME": str(home),
-            "PREFECT_SERVER_UI_ENABLED": "false",
-            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_UI_ENABLED": "true",
+            "PREFECT_SERVER_UI_STATIC_DIRECTORY": str(home / "ui"),
+            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
         }
     )
+
+    def port_env(p: int) -> dict[str, str]:
+        # What the browser's UI calls. Without it Prefect derives it from PREFECT_SERVER_API_PORT
+        # (default 4200), which `--port` does not set: the UI would load but talk to another port.
+        return {"PREFECT_SERVER_UI_API_URL": f"http://{_connect_host(host)}:{p}/api"}
+
     return _ensure(
         name="prefect",
         state_dir=sd,
@@ -484,12 +515,22 @@ def ensure_prefect(
         port=port,
         build_cmd=build_cmd,
         env=env,
+        port_env=port_env,
         health_path="api/health",
         marker="prefect",
         url_suffix="/api",
         timeout_s=timeout_s,
-        extra={"prefect_home": str(home)},
+        extra={"prefect_home": str(home), "ui": True},
     )
+
+
+#: Prefect UI settings (both spellings) taken out of the environment a local server inherits: a
+#: developer's setting for another server must not point this one's UI elsewhere.
+_PREFECT_UI_ENV = (
+    "PREFECT_UI_ENABLED", "PREFECT_SERVER_UI_ENABLED", "PREFECT_UI_API_URL", "PREFECT_SERVER_UI_API_URL",
+    "PREFECT_UI_STATIC_DIRECTORY", "PREFECT_SERVER_UI_STATIC_DIRECTORY", "PREFECT_UI_SERVE_BASE",
+    "PREFECT_SERVER_UI_SERVE_BASE",
+)
 
 
 def use_mlflow(tracking_uri: str) -> None:

@@ -1,5 +1,6 @@
 """The ``evaluate`` stage: the sweep over compression factors plus the CoT / No-CoT baselines, on each
-test set of ``eval.datasets`` (default: the test split of the prepared data)."""
+test set of ``eval.datasets`` (default: the test split of the prepared data). Its results also go to
+the Prefect UI as the table artifact ``colar-evaluation`` (:mod:`colar.tasks.prefect_artifacts`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from colar_core.evaluation import average_over_sets, evaluate_latent, evaluate_t
 from colar_core.model import ColarModel
 from colar_core.text import PromptEncoder
 from colar.tasks.keys import CACHED_STAGE
+from colar.tasks.prefect_artifacts import evaluation_table_artifact
 from colar.tasks.runs import child_run, log_metrics
 from colar.tasks.stage_spec import save_result, stage_folder
 
@@ -84,6 +86,8 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         client.log_artifact(run_id, str(out / "metrics.json"))
         logger.info("evaluation: %s", {k: round(v, 3) for k, v in metrics.items()})
+        evaluation_table_artifact(metrics, f"MLflow run `{run_id}` (stage evaluate); test sets: "
+                                  + ", ".join(f"{name} ({len(recs)} questions)" for name, recs in records.items()))
     example = next((r[0].question for r in records.values() if r), "")
     return save_result(out, {"metrics": metrics, "predictions": str(out / "predictions.csv"), "mlflow_run_id": run_id,
                              "work_s": work_s, "example_question": example})

@@ -79,9 +79,13 @@ def input_digest(ref: str, repo_type: Literal["model", "dataset"]) -> str:
 
 def model_inputs(model: Mapping[str, Any]) -> dict[str, str]:
     """Input digests of a stage that builds its backbone from ``model`` (a ModelConfig as a dict):
-    ``model.name_or_path`` and ``model.tokenizer`` unless 'tiny' or unset (then the config covers them)."""
+    ``model.name_or_path`` and ``model.tokenizer`` unless 'tiny' or unset (then the config covers them);
+    for a GGUF backbone ``model.gguf_file`` by its bytes instead of ``name_or_path`` (the same file).
+    The folder it is converted into is not an input of its own: it follows from the file and the code."""
+    gguf = model.get("gguf_file")
     return {f"model.{field}": input_digest(model[field], "model")
-            for field in ("name_or_path", "tokenizer") if model.get(field) not in (None, "tiny")}
+            for field in ("name_or_path", "tokenizer", "gguf_file")
+            if model.get(field) not in (None, "tiny") and not (field == "name_or_path" and model[field] == gguf)}
 
 
 def data_inputs(data: Mapping[str, Any]) -> dict[str, str]:

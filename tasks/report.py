@@ -1,6 +1,11 @@
 """The ``report`` step, on the parent run: headline metrics, the accuracy-vs-length plot (a panel per
 test set), the Table-1 report (``table1.md``, ``table1.png``: :mod:`colar.tasks.table1`), and the
-final model logged as an MLflow pyfunc and registered with the alias ``candidate``.
+final model logged as an MLflow pyfunc (with its signature and an input example) and registered with
+the alias ``candidate``.
+
+What users see of it: the parent run's description in the MLflow UI (the ``mlflow.note.content`` tag:
+:func:`run_description`, the headline numbers and Table 1), and in the Prefect UI the flow run's
+``colar-table1`` and ``colar-links`` artifacts (:mod:`colar.tasks.prefect_artifacts`).
 
 The model logging is the one place in the pipeline that uses MLflow's active run (``mlflow.start_run``),
 because in mlflow 3.17.2 ``mlflow.pyfunc.log_model`` takes its run from there: it has no ``run_id``
@@ -14,6 +19,7 @@ FINISHED (FAILED if logging raised), and the flow ends it for good right after t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -23,15 +29,71 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 from prefect import get_run_logger, task
 
+from colar.tasks.params import mask_url
 from colar.tasks.plots import accuracy_vs_length_plot
-from colar.tasks.runs import log_metrics
+from colar.tasks.prefect_artifacts import links_artifact, links_markdown, table1_artifact
+from colar.tasks.runs import PARENT_TAG, STAGE_TAG, log_metrics, tracking_uri_of
 from colar.tasks.stage_spec import stage_folder
-from colar.tasks.table1 import table1, table1_markdown, table1_png
+from colar.tasks.table1 import AVERAGE, method_label, per_set_values, setting_order, table1, table1_markdown, table1_png
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+#: The request the logged model's input example shows: one question, the speed chosen per request.
+EXAMPLE_PARAMS = {"compression_factor": 2}
 
 
-@task(name="report", retries=1, retry_delay_seconds=2)
+def run_description(metrics: Mapping[str, float], *, name: str = "", table_md: str = "",
+                    model: Optional[str] = None, version: Optional[str] = None, model_uri: Optional[str] = None,
+                    flow_run_url: Optional[str] = None) -> str:
+    """The parent run's description (markdown): per test set the accuracy (95 % interval) and mean
+    chain length of each method, the registered model, the Prefect flow run and Table 1. Kept within
+    MLflow's tag length (8000 characters; Table 1 is left out if it does not fit)."""
+    sets, values = per_set_values(metrics)
+    settings = sorted({st for (_, _, st) in values}, key=setting_order)
+    lines = [f"**colar pipeline {name}**" if name else "**colar pipeline**", ""]
+    for s in sets:
+        parts = []
+        for st in settings:
+            acc = values.get(("accuracy", s, st))
+            if acc is None:
+                continue
+            ci = values.get(("accuracy_ci95", s, st))
+            length = values.get(("mean_latents", s, st), values.get(("mean_tokens", s, st)))
+            parts.append(f"{method_label(st)} {100 * acc:.1f} %" + (f" ± {100 * ci:.1f}" if ci is not None else "")
+                         + (f" (#L {length:.1f})" if length is not None else ""))
+        if parts:
+            lines.append(f"- {'average over sets' if s == AVERAGE else s}: " + ", ".join(parts))
+    if model and version:
+        lines.append(f"- model: `models:/{model}@candidate` (version {version})")
+    elif model_uri:
+        lines.append(f"- model: `{model_uri}`")
+    if flow_run_url:
+        lines.append(f"- Prefect flow run: {mask_url(flow_run_url)}")
+    text = "\n".join(lines) + "\n"
+    with_table = text + ("\n" + table_md if table_md else "")
+    return with_table if len(with_table) <= 8000 else text[:8000]
+
+
+def _flow_run_url() -> Optional[str]:
+    """The Prefect UI page of the flow run this task belongs to (None outside one)."""
+    try:
+        from prefect.runtime import flow_run
+        from prefect.settings import PREFECT_UI_URL
+
+        flow_run_id, ui = flow_run.get_id(), PREFECT_UI_URL.value()
+        return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if flow_run_id and ui else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _stage_runs(client: MlflowClient, parent_run_id: str, experiment_id: str) -> dict[str, str]:
+    """``{stage: run id}`` of the parent's finished stage runs (the newest per stage), in start order."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"], max_results=100)
+    return {r.data.tags.get(STAGE_TAG, r.info.run_name): r.info.run_id for r in runs}
+
+
+@task(name="report", task_run_name="report", retries=1, retry_delay_seconds=2)
 def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str,
                  registered_model_name: Optional[str], example_question: str) -> dict:
     """Log ``metrics`` and the plot to the parent run; log (and register, if named) the model."""
@@ -43,19 +105,24 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
     client.log_artifact(parent_run_id, str(plot), "plots")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     table = table1(metrics)
-    (out / "table1.md").write_text(table1_markdown(table, f"Table 1 (run {parent_run_id})"))
+    table_md = table1_markdown(table, f"Table 1 (run {parent_run_id})")
+    (out / "table1.md").write_text(table_md)
     table1_png(table, out / "table1.png", f"run {parent_run_id}")
     for name in ("table1.md", "table1.png"):
         client.log_artifact(parent_run_id, str(out / name))
+    table1_artifact(table_md)
 
     example = pd.DataFrame({"question": [example_question]})
     output = pd.DataFrame({"answer": ["0"], "n_latents": [1], "text": ["Answer:0"]})
     signature = infer_signature(example, output, params={"compression_factor": 2, "seed": 0, "max_latents": 64,
                                                          "sample": False})
     # The active run (this thread only): pyfunc.log_model has no run_id parameter (module docstring).
+    # The input example (a question and the per-request speed) is saved with the model, with the
+    # serving payload MLflow derives from it.
     with mlflow.start_run(run_id=parent_run_id, nested=False, log_system_metrics=False):
         info = mlflow.pyfunc.log_model(name="colar_model", python_model=str(PYFUNC_CODE),
                                        artifacts={"colar_model": model_dir}, signature=signature,
+                                       input_example=(example, dict(EXAMPLE_PARAMS)),
                                        registered_model_name=registered_model_name)
     result = {"model_uri": info.model_uri, "plot": str(plot), "table1": str(out / "table1.md")}
     if registered_model_name:
@@ -65,4 +132,13 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
                       alias_uri=f"models:/{registered_model_name}@candidate")
     logger.info("model logged at %s%s", info.model_uri,
                 f", registered as models:/{registered_model_name}@candidate" if registered_model_name else "")
+
+    parent = client.get_run(parent_run_id)
+    client.set_tag(parent_run_id, DESCRIPTION_TAG, run_description(
+        metrics, name=parent.info.run_name or "", table_md=table_md, model=result.get("registered_model"),
+        version=result.get("version"), model_uri=info.model_uri, flow_run_url=_flow_run_url()))
+    links_artifact(links_markdown(
+        tracking_uri=tracking_uri_of(client), experiment_id=parent.info.experiment_id, parent_run_id=parent_run_id,
+        pipeline=parent.info.run_name or "", children=_stage_runs(client, parent_run_id, parent.info.experiment_id),
+        registered_model=result.get("registered_model"), version=result.get("version"), model_uri=info.model_uri))
     return result

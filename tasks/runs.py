@@ -24,6 +24,12 @@ A server that does not answer its ``/health`` probe within 2 s is not called at 
 client would retry it for minutes). The pending files of a pipeline run are sent
 (:func:`settle_pending`) when its next stage starts a child run and by ``colar retry`` (before the
 runs still RUNNING are ended KILLED: :func:`end_orphaned_children`); :func:`replay_pending` sends one.
+
+Training runs also carry MLflow's own system metrics (:func:`system_metrics_monitor`: ``system/cpu_*``,
+``system/system_memory_*``, disk, network, and ``system/gpu_*`` where ``pynvml`` finds a GPU), shown
+in the run's "System metrics" tab. ``mlflow.enable_system_metrics_logging()`` and
+``start_run(log_system_metrics=True)`` only act on runs opened with ``mlflow.start_run``, which these
+are not, so the runs here start MLflow's monitor (``SystemMetricsMonitor``) on their run id themselves.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -67,6 +74,7 @@ __all__ = [
     "settle_pending",
     "start_child_run",
     "start_parent_run",
+    "system_metrics_monitor",
 ]
 
 STAGE_TAG = "colar.stage"
@@ -384,11 +392,79 @@ def ending_run(run_id: str, *, client: Optional[MlflowClient] = None) -> Iterato
 
 @contextlib.contextmanager
 def child_run(parent_run_id: str, stage_name: str, params: Optional[Mapping[str, Any]] = None, *,
-              client: Optional[MlflowClient] = None) -> Iterator[str]:
+              client: Optional[MlflowClient] = None, log_system_metrics: bool = False) -> Iterator[str]:
     """``with child_run(parent, "evaluate", {"eval": cfg}) as run_id:`` a stage's run
-    (:func:`start_child_run`), ended FINISHED or FAILED with the block (:func:`ending_run`)."""
+    (:func:`start_child_run`), ended FINISHED or FAILED with the block (:func:`ending_run`); with
+    ``log_system_metrics``, MLflow's system metrics are logged to it while the block runs
+    (:func:`system_metrics_monitor`)."""
     with ending_run(start_child_run(parent_run_id, stage_name, params, client=client), client=client) as run_id:
-        yield run_id
+        if log_system_metrics:
+            with system_metrics_monitor(run_id, client=client):
+                yield run_id
+        else:
+            yield run_id
+
+
+#: How long the end of a block waits for the system-metrics monitor to stop and send its last sample
+#: (a server that does not answer is not waited for at all).
+SYSTEM_METRICS_STOP_TIMEOUT_S = 10.0
+
+
+@contextlib.contextmanager
+def system_metrics_monitor(run_id: str, *, client: Optional[MlflowClient] = None,
+                   stop_timeout_s: float = SYSTEM_METRICS_STOP_TIMEOUT_S) -> Iterator[Optional[Any]]:
+    """MLflow's system metrics on ``run_id`` while the block runs; yields MLflow's
+    ``SystemMetricsMonitor`` (None if it could not start, e.g. without ``psutil``: a warning, never an
+    error).
+
+    The monitor samples every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (MLflow's default 10)
+    in its own thread. At the end of the block it is stopped and one last sample is logged, so a run
+    shorter than the interval has its numbers too. The block never waits on a server that does not
+    answer: the monitor is then left to end on its own (its samples are not kept in the pending file;
+    system metrics are a view, not a result), and a stop that takes longer than ``stop_timeout_s`` is
+    given up with a warning.
+    """
+    client = client_or_default(client)
+    monitor = None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri_of(client) or None)
+        monitor.start()
+    except Exception as err:  # noqa: BLE001 - a missing psutil must not stop a stage
+        warnings.warn(f"MLflow system metrics not logged for run {run_id}: {err!r}", RuntimeWarning, stacklevel=3)
+        monitor = None
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            _stop_system_metrics(monitor, run_id, client, stop_timeout_s)
+
+
+def _stop_system_metrics(monitor: Any, run_id: str, client: MlflowClient, timeout_s: float) -> None:
+    """Stop ``monitor`` and log a last sample, in a daemon thread waited for at most ``timeout_s``
+    (not at all when the server does not answer: MLflow's client would retry it for minutes)."""
+    answers = server_answers(client)
+
+    def finish() -> None:
+        try:
+            monitor.finish()  # stops the sampling thread; sends what it has gathered
+            if answers:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"MLflow system metrics of run {run_id}: last sample not logged: {err!r}",
+                          RuntimeWarning, stacklevel=2)
+
+    stopper = threading.Thread(target=finish, name=f"colar-system-metrics-{run_id[:8]}", daemon=True)
+    stopper.start()
+    if not answers:
+        return
+    stopper.join(timeout_s)
+    if stopper.is_alive():
+        warnings.warn(f"MLflow system metrics of run {run_id}: the monitor did not stop within {timeout_s:.0f} s; "
+                      "left to end on its own", RuntimeWarning, stacklevel=3)
 
 
 def end_orphaned_children(

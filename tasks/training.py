@@ -1,9 +1,10 @@
 """The training stages: ``sft-cot``, ``sft-colar`` and ``sft-nocot`` (one task, three configs) and ``rl``.
 
 Each trains on the DeepSpeed engine in its own folder (checkpoints there; a re-run resumes), streams
-its metrics to its child run, and logs the final model (``model/`` artifact, content digest) and a
-loss plot. Under a multi-process launcher the job runs in subprocesses whose ``metrics.jsonl`` is
-logged to MLflow afterwards.
+its metrics to its child run (with MLflow's system metrics: CPU, memory, GPU when there is one),
+keeps a Prefect progress artifact up to date (``colar-progress-<stage>``), and logs the final model
+(``model/`` artifact, content digest) and a loss plot. Under a multi-process launcher the job runs in
+subprocesses whose ``metrics.jsonl`` is logged to MLflow afterwards.
 
 Training never waits for MLflow. If the server is away when the stage ends, the metrics not yet
 sent, the model and plot artifacts and the run's end go to the run's pending file
@@ -28,26 +29,31 @@ from colar.tasks.artifacts import directory_digest
 from colar.tasks.keys import CACHED_STAGE
 from colar.tasks.metrics_sender import MlflowMetricsCallback
 from colar.tasks.plots import training_curves_plot
+from colar.tasks.prefect_artifacts import TrainingProgress
 from colar.tasks.runs import child_run, log_or_defer
 from colar.tasks.stage_spec import save_result, stage_folder
 
 
-def training_callbacks(stage: str, metrics_cb: MlflowMetricsCallback, log: Callable[[str], None]) -> list:
+def training_callbacks(stage: str, metrics_cb: MlflowMetricsCallback, log: Callable[[str], None],
+                       progress: Optional[TrainingProgress] = None) -> list:
     """The callbacks of an in-process training stage: metrics to MLflow, ~20 progress lines with ETA
-    to ``log``. The one place that builds the list, so a test can add a callback of its own."""
-    return [metrics_cb, ConsoleLogger(sink=log)]
+    to ``log``, the Prefect progress artifact (``progress``). The one place that builds the list, so
+    a test can add a callback of its own."""
+    return [metrics_cb, ConsoleLogger(sink=log)] + ([progress] if progress is not None else [])
 
 
 def _training_stage(stage: str, job, runner, launched: bool, params: dict, out: Path, parent_run_id: str) -> dict:
     """Shared body of the SFT and RL tasks: child run, metrics callback, run, model artifact, curves."""
     logger = get_run_logger()
     client = MlflowClient()
-    with child_run(parent_run_id, stage, params) as run_id:
+    progress = TrainingProgress(stage)
+    with child_run(parent_run_id, stage, params, log_system_metrics=True) as run_id:
         t0 = time.perf_counter()
         with MlflowMetricsCallback(client, run_id) as metrics_cb:  # closed (last flush) however the run ends
-            result = runner(job, callbacks=training_callbacks(stage, metrics_cb, logger.info),
+            result = runner(job, callbacks=training_callbacks(stage, metrics_cb, logger.info, progress),
                             on_line=logger.info).to_dict()
             result["work_s"] = time.perf_counter() - t0
+        progress.done(result.get("final_step"), _max_steps(job))  # a launched job's callbacks ran elsewhere
         if launched:  # the launched processes wrote metrics.jsonl; the callbacks ran nowhere
             _log_metrics_file(client, run_id, out / "metrics.jsonl")
         result["model_digest"] = directory_digest(result["model_dir"])
@@ -57,6 +63,11 @@ def _training_stage(stage: str, job, runner, launched: bool, params: dict, out: 
     logger.info("%s finished at step %s (resumed from %s): %s", stage, result.get("final_step"),
                 result.get("resumed_from"), result["model_dir"])
     return save_result(out, result)
+
+
+def _max_steps(job) -> Optional[int]:
+    section = getattr(job, "train", None) or getattr(job, "rl", None)
+    return getattr(section, "max_steps", None)
 
 
 def _stage_data(data_dir: str) -> StageData:

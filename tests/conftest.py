@@ -14,8 +14,9 @@ Servers start lazily, once per session, only when a test asks:
 
 - ``mlflow_server``  -> tracking URI of a real ``mlflow server`` (sqlite in a temp dir). Tests that
   use it (directly or through another fixture) get ``MLFLOW_TRACKING_URI`` set for their duration.
-- ``prefect_server`` -> API URL of a real ``prefect server start``; ``PREFECT_API_URL`` is set (and
-  Prefect's settings refreshed) from then on for the rest of the session.
+- ``prefect_server`` -> API URL of a real ``prefect server start``, its web UI on (at the URL without
+  ``/api``; tests/test_ui_browser.py opens it); ``PREFECT_API_URL`` is set (and Prefect's settings
+  refreshed) from then on for the rest of the session.
 
 Both are started by ``colar.flows.servers`` (the code ``colar run`` uses) and stopped at session end.
 Add model/data fixtures below the marked line.
@@ -154,7 +155,9 @@ def _mlflow_tracking_env(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory) -> str:
-    """API URL (``http://127.0.0.1:PORT/api``) of a real Prefect server, one per session.
+    """API URL (``http://127.0.0.1:PORT/api``) of a real Prefect server, one per session, started as
+    ``colar run`` starts it (:func:`~colar.flows.servers.ensure_prefect`): its UI at the URL without
+    ``/api``, talking to this port (``PREFECT_UI_API_URL``).
 
     From the first test that uses it, ``PREFECT_API_URL`` points at it for the rest of the session
     (Prefect's global settings are refreshed so already-imported prefect sees it).

@@ -115,6 +115,32 @@ def test_prefect_server_starts_on_loopback_is_reused_and_stops(tmp_path, no_exte
     assert not _answers(url + "/health")
 
 
+@pytest.mark.slow
+def test_prefect_server_serves_its_ui_talking_to_its_own_port(tmp_path, no_external_servers):
+    url = ensure_prefect(tmp_path)
+    try:
+        base = url.removesuffix("/api")
+        with urllib.request.urlopen(base + "/ui-settings", timeout=5) as r:
+            assert json.loads(r.read())["api_url"] == url  # not Prefect's default port 4200
+        # The link `colar run` prints opens the UI's page (it answered {"detail":"Not Found"} with the UI off).
+        page = urllib.request.Request(base + "/runs/flow-run/00000000-0000-0000-0000-000000000000",
+                                      headers={"Accept": "text/html"})
+        with urllib.request.urlopen(page, timeout=5) as r:
+            assert r.status == 200 and "<html" in r.read().decode().lower()
+        assert (tmp_path / "prefect" / "ui").is_dir()  # its static files in the state dir, not site-packages
+
+        # A server recorded without the UI (started by an older colar) is reused, not killed under the
+        # pipelines that may use it, with a warning saying how to restart it.
+        records = json.loads((tmp_path / "servers.json").read_text())
+        del records["prefect"]["ui"]
+        (tmp_path / "servers.json").write_text(json.dumps(records))
+        with pytest.warns(RuntimeWarning, match=r"started with other settings \(ui;.*colar servers stop"):
+            assert ensure_prefect(tmp_path) == url
+        assert json.loads((tmp_path / "servers.json").read_text())["prefect"]["pid"] == records["prefect"]["pid"]
+    finally:
+        stop_servers(tmp_path)
+
+
 def test_server_that_dies_at_start_reports_its_log(tmp_path, monkeypatch, no_external_servers):
     # stand-in for a server that cannot bind: the servers are started as `sys.executable -m ...`
     fake = tmp_path / "fake-python"
