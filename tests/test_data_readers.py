@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from colar_core.data.bundled import SETS_DIR
 from colar_core.data import DataError, read_records, resolve_format
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_aug"
+REAL = SETS_DIR / "gsm8k_aug"  # the GSM8k-Aug files bundled with colar (colar_core/data/bundled.py)
 
 
 def _write(path: Path, lines: list[str]) -> str:
@@ -27,8 +28,6 @@ GOOD = {"question": "Tom has 3 bags of 4 apples. He eats 2. How many are left?",
 @pytest.mark.parametrize("name, count", [("valid.txt", 500), ("test.txt", 1319)])
 def test_real_gsm8k_aug_files_load_completely(name, count):
     path = REAL / name
-    if not path.exists():
-        pytest.skip(f"{path} not available")
     result = read_records(str(path), policy="fail")
     assert len(result.records) == count and result.skipped == 0
     assert resolve_format(str(path)) == "gsm8k-aug"
@@ -40,8 +39,6 @@ def test_real_gsm8k_aug_files_load_completely(name, count):
 
 def test_real_test_file_keeps_unevaluated_right_side():
     path = REAL / "test.txt"
-    if not path.exists():
-        pytest.skip(f"{path} not available")
     records = read_records(str(path)).records
     first = records[0]
     assert first.steps == ("16-3-4=9", "9*2=18") and first.answer == "18"

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from colar_core.data.bundled import SETS_DIR
 from colar_core.data import DataError, Record, file_digest, load_split, prepare_data, write_split
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_aug"
+REAL = SETS_DIR / "gsm8k_aug"  # the GSM8k-Aug files bundled with colar (colar_core/data/bundled.py)
 
 
 def _rows(n: int, offset: int = 0) -> list[dict]:
@@ -74,8 +75,6 @@ def test_directory_of_split_files_and_skip_counts(tmp_path):
 
 
 def test_real_directory_without_train_is_rejected_but_files_prepare(tmp_path):
-    if not (REAL / "test.txt").exists():
-        pytest.skip("real GSM8k-Aug files not available")
     with pytest.raises(ValueError, match="no train split"):
         prepare_data(str(REAL), tmp_path / "o")
     m = prepare_data(str(REAL / "valid.txt"), tmp_path / "v", format="gsm8k-aug")
