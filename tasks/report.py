@@ -27,6 +27,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
 from prefect import get_run_logger, task
 
 from colar.tasks.params import mask_url
@@ -74,6 +75,31 @@ def run_description(metrics: Mapping[str, float], *, name: str = "", table_md: s
     return with_table if len(with_table) <= 8000 else text[:8000]
 
 
+def log_colar_model(run_id: str, model_dir: str, example_question: str,
+                    registered_model_name: Optional[str] = None) -> ModelInfo:
+    """Log the model folder ``model_dir`` to the run ``run_id`` as the CoLaR pyfunc (model from code:
+    :mod:`colar.tasks.pyfunc_model`, artifact ``colar_model``), with its signature (input ``question``;
+    params ``compression_factor``, ``seed``, ``max_latents``, ``sample``; output ``answer``,
+    ``n_latents``, ``text``) and an input example; register it as a new version of
+    ``registered_model_name`` when one is given (no alias is set here). What :func:`report_stage`
+    logs, and what ``mlflow models serve`` serves (tests/test_serving.py).
+
+    Resumes ``run_id`` as this thread's active run for the call (module docstring) and leaves it
+    ended FINISHED (FAILED if logging raised)."""
+    example = pd.DataFrame({"question": [example_question]})
+    output = pd.DataFrame({"answer": ["0"], "n_latents": [1], "text": ["Answer:0"]})
+    signature = infer_signature(example, output, params={"compression_factor": 2, "seed": 0, "max_latents": 64,
+                                                         "sample": False})
+    # The active run (this thread only): pyfunc.log_model has no run_id parameter (module docstring).
+    # The input example (a question and the per-request speed) is saved with the model, with the
+    # serving payload MLflow derives from it.
+    with mlflow.start_run(run_id=run_id, nested=False, log_system_metrics=False):
+        return mlflow.pyfunc.log_model(name="colar_model", python_model=str(PYFUNC_CODE),
+                                       artifacts={"colar_model": model_dir}, signature=signature,
+                                       input_example=(example, dict(EXAMPLE_PARAMS)),
+                                       registered_model_name=registered_model_name)
+
+
 def _flow_run_url() -> Optional[str]:
     """The Prefect UI page of the flow run this task belongs to (None outside one)."""
     try:
@@ -112,18 +138,7 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
         client.log_artifact(parent_run_id, str(out / name))
     table1_artifact(table_md)
 
-    example = pd.DataFrame({"question": [example_question]})
-    output = pd.DataFrame({"answer": ["0"], "n_latents": [1], "text": ["Answer:0"]})
-    signature = infer_signature(example, output, params={"compression_factor": 2, "seed": 0, "max_latents": 64,
-                                                         "sample": False})
-    # The active run (this thread only): pyfunc.log_model has no run_id parameter (module docstring).
-    # The input example (a question and the per-request speed) is saved with the model, with the
-    # serving payload MLflow derives from it.
-    with mlflow.start_run(run_id=parent_run_id, nested=False, log_system_metrics=False):
-        info = mlflow.pyfunc.log_model(name="colar_model", python_model=str(PYFUNC_CODE),
-                                       artifacts={"colar_model": model_dir}, signature=signature,
-                                       input_example=(example, dict(EXAMPLE_PARAMS)),
-                                       registered_model_name=registered_model_name)
+    info = log_colar_model(parent_run_id, model_dir, example_question, registered_model_name)
     result = {"model_uri": info.model_uri, "plot": str(plot), "table1": str(out / "table1.md")}
     if registered_model_name:
         version = info.registered_model_version
