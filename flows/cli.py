@@ -70,7 +70,10 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None) -> int:
         result = state.result()
         print(json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}, indent=2, sort_keys=True))
         if result.get("alias_uri"):
-            print(f"Registered model: {result['alias_uri']}")
+            print(f"Registered model: {result['alias_uri']} (version {result.get('version')}: {result.get('promotion_reason')})")
+        elif result.get("registered_model"):
+            print(f"Registered model: {result['registered_model']} version {result.get('version')}; "
+                  f"'candidate' kept: {result.get('promotion_reason')}")
         _print_urls(urls, parent, experiment_id, flow_run_id)
         return 0
     print(f"pipeline {state.name}: {mask_secrets(state.message)}", file=sys.stderr)

@@ -56,11 +56,23 @@ class DataConfig(StrictModel):
         return self
 
 
+class PromotionConfig(StrictModel):
+    """When a run's registered model takes the alias 'candidate' (colar.tasks.promotion)."""
+
+    rule: Literal["better", "always"] = Field(
+        "better", description="'better': only when `metric` beats the current candidate's by more than its 95% "
+        "interval with a chain no longer (or there is no candidate yet); 'always': every run takes it.")
+    metric: str = Field("accuracy/c2", pattern=r"^accuracy/(c\d+|cot|nocot)$", description="The accuracy compared "
+                        "(primary test set): accuracy/c{c} for a factor of eval.compression_factors, or accuracy/cot.")
+
+
 class TrackingConfig(StrictModel):
     experiment: str = Field("colar", min_length=1, description="MLflow experiment of the parent run.")
     registered_model_name: Optional[str] = Field(
-        "colar-tiny", description="Register the final model under this name with alias 'candidate' (None = skip)."
+        "colar-tiny", description="Register every run's final model as a version of this name; the alias "
+        "'candidate' moves to it by `promotion` (None = register nothing)."
     )
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
 
 def _default_cot() -> TrainConfig:
@@ -108,6 +120,10 @@ class PipelineConfig(StrictModel):
             raise ValueError("sft_cot.objective.mode: must be 'cot'")
         if self.sft_colar.objective.mode != "colar":
             raise ValueError("sft_colar.objective.mode: must be 'colar'")
+        gate = self.tracking.promotion.metric.removeprefix("accuracy/")
+        if gate.startswith("c") and int(gate[1:]) not in self.eval.compression_factors:
+            raise ValueError(f"tracking.promotion.metric: {self.tracking.promotion.metric} is not evaluated "
+                             f"(eval.compression_factors {self.eval.compression_factors})")
         trained = self.sft_colar.objective.compression_factors
         too_big = [c for c in self.eval.compression_factors if c > max(trained)]
         if too_big:

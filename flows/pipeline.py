@@ -203,7 +203,8 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
                       "nocot_model_dir": nocot and nocot["model_dir"], "model": conf["model"], **data_args})
     report = report_stage(parent_run_id, evaluation["metrics"], final["model_dir"],
                           str(Path(out_root) / "reports" / parent_run_id),
-                          cfg.tracking.registered_model_name, evaluation["example_question"])
+                          cfg.tracking.registered_model_name, evaluation["example_question"],
+                          conf["tracking"]["promotion"])
     return {"metrics": evaluation["metrics"], **report, "stages": states}
 
 

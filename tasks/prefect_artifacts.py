@@ -140,7 +140,7 @@ def table1_artifact(markdown: str, description: str = "") -> Optional[UUID]:
 
 def links_markdown(*, tracking_uri: str, experiment_id: str, parent_run_id: str, pipeline: str = "",
                    children: Optional[Mapping[str, str]] = None, registered_model: Optional[str] = None,
-                   version: Optional[str] = None, model_uri: Optional[str] = None) -> str:
+                   version: Optional[str] = None, model_uri: Optional[str] = None, promoted: bool = True) -> str:
     """Markdown linking the MLflow parent run, its stage runs (``{stage: run_id}``) and the registered
     model version in the MLflow UI (plain ids when the tracking store is not an HTTP server)."""
     base = mlflow_ui_base(tracking_uri)
@@ -156,7 +156,9 @@ def links_markdown(*, tracking_uri: str, experiment_id: str, parent_run_id: str,
     if registered_model and version:
         label = f"{registered_model} version {version}"
         page = f"[{label}]({mlflow_model_version_url(base, registered_model, version)})" if base else label
-        lines.append(f"- Registered model: {page}, alias `models:/{registered_model}@candidate`")
+        lines.append(f"- Registered model: {page}, alias `models:/{registered_model}@candidate`" if promoted else
+                     f"- Registered model: {page} (the alias `candidate` stayed on an earlier version: see the "
+                     "promotion artifact)")
     elif model_uri:
         lines.append(f"- Logged model: `{model_uri}` (not registered)")
     if base:

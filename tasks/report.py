@@ -26,13 +26,16 @@ from typing import Optional
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
 from colar.tasks.params import mask_url
 from colar.tasks.plots import accuracy_vs_length_plot
-from colar.tasks.prefect_artifacts import links_artifact, links_markdown, table1_artifact
+from colar.tasks.prefect_artifacts import _best_effort, links_artifact, links_markdown, table1_artifact
+from colar.tasks.promotion import Decision, decide
 from colar.tasks.runs import PARENT_TAG, STAGE_TAG, log_metrics, tracking_uri_of
 from colar.tasks.stage_spec import stage_folder
 from colar.tasks.table1 import AVERAGE, method_label, per_set_values, setting_order, table1, table1_markdown, table1_png
@@ -45,7 +48,7 @@ EXAMPLE_PARAMS = {"compression_factor": 2}
 
 def run_description(metrics: Mapping[str, float], *, name: str = "", table_md: str = "",
                     model: Optional[str] = None, version: Optional[str] = None, model_uri: Optional[str] = None,
-                    flow_run_url: Optional[str] = None) -> str:
+                    flow_run_url: Optional[str] = None, promotion: Optional[str] = None) -> str:
     """The parent run's description (markdown): per test set the accuracy (95 % interval) and mean
     chain length of each method, the registered model, the Prefect flow run and Table 1. Kept within
     MLflow's tag length (8000 characters; Table 1 is left out if it does not fit)."""
@@ -64,7 +67,9 @@ def run_description(metrics: Mapping[str, float], *, name: str = "", table_md: s
                          + (f" (#L {length:.1f})" if length is not None else ""))
         if parts:
             lines.append(f"- {'average over sets' if s == AVERAGE else s}: " + ", ".join(parts))
-    if model and version:
+    if model and version and promotion:
+        lines.append(f"- model: `models:/{model}/{version}`; {promotion}")
+    elif model and version:
         lines.append(f"- model: `models:/{model}@candidate` (version {version})")
     elif model_uri:
         lines.append(f"- model: `{model_uri}`")
@@ -100,6 +105,41 @@ def log_colar_model(run_id: str, model_dir: str, example_question: str,
                                        registered_model_name=registered_model_name)
 
 
+def _promotion_decision(client: MlflowClient, name: str, metrics: Mapping[str, float], promotion: dict) -> Decision:
+    """The gate's decision for this run against the model version that holds ``candidate`` now (its
+    run's metrics: the pipeline run that registered it)."""
+    current, current_version = None, None
+    if promotion.get("rule", "better") != "always":
+        try:
+            held = client.get_model_version_by_alias(name, "candidate")
+        except MlflowException:  # no such model or alias yet
+            held = None
+        if held is not None:
+            current_version = str(held.version)
+            current = client.get_run(held.run_id).data.metrics if held.run_id else {}
+    return decide(metrics, current, rule=promotion.get("rule", "better"),
+                  metric=promotion.get("metric", "accuracy/c2"), current_version=current_version)
+
+
+def _promotion_line(result: Mapping) -> Optional[str]:
+    """One line on the promotion for the run description (None when nothing was registered)."""
+    if "promoted" not in result:
+        return None
+    verdict = "took the alias `candidate`" if result["promoted"] else "the alias `candidate` stayed where it was"
+    return f"{verdict} ({result['promotion_reason']})"
+
+
+def promotion_artifact(decision: Decision, name: str, version: str) -> None:
+    """The decision as the Prefect markdown artifact ``colar-promotion`` (best effort, as the others)."""
+    lines = [f"### Promotion of {name} version {version}", "",
+             f"**{'promoted to candidate' if decision.promote else 'candidate kept'}**: {decision.reason}", ""]
+    for key, value in decision.tags().items():
+        if key not in ("colar.promotion.decision", "colar.promotion.reason"):
+            lines.append(f"- {key.removeprefix('colar.promotion.')}: {value}")
+    _best_effort("colar-promotion", create_markdown_artifact, "\n".join(lines) + "\n", key="colar-promotion",
+                 description="Whether this run's model took the alias 'candidate'")
+
+
 def _flow_run_url() -> Optional[str]:
     """The Prefect UI page of the flow run this task belongs to (None outside one)."""
     try:
@@ -121,8 +161,11 @@ def _stage_runs(client: MlflowClient, parent_run_id: str, experiment_id: str) ->
 
 @task(name="report", task_run_name="report", retries=1, retry_delay_seconds=2)
 def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str,
-                 registered_model_name: Optional[str], example_question: str) -> dict:
-    """Log ``metrics`` and the plot to the parent run; log (and register, if named) the model."""
+                 registered_model_name: Optional[str], example_question: str,
+                 promotion: Optional[dict] = None) -> dict:
+    """Log ``metrics`` and the plot to the parent run; log (and register, if named) the model, and
+    move the alias ``candidate`` to it if the promotion gate says so (``promotion``: the config's
+    ``tracking.promotion``; None = rule 'always'; see :mod:`colar.tasks.promotion`)."""
     logger = get_run_logger()
     client = MlflowClient()
     out = stage_folder(out_dir)
@@ -141,19 +184,29 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
     info = log_colar_model(parent_run_id, model_dir, example_question, registered_model_name)
     result = {"model_uri": info.model_uri, "plot": str(plot), "table1": str(out / "table1.md")}
     if registered_model_name:
-        version = info.registered_model_version
-        client.set_registered_model_alias(registered_model_name, "candidate", str(version))
-        result.update(registered_model=registered_model_name, version=str(version),
-                      alias_uri=f"models:/{registered_model_name}@candidate")
-    logger.info("model logged at %s%s", info.model_uri,
-                f", registered as models:/{registered_model_name}@candidate" if registered_model_name else "")
+        version = str(info.registered_model_version)
+        decision = _promotion_decision(client, registered_model_name, metrics, promotion or {"rule": "always"})
+        for tag, value in decision.tags().items():
+            client.set_tag(parent_run_id, tag, value)
+        result.update(registered_model=registered_model_name, version=version, promoted=decision.promote,
+                      promotion_reason=decision.reason)
+        if decision.promote:
+            client.set_registered_model_alias(registered_model_name, "candidate", version)
+            result["alias_uri"] = f"models:/{registered_model_name}@candidate"
+        promotion_artifact(decision, registered_model_name, version)
+        logger.info("model registered as %s version %s; candidate %s: %s", registered_model_name, version,
+                    "moved to it" if decision.promote else "kept", decision.reason)
+    else:
+        logger.info("model logged at %s (not registered)", info.model_uri)
 
     parent = client.get_run(parent_run_id)
     client.set_tag(parent_run_id, DESCRIPTION_TAG, run_description(
         metrics, name=parent.info.run_name or "", table_md=table_md, model=result.get("registered_model"),
-        version=result.get("version"), model_uri=info.model_uri, flow_run_url=_flow_run_url()))
+        version=result.get("version"), model_uri=info.model_uri, flow_run_url=_flow_run_url(),
+        promotion=_promotion_line(result)))
     links_artifact(links_markdown(
         tracking_uri=tracking_uri_of(client), experiment_id=parent.info.experiment_id, parent_run_id=parent_run_id,
         pipeline=parent.info.run_name or "", children=_stage_runs(client, parent_run_id, parent.info.experiment_id),
-        registered_model=result.get("registered_model"), version=result.get("version"), model_uri=info.model_uri))
+        registered_model=result.get("registered_model"), version=result.get("version"), model_uri=info.model_uri,
+        promoted=result.get("promoted", True)))
     return result

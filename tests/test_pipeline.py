@@ -112,6 +112,10 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
     assert "plots/accuracy_vs_length.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "predictions.csv" in {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
 
+    # Every run registers a version; the gate decides whether 'candidate' moves to it, and says why.
+    assert parent.data.tags["colar.promotion.decision"] in ("promoted", "kept")
+    assert parent.data.tags["colar.promotion.metric"] == "accuracy/c2" and parent.data.tags["colar.promotion.reason"]
+    assert (result.get("alias_uri") is not None) == (parent.data.tags["colar.promotion.decision"] == "promoted")
     model = mlflow.pyfunc.load_model("models:/colar-test@candidate")
     out = model.predict(pd.DataFrame({"question": ["Mia has 3 boxes of 4 pens. How many pens?"]}),
                         params={"compression_factor": 2})

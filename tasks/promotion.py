@@ -1,0 +1,90 @@
+"""The promotion gate: whether a pipeline run's registered model takes the alias ``candidate``.
+
+Every run registers its model as a new version; the alias moves only under ``tracking.promotion``:
+
+* ``rule: always`` -- every finished run takes it (the behaviour before the gate);
+* ``rule: better`` (default) -- the run takes it when there is no candidate yet, or when its
+  ``metric`` (an accuracy, e.g. ``accuracy/c2`` of the primary test set) beats the candidate's by
+  more than the candidate's 95% interval (``accuracy_ci95/...``), and its chain at that setting is
+  no longer (``mean_latents/...``, or ``mean_tokens/...`` for a text mode).
+
+:func:`decide` is pure (metrics in, decision out), so the rule is tested without servers; the report
+stage records the decision on the parent run (tags ``colar.promotion.*``) and in Prefect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Mapping, Optional
+
+__all__ = ["Decision", "decide", "length_metric"]
+
+#: How much longer (in latents or tokens) a new chain may be and still count as "no longer":
+#: means over hundreds of questions and seeds differ by float noise even for equal models.
+LENGTH_SLACK = 1e-6
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The gate's answer and the numbers it compared (for the run's tags and the Prefect artifact)."""
+
+    promote: bool
+    reason: str
+    metric: str
+    new: Optional[float] = None
+    old: Optional[float] = None
+    old_ci95: Optional[float] = None
+    new_length: Optional[float] = None
+    old_length: Optional[float] = None
+
+    def tags(self) -> dict[str, str]:
+        """``colar.promotion.*`` tags: decision, reason and each number compared."""
+        tags = {"colar.promotion.decision": "promoted" if self.promote else "kept",
+                "colar.promotion.reason": self.reason[:5000], "colar.promotion.metric": self.metric}
+        for name in ("new", "old", "old_ci95", "new_length", "old_length"):
+            if (value := getattr(self, name)) is not None:
+                tags[f"colar.promotion.{name}"] = f"{value:.6g}"
+        return tags
+
+
+def length_metric(metric: str) -> tuple[str, str]:
+    """The chain-length metrics that go with an accuracy metric: ``accuracy/c2`` ->
+    (``mean_latents/c2``, ``mean_tokens/c2``); the first one present is used."""
+    rest = metric.partition("/")[2]
+    return f"mean_latents/{rest}", f"mean_tokens/{rest}"
+
+
+def _length(metrics: Mapping[str, float], metric: str) -> Optional[float]:
+    for name in length_metric(metric):
+        if name in metrics:
+            return float(metrics[name])
+    return None
+
+
+def decide(new: Mapping[str, float], current: Optional[Mapping[str, float]], *,
+           rule: Literal["always", "better"] = "better", metric: str = "accuracy/c2",
+           current_version: Optional[str] = None) -> Decision:
+    """Whether the run whose metrics are ``new`` takes the alias from the candidate whose run's
+    metrics are ``current`` (None: there is no candidate). See the module docstring for the rule."""
+    who = f"version {current_version}" if current_version else "the current candidate"
+    if rule == "always":
+        return Decision(True, "rule 'always': every run takes the alias", metric, new.get(metric))
+    if current is None:
+        return Decision(True, "no candidate yet", metric, new.get(metric))
+    if metric not in new:
+        return Decision(False, f"this run has no {metric}: {who} stays", metric)
+    acc_new = float(new[metric])
+    if metric not in current:
+        return Decision(True, f"{who} has no {metric} to compare with", metric, acc_new)
+    acc_old = float(current[metric])
+    ci_old = float(current.get(metric.replace("accuracy/", "accuracy_ci95/", 1), 0.0))
+    len_new, len_old = _length(new, metric), _length(current, metric)
+    numbers = dict(metric=metric, new=acc_new, old=acc_old, old_ci95=ci_old, new_length=len_new, old_length=len_old)
+    if acc_new <= acc_old + ci_old:
+        return Decision(False, f"{metric} {acc_new:.4f} does not beat {who}'s {acc_old:.4f} by more than its "
+                        f"95% interval ({ci_old:.4f})", **numbers)
+    if len_new is not None and len_old is not None and len_new > len_old + LENGTH_SLACK:
+        return Decision(False, f"{metric} {acc_new:.4f} beats {who}'s {acc_old:.4f} (+-{ci_old:.4f}) but its chain is "
+                        f"longer ({len_new:.2f} against {len_old:.2f})", **numbers)
+    return Decision(True, f"{metric} {acc_new:.4f} beats {who}'s {acc_old:.4f} by more than its 95% interval "
+                    f"({ci_old:.4f}) with a chain no longer", **numbers)

@@ -1,0 +1,67 @@
+"""The promotion gate: the rule on metrics alone, and against a real registry (which version holds
+'candidate', whose run's metrics are compared)."""
+
+from __future__ import annotations
+
+import pytest
+
+from colar.tasks.promotion import decide
+
+OLD = {"accuracy/c2": 0.40, "accuracy_ci95/c2": 0.02, "mean_latents/c2": 8.0}
+
+
+def test_no_candidate_or_rule_always_promotes():
+    assert decide({"accuracy/c2": 0.01}, None).promote
+    assert decide({"accuracy/c2": 0.01}, OLD, rule="always").promote
+
+
+@pytest.mark.parametrize("new, promote, why", [
+    ({"accuracy/c2": 0.50, "mean_latents/c2": 8.0}, True, "beats"),
+    ({"accuracy/c2": 0.50, "mean_latents/c2": 7.0}, True, "beats"),
+    ({"accuracy/c2": 0.41, "mean_latents/c2": 7.0}, False, "does not beat"),   # within the interval
+    ({"accuracy/c2": 0.42, "mean_latents/c2": 7.0}, False, "does not beat"),   # at its edge
+    ({"accuracy/c2": 0.01, "mean_latents/c2": 1.0}, False, "does not beat"),   # a chance-level run
+    ({"accuracy/c2": 0.50, "mean_latents/c2": 9.5}, False, "longer"),          # better but longer chains
+    ({"accuracy/c1": 0.90}, False, "has no accuracy/c2"),
+])
+def test_better_rule_needs_more_than_the_interval_and_no_longer_chains(new, promote, why):
+    decision = decide(new, OLD, current_version="3")
+    assert decision.promote is promote and why in decision.reason, decision.reason
+    tags = decision.tags()
+    assert tags["colar.promotion.decision"] == ("promoted" if promote else "kept")
+    if "accuracy/c2" in new:
+        assert float(tags["colar.promotion.old"]) == 0.40 and float(tags["colar.promotion.old_ci95"]) == 0.02
+
+
+def test_text_modes_compare_token_counts():
+    old = {"accuracy/cot": 0.5, "accuracy_ci95/cot": 0.01, "mean_tokens/cot": 15.0}
+    assert not decide({"accuracy/cot": 0.6, "mean_tokens/cot": 16.0}, old, metric="accuracy/cot").promote
+    assert decide({"accuracy/cot": 0.6, "mean_tokens/cot": 14.0}, old, metric="accuracy/cot").promote
+
+
+def test_the_gate_reads_the_run_of_the_version_that_holds_candidate(mlflow_server, tmp_path):
+    """Against a real registry: the candidate's numbers come from the run that registered it."""
+    from mlflow import MlflowClient
+
+    from colar.tasks.report import _promotion_decision
+
+    client = MlflowClient()
+    exp = client.create_experiment(f"promotion-{tmp_path.name}")
+    name = f"gate-{tmp_path.name}"
+    client.create_registered_model(name)
+    rule = {"rule": "better", "metric": "accuracy/c2"}
+    assert _promotion_decision(client, name, {"accuracy/c2": 0.1}, rule).reason == "no candidate yet"
+
+    run = client.create_run(exp).info.run_id
+    for key, value in OLD.items():
+        client.log_metric(run, key, value)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "MLmodel").write_text("flavors: {}\n")
+    client.log_artifacts(run, str(tmp_path / "m"), "model")
+    version = client.create_model_version(name, f"runs:/{run}/model", run_id=run).version
+    client.set_registered_model_alias(name, "candidate", str(version))
+
+    kept = _promotion_decision(client, name, {"accuracy/c2": 0.01, "mean_latents/c2": 8.0}, rule)
+    assert not kept.promote and f"version {version}" in kept.reason and kept.old == pytest.approx(0.40)
+    assert _promotion_decision(client, name, {"accuracy/c2": 0.9, "mean_latents/c2": 8.0}, rule).promote
+    assert _promotion_decision(client, name, {"accuracy/c2": 0.01}, {"rule": "always"}).promote
