@@ -62,8 +62,13 @@ class PromotionConfig(StrictModel):
     rule: Literal["better", "always"] = Field(
         "better", description="'better': only when `metric` beats the current candidate's by more than its 95% "
         "interval with a chain no longer (or there is no candidate yet); 'always': every run takes it.")
-    metric: str = Field("accuracy/c2", pattern=r"^accuracy/(c\d+|cot|nocot)$", description="The accuracy compared "
-                        "(primary test set): accuracy/c{c} for a factor of eval.compression_factors, or accuracy/cot.")
+    metric: Optional[str] = Field(None, pattern=r"^accuracy/(c\d+|cot|nocot)$", description="The accuracy compared "
+                                  "(primary test set): accuracy/c{c} for a factor of eval.compression_factors, or "
+                                  "accuracy/cot. None: accuracy/c2 when c=2 is evaluated, else the smallest factor's.")
+
+    def metric_for(self, factors: list[int]) -> str:
+        """The metric compared, for an evaluation at ``factors`` (``metric``, or its default)."""
+        return self.metric or ("accuracy/c2" if 2 in factors else f"accuracy/c{min(factors)}")
 
 
 class TrackingConfig(StrictModel):
@@ -120,10 +125,6 @@ class PipelineConfig(StrictModel):
             raise ValueError("sft_cot.objective.mode: must be 'cot'")
         if self.sft_colar.objective.mode != "colar":
             raise ValueError("sft_colar.objective.mode: must be 'colar'")
-        gate = self.tracking.promotion.metric.removeprefix("accuracy/")
-        if gate.startswith("c") and int(gate[1:]) not in self.eval.compression_factors:
-            raise ValueError(f"tracking.promotion.metric: {self.tracking.promotion.metric} is not evaluated "
-                             f"(eval.compression_factors {self.eval.compression_factors})")
         trained = self.sft_colar.objective.compression_factors
         too_big = [c for c in self.eval.compression_factors if c > max(trained)]
         if too_big:
@@ -132,6 +133,10 @@ class PipelineConfig(StrictModel):
         if self.rl is not None and self.rl.compression_factor > max(trained):
             raise ValueError(f"rl.compression_factor: {self.rl.compression_factor} is above the trained maximum "
                              f"{max(trained)}")
+        gate = self.tracking.promotion.metric
+        if gate and gate.startswith("accuracy/c") and int(gate.removeprefix("accuracy/c")) not in self.eval.compression_factors:
+            raise ValueError(f"tracking.promotion.metric: {gate} is not evaluated "
+                             f"(eval.compression_factors {self.eval.compression_factors})")
         return self
 
     def digest(self) -> str:

@@ -204,7 +204,8 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
     report = report_stage(parent_run_id, evaluation["metrics"], final["model_dir"],
                           str(Path(out_root) / "reports" / parent_run_id),
                           cfg.tracking.registered_model_name, evaluation["example_question"],
-                          conf["tracking"]["promotion"])
+                          {"rule": cfg.tracking.promotion.rule,
+                           "metric": cfg.tracking.promotion.metric_for(cfg.eval.compression_factors)})
     return {"metrics": evaluation["metrics"], **report, "stages": states}
 
 

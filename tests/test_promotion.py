@@ -65,3 +65,14 @@ def test_the_gate_reads_the_run_of_the_version_that_holds_candidate(mlflow_serve
     assert not kept.promote and f"version {version}" in kept.reason and kept.old == pytest.approx(0.40)
     assert _promotion_decision(client, name, {"accuracy/c2": 0.9, "mean_latents/c2": 8.0}, rule).promote
     assert _promotion_decision(client, name, {"accuracy/c2": 0.01}, {"rule": "always"}).promote
+
+
+def test_the_gate_metric_defaults_to_c2_or_the_smallest_factor_and_an_unevaluated_one_is_refused():
+    from colar.flows.config import ConfigError, load_config
+
+    cfg = load_config(None, [])
+    assert cfg.tracking.promotion.metric_for(cfg.eval.compression_factors) == "accuracy/c2"
+    cfg = load_config(None, ["eval.compression_factors=[1,3]"])
+    assert cfg.tracking.promotion.metric_for(cfg.eval.compression_factors) == "accuracy/c1"
+    with pytest.raises(ConfigError, match=r"field 'tracking\.promotion\.metric': accuracy/c3 is not evaluated"):
+        load_config(None, ["eval.compression_factors=[1,2]", "tracking.promotion.metric=accuracy/c3"])
