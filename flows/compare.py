@@ -59,14 +59,17 @@ def _metric_order(col: str):
     return (0 if m else 1, int(m.group(1)) if m else 0, col)
 
 
+def _run_metrics(run: pd.Series) -> dict:
+    """A search-result row's metrics, without the ``metrics.`` prefix and without missing values."""
+    return {c.removeprefix("metrics."): run[c] for c in run.index if c.startswith("metrics.") and pd.notna(run[c])}
+
+
 def table1_by_run(experiment: str = "colar") -> list[tuple[str, pd.DataFrame]]:
     """``(title, Table 1)`` of each finished pipeline run, newest first (:func:`colar.tasks.table1.table1`
     over the run's metrics)."""
     out = []
     for _, run in finished_parent_runs(experiment).iterrows():
-        metrics = {c.removeprefix("metrics."): run[c] for c in run.index
-                   if c.startswith("metrics.") and pd.notna(run[c])}
-        table = table1(metrics)
+        table = table1(_run_metrics(run))
         if not table.empty:
             out.append((f"{run.get('tags.mlflow.runName', '')} ({run['run_id']})", table))
     return out
@@ -76,9 +79,7 @@ def _plot(runs: pd.DataFrame, path: str) -> None:
     """Accuracy against #L of the CoLaR factors, a line per run, a panel per test set."""
     per_run = []
     for _, run in runs.iterrows():
-        metrics = {c.removeprefix("metrics."): run[c] for c in run.index
-                   if c.startswith("metrics.") and pd.notna(run[c])}
-        per_run.append((f"{run.get('tags.mlflow.runName', '')} {run['run_id'][:6]}", *per_set_values(metrics)))
+        per_run.append((f"{run.get('tags.mlflow.runName', '')} {run['run_id'][:6]}", *per_set_values(_run_metrics(run))))
     sets = list(dict.fromkeys(s for _, run_sets, _ in per_run for s in run_sets)) or ["test"]
     fig, axes = pyplot().subplots(1, len(sets), figsize=(4.2 * len(sets), 4), squeeze=False)
     for ax, s in zip(axes[0], sets):

@@ -279,7 +279,7 @@ def _hub_problem(repo_id: str, repo_type: str) -> Optional[str]:
 
 def _bundled_path(source: str) -> str:
     """The file of a bundled set named ``source`` (``gsm8k-train``, ...); any other source as it is."""
-    bundled = resolve_bundled(source) if not Path(source).exists() else None
+    bundled = resolve_bundled(source)
     return bundled[0] if bundled else source
 
 

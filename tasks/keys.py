@@ -70,7 +70,7 @@ def input_digest(ref: str, repo_type: Literal["model", "dataset"]) -> str:
     local hub cache cannot resolve the id (not downloaded yet, or a dataset held only in the
     ``datasets`` library's own cache) it is ``hub:<id>@unresolved``: the key then covers the id
     only, and a new revision published under it is not seen."""
-    if repo_type == "dataset" and not os.path.exists(ref) and (bundled := resolve_bundled(ref)) is not None:
+    if repo_type == "dataset" and (bundled := resolve_bundled(ref)) is not None:
         ref = bundled[0]
     if os.path.exists(ref):
         return f"sha256:{content_digest(ref)}"

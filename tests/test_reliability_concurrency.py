@@ -26,6 +26,27 @@ from tests.test_reliability_faults import ROOT, cli_env, colar_cmd
 pytestmark = pytest.mark.slow
 
 
+def run_at_once(tmp_path: Path, overrides: dict[str, list[str]], env: dict, timeout_s: float = 420) -> dict[str, str]:
+    """Start one ``colar run`` per entry of ``overrides`` at the same time, wait for all (killing any
+    still running after ``timeout_s``), assert each exited 0, and return each one's log text."""
+    procs = {}
+    for name, sets in overrides.items():
+        log = open(tmp_path / f"{name}.log", "w")
+        procs[name] = (subprocess.Popen(colar_cmd("run", overrides=sets), env=env, cwd=ROOT, stdout=log,
+                                        stderr=subprocess.STDOUT), log)
+    deadline, logs = time.time() + timeout_s, {}
+    for name, (proc, log) in procs.items():
+        try:
+            proc.wait(timeout=max(1, deadline - time.time()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        logs[name] = (tmp_path / f"{name}.log").read_text()
+        assert proc.returncode == 0, logs[name][-4000:]
+    return logs
+
+
 def test_two_pipelines_at_once_keep_runs_checkpoints_and_metrics_apart(tmp_path, mlflow_server, prefect_server):
     from mlflow import MlflowClient
 
@@ -34,21 +55,8 @@ def test_two_pipelines_at_once_keep_runs_checkpoints_and_metrics_apart(tmp_path,
     runs_dir = tmp_path / "runs"
     common = TINY + ["tracking.registered_model_name=null", f"output_dir={runs_dir}", "sft_colar.max_steps=8"]
     configs = {"rel-conc-a": 11, "rel-conc-b": 22}
-    env = cli_env(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server)
-    procs = {}
-    for name, seed in configs.items():
-        log = open(tmp_path / f"{name}.log", "w")
-        procs[name] = (subprocess.Popen(colar_cmd("run", overrides=common + [f"name={name}", f"sft_colar.seed={seed}"]),
-                                        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log)
-    deadline = time.time() + 420
-    for name, (proc, log) in procs.items():
-        try:
-            proc.wait(timeout=max(1, deadline - time.time()))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
-        assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+    run_at_once(tmp_path, {name: common + [f"name={name}", f"sft_colar.seed={seed}"] for name, seed in configs.items()},
+                cli_env(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server))
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("colar").experiment_id
@@ -114,22 +122,9 @@ def test_the_same_config_in_two_output_folders_at_once_shares_nothing(tmp_path, 
 
     roots = {name: tmp_path / name / "runs" for name in ("a", "b")}
     common = TINY + ["name=rel-conc-folders", "tracking.registered_model_name=null"]
-    env = cli_env(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server)
-    procs = {}
-    for name, root in roots.items():
-        log = open(tmp_path / f"{name}.log", "w")
-        procs[name] = (subprocess.Popen(colar_cmd("run", overrides=common + [f"output_dir={root}"]), env=env,
-                                        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log)
-    deadline = time.time() + 420
-    for name, (proc, log) in procs.items():
-        try:
-            proc.wait(timeout=max(1, deadline - time.time()))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
-        text = (tmp_path / f"{name}.log").read_text()
-        assert proc.returncode == 0, text[-4000:]
+    logs = run_at_once(tmp_path, {name: common + [f"output_dir={root}"] for name, root in roots.items()},
+                       cli_env(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server))
+    for text in logs.values():
         assert "LockTimeout" not in text and "waiting for lock" not in text  # neither waited for the other
 
     client = MlflowClient()

@@ -82,3 +82,19 @@ def test_preflight_checks_each_eval_set_and_the_test_split_only_when_evaluated(t
     preflight(load_config(None, base + ["eval.datasets=[svamp, multiarith]"]))  # bundled sets: fine
     with pytest.raises(ConfigError, match=r"field 'eval\.datasets\[1\]\.source': file or directory '/no/such\.jsonl'"):
         preflight(load_config(None, base + ["eval.datasets=[svamp, {name: x, source: /no/such.jsonl}]"]))
+
+
+def test_eval_set_sources_key_the_evaluate_stage_by_content(tmp_path):
+    """An in-place edit of an evaluation set re-keys the evaluate stage; an unchanged one does not;
+    a bundled name is keyed by its file's content, and the test split by the data digest (not here)."""
+    from colar.tasks.keys import eval_inputs
+
+    f = tmp_path / "extra.jsonl"
+    f.write_text('{"question": "q", "steps": [], "answer": "2"}\n')
+    conf = EvalConfig(datasets=["test", "svamp", {"name": "extra", "source": str(f)}]).model_dump(mode="json")
+    first = eval_inputs(conf)
+    assert set(first) == {"eval.svamp", "eval.extra"} and first["eval.svamp"].startswith("sha256:")
+    assert eval_inputs(conf) == first
+    f.write_text('{"question": "q", "steps": [], "answer": "3"}\n')
+    second = eval_inputs(conf)
+    assert second["eval.extra"] != first["eval.extra"] and second["eval.svamp"] == first["eval.svamp"]

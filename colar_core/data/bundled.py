@@ -22,6 +22,7 @@ The three evaluation-only sets have no checkable equation steps: their records h
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +69,12 @@ def bundled_names() -> list[str]:
 
 
 def resolve_bundled(source: str) -> tuple[str, str] | None:
-    """``(file path, format)`` of the bundled set named ``source``, or ``None`` if it names none.
+    """``(file path, format)`` of the bundled set named ``source``, or ``None`` if it names none or an
+    existing local path of that name wins (the rule of every reader, key and check here).
 
-    Only the exact name counts (``"svamp"``, not ``"SVAMP"`` or ``"./svamp"``); whether a local path
-    of that name should win is the caller's choice (every reader here lets an existing path win).
+    Only the exact name counts (``"svamp"``, not ``"SVAMP"`` or ``"./svamp"``).
     """
     found = BUNDLED.get(str(source)) if isinstance(source, (str, Path)) else None
+    if found is not None and os.path.exists(source):
+        return None
     return (str(found.path), found.format) if found is not None else None

@@ -148,7 +148,7 @@ def _check_output(source: str, out: Path) -> None:
     if existing.exists() and not existing.is_dir():
         raise ValueError(f"output directory {out}: {existing} is a file, not a directory")
     path = Path(source)
-    if not path.exists() and (bundled := resolve_bundled(source)) is not None:
+    if (bundled := resolve_bundled(source)) is not None:
         path = Path(bundled[0])  # a bundled set: its file in the package must not be overwritten either
     if path.is_file():
         inputs = [path]

@@ -152,7 +152,7 @@ def resolve_format(source: str, format: str = "auto") -> str:
     if fmt != "auto":
         return fmt
     source = str(source)
-    if not os.path.exists(source) and (bundled := resolve_bundled(source)) is not None:
+    if (bundled := resolve_bundled(source)) is not None:
         return bundled[1]
     path = Path(source)
     if path.is_dir():
@@ -461,7 +461,7 @@ def read_records(source: str, format: str = "auto", policy: str = "fail", split:
     source = str(source)
     fmt = resolve_format(source, format)
     label = None
-    if not os.path.exists(source) and (bundled := resolve_bundled(source)) is not None:
+    if (bundled := resolve_bundled(source)) is not None:
         label, source = source, bundled[0]  # ids say the set's name ("svamp:row0"), errors the file
     items: Iterable[Record | DataError]
     if fmt == "gsm8k-aug":
