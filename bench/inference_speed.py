@@ -241,6 +241,19 @@ def run_batch(bench: Bench, questions: list[str], args) -> dict:
     }
 
 
+def summary_line(b, res: dict) -> str:
+    """One batch's result as a line; the step ratio is None when timing noise made the token step come
+    out <= 0 (a few repetitions on a busy machine), and the line says so instead of failing."""
+    ratio = res["latent_step_over_token_step"]
+    ratio_text = f"x{ratio:.3f}" if ratio is not None else "ratio n/a: token step <= 0, raise --reps"
+    line = (f"[inference_speed] batch {b}: token step {res['token_step_ms']:.2f} ms, latent step "
+            f"{res['latent_step_ms']:.2f} ms ({ratio_text}); e2e "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in res["e2e_ms"].items()))
+    if "c4" in res["over_cot"]:
+        line += f"; c4/cot {res['over_cot']['c4']:.3f}"
+    return line
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -264,10 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         res = run_batch(bench, all_q[:b], args)
         res["peak_memory_gib"] = common.peak_memory_gib(device)
         batches[str(b)] = res
-        print(f"[inference_speed] batch {b}: token step {res['token_step_ms']:.2f} ms, latent step "
-              f"{res['latent_step_ms']:.2f} ms (x{res['latent_step_over_token_step']:.3f}); e2e " +
-              ", ".join(f"{k} {v:.1f} ms" for k, v in res["e2e_ms"].items()) +
-              (f"; c4/cot {res['over_cot']['c4']:.3f}" if "c4" in res["over_cot"] else ""), flush=True)
+        print(summary_line(b, res), flush=True)
 
     ratios = [v["latent_step_over_token_step"] for v in batches.values() if v["latent_step_over_token_step"]]
     c4 = [v["over_cot"]["c4"] for v in batches.values() if "c4" in v["over_cot"]]

@@ -111,3 +111,15 @@ def test_quality_bench_runs_every_stage_at_tiny_size(tmp_path):
     assert {"accuracy", "ci95", "mean_len"} <= set(data["cot"])
     assert {"c", "accuracy", "ci95", "mean_len", "sft_accuracy", "sft_mean_len"} <= set(data["colar_rl"])
     assert (tmp_path / "quality.png").stat().st_size > 1000
+
+
+def test_inference_summary_line_survives_a_noisy_token_step():
+    # reps=1 on a busy machine can time the longer CoT probe no slower than the shorter one: the ratio is
+    # then None and the bench must still finish (CI once failed formatting it)
+    from bench.inference_speed import summary_line
+
+    res = {"token_step_ms": -0.5, "latent_step_ms": 1.0, "latent_step_over_token_step": None,
+           "e2e_ms": {"cot": 10.0, "c4": 4.0}, "over_cot": {"c4": 0.4}}
+    line = summary_line(2, res)
+    assert "ratio n/a" in line and "c4/cot 0.400" in line
+    assert "(x2.000)" in summary_line(2, {**res, "latent_step_over_token_step": 2.0})
