@@ -8,6 +8,11 @@ stage starts), then makes sure an MLflow and a Prefect server answer (starting l
 127.0.0.1 when ``MLFLOW_TRACKING_URI`` / ``PREFECT_API_URL`` are not set), runs the flow, and
 prints where to look. Every command ends a bad config in one line and exit code 2, an unreachable
 server in one line and exit code 3; a URL is never printed with its credentials (``mask_url``).
+
+``colar servers start`` and ``colar run`` take the server options ``--backend sqlite|postgres``,
+``--db-url``, ``--db-prefix`` and ``--mlflow-auth none|basic-auth`` (or ``COLAR_BACKEND``,
+``COLAR_DB_URL``, ``COLAR_DB_PREFIX``, ``COLAR_MLFLOW_AUTH``; see :mod:`colar.flows.backends`). They
+choose how a server is started; a running one is reused when they are left out.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from colar_core.data.prepare import prepare_data
 from colar_core.data.readers import FORMATS
 from colar_core.data.records import DataError
 from colar.flows import servers
+from colar.flows.backends import ServerSettings
 from colar.flows.config import ConfigError, PipelineConfig, load_config, preflight
 from colar.tasks.params import mask_secrets, mask_url
 
@@ -38,9 +44,10 @@ def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optiona
     print("Stop the local servers with: colar servers stop")
 
 
-def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None) -> int:
-    """Run the pipeline on ``cfg`` (under ``parent_run_id`` for a retry); print metrics and URLs."""
-    urls = servers.ensure_servers()
+def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Optional[ServerSettings] = None) -> int:
+    """Run the pipeline on ``cfg`` (under ``parent_run_id`` for a retry); print metrics and URLs.
+    ``settings``: how to start servers that are not running (default: the ``COLAR_*`` variables)."""
+    urls = servers.ensure_servers(settings=settings)
     print(f"MLflow tracking server: {mask_url(urls['mlflow'])}\nPrefect API: {mask_url(urls['prefect'])}", flush=True)
     # Pipeline commands import prefect and mlflow here, not at module level: `colar data prepare`
     # must work where they are not installed.
@@ -83,10 +90,17 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None) -> int:
     return 1
 
 
+def server_settings(args) -> ServerSettings:
+    """The server options of ``args`` over the ``COLAR_*`` variables (ConfigError naming a bad one)."""
+    return ServerSettings.from_env(backend=args.backend, db_url=args.db_url, db_prefix=args.db_prefix,
+                                   mlflow_auth=args.mlflow_auth)
+
+
 def cmd_run(args) -> int:
+    settings = server_settings(args)
     cfg = load_config(args.config, args.set or [])
     preflight(cfg)  # model path, dataset id: before any server or stage starts (ConfigError: see main)
-    return _run(cfg)
+    return _run(cfg, settings=settings)
 
 
 def resolve_parent_run(run: str):
@@ -169,8 +183,12 @@ def cmd_compare(args) -> int:
 
 def cmd_servers(args) -> int:
     if args.action == "start":
-        for name, url in servers.ensure_servers(apply_env=False).items():
-            print(f"{name}: {mask_url(url)}")
+        urls = servers.ensure_servers(apply_env=False, settings=server_settings(args))
+        records = servers.server_status()
+        for name, url in urls.items():
+            rec = records.get(name, {}) if records.get(name, {}).get("url") == url else {}  # not for an env var's server
+            where = ", ".join(f"{k} {rec[k]}" for k in ("backend", "database", "auth") if k in rec)
+            print(f"{name}: {mask_url(url)}" + (f" ({mask_url(where)})" if where else ""))
     elif args.action == "stop":
         stopped = servers.stop_servers()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -223,6 +241,21 @@ def cmd_model_fetch_smollm2(args) -> int:
     return 0
 
 
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """How servers that are not running get started (a running one is reused when these are left out)."""
+    group = parser.add_argument_group("server options (when a local server is started; env vars in brackets)")
+    group.add_argument("--backend", choices=["sqlite", "postgres"],
+                       help="where the servers store their data: sqlite files in the colar home (default) or "
+                       "PostgreSQL databases [COLAR_BACKEND]")
+    group.add_argument("--db-url", help="PostgreSQL server for backend postgres, postgresql://USER[:PASSWORD]@HOST[:PORT]; "
+                       "colar creates <prefix>_mlflow and <prefix>_prefect there (a password is better given as "
+                       "PGPASSWORD or in COLAR_DB_URL: a command line is visible to other users) [COLAR_DB_URL]")
+    group.add_argument("--db-prefix", help="prefix of the database names (default colar) [COLAR_DB_PREFIX]")
+    group.add_argument("--mlflow-auth", choices=["none", "basic-auth"],
+                       help="basic-auth: MLflow asks for credentials; its admin user is MLFLOW_TRACKING_USERNAME / "
+                       "MLFLOW_TRACKING_PASSWORD [COLAR_MLFLOW_AUTH]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colar", description="Compressed Latent Reasoning pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline (default config: the embedded tiny default)")
     run.add_argument("--config", help="YAML config file (see configs/)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. sft_colar.max_steps=100")
+    add_server_options(run)
     run.set_defaults(func=cmd_run)
     retry = sub.add_parser("retry", help="re-run a failed pipeline: finished stages are skipped, the failed one resumes")
     retry.add_argument("run", help="MLflow parent run id or Prefect flow-run id")
@@ -276,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     smol.set_defaults(func=cmd_model_fetch_smollm2)
     servers = sub.add_parser("servers", help="start / stop / status of the local MLflow and Prefect servers")
     servers.add_argument("action", choices=["start", "stop", "status"])
+    add_server_options(servers)
     servers.set_defaults(func=cmd_servers)
     return parser
 

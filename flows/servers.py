@@ -9,13 +9,20 @@ next ``colar run`` finds the record, checks the process is alive and answering, 
 If ``MLFLOW_TRACKING_URI`` / ``PREFECT_API_URL`` is set, that server is used instead of starting
 one, after a quick check that it answers (a wrong URI fails in seconds, naming the URI).
 
+Backends (:mod:`colar.flows.backends`): SQLite files in the state directory by default, or databases
+on a PostgreSQL server (``--backend postgres --db-url ...`` / ``$COLAR_DB_URL``); MLflow optionally
+with its basic-auth app (``--mlflow-auth basic-auth``). A running server is reused whatever it was
+started with, unless a command asks for another backend or auth explicitly: then it says so and
+stops (it is never restarted under pipelines that may use it).
+
 State directory: ``$COLAR_HOME`` if set, else ``./.colar``. Layout::
 
     servers.json            {"mlflow": {pid, url, log, ...}, "prefect": {...}}
     *.lock                  serialise concurrent ``ensure_*``/``stop_servers`` calls
-    mlflow.db, mlartifacts/ MLflow backend store and proxied artifacts
+    mlflow.db, mlartifacts/ MLflow backend store (sqlite backend) and proxied artifacts (both backends)
+    mlflow-auth.ini, mlflow-auth-secret, mlflow-auth.db   MLflow basic auth (with --mlflow-auth basic-auth)
     mlflow.log, prefect.log server output
-    prefect/                PREFECT_HOME of the Prefect server (its sqlite database)
+    prefect/                PREFECT_HOME of the Prefect server (its sqlite database, sqlite backend)
     prefect/ui/             the Prefect UI's static files, copied there at the first start
 
 Both servers serve their web UI: MLflow at its base URL, Prefect at ``http://127.0.0.1:PORT/``
@@ -28,6 +35,7 @@ starts fast.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -41,13 +49,16 @@ import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
+from colar.flows.backends import (MLFLOW_PG_DRIVER, PREFECT_PG_DRIVER, DatabaseError, ServerSettings, client_credentials,
+                                  ensure_databases, mlflow_auth_setup)
 from colar.flows.locks import exclusive_lock
 from colar.tasks.params import mask_url
 
 __all__ = [
     "ServerError",
+    "ServerSettings",
     "default_state_dir",
     "ensure_mlflow",
     "ensure_prefect",
@@ -265,7 +276,7 @@ def _check_external(name: str, env_var: str, url: str, health_path: str, timeout
 def _spawn(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {mask_url(' '.join(cmd))}\n".encode())
         log.flush()
         proc = subprocess.Popen(
             cmd,
@@ -338,7 +349,14 @@ def _ensure(
     url_suffix: str,
     timeout_s: float,
     extra: dict[str, Any],
+    identity: Optional[dict[str, str]] = None,
+    explicit: frozenset[str] = frozenset(),
+    before_start: Optional[Callable[[], dict[str, str]]] = None,
 ) -> str:
+    """``identity``: what the server stores where (backend, database, auth), recorded; a reused server
+    must match it in the ``explicit`` keys (those the caller asked for), else :class:`ServerError`.
+    ``before_start``: run under the lock before a start (create databases...); returns more environment."""
+    identity = identity or {}
     with _locked(state_dir, name):
         rec = _get_record(state_dir, name)
         if rec:
@@ -346,11 +364,17 @@ def _ensure(
             if _recorded_alive(rec, marker):
                 # Alive: reuse it if it answers (waiting in case it is still starting).
                 if same_place and _wait_healthy(_health_url(rec["base_url"], health_path), timeout_s):
+                    _refuse_if_other_identity(name, rec, identity, explicit)
                     _warn_if_outdated(name, rec, extra)
                     return rec["url"]
                 _terminate_group(rec["pid"], rec.get("pgid", rec["pid"]), timeout_s=10.0)
             _set_record(state_dir, name, None)
 
+        if before_start is not None:
+            try:
+                env = {**env, **before_start()}
+            except DatabaseError as err:
+                raise ServerError(f"{name} server not started: {err}") from None
         log_path = state_dir / f"{name}.log"
         last_error = ""
         for attempt in range(2):  # a free port can be taken between probing and binding: retry once
@@ -377,6 +401,7 @@ def _ensure(
                     "cmd": cmd,
                     "started_at": time.time(),
                     "startup_s": round(time.monotonic() - started, 2),
+                    **identity,
                     **extra,
                 }
                 _set_record(state_dir, name, rec)
@@ -392,6 +417,24 @@ def _ensure(
             if not (died and port_clash and port is None):
                 break
         raise ServerError(last_error)
+
+
+#: What records written before backends existed mean: a sqlite store, no auth.
+_LEGACY_IDENTITY = {"backend": "sqlite", "auth": "none"}
+
+
+def _refuse_if_other_identity(name: str, rec: dict[str, Any], identity: dict[str, str], explicit) -> None:
+    """A running server stores elsewhere than asked (e.g. sqlite when postgres was asked for): say so
+    instead of silently using it, and do not restart it (other pipelines may be using it)."""
+    differ = [k for k in sorted(explicit & identity.keys())
+              if k in rec or k in _LEGACY_IDENTITY
+              if rec.get(k, _LEGACY_IDENTITY.get(k)) != identity[k]]
+    if differ:
+        running = ", ".join(f"{k} {mask_url(str(rec.get(k, _LEGACY_IDENTITY.get(k))))}" for k in differ)
+        asked = ", ".join(f"{k} {mask_url(identity[k])}" for k in differ)
+        raise ServerError(f"the running {name} server (pid {rec.get('pid')}, {mask_url(str(rec.get('base_url')))}) "
+                          f"has {running}; this command asks for {asked}. Stop it with `colar servers stop` "
+                          "(when no pipeline uses it) or leave the backend options out to use it as it is.")
 
 
 def _warn_if_outdated(name: str, rec: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -415,27 +458,49 @@ def _base_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
 # public API
 
 
+def _settings(settings: Optional[ServerSettings]) -> ServerSettings:
+    return settings if settings is not None else ServerSettings.from_env()
+
+
+def _explicit(settings: ServerSettings, auth: bool) -> frozenset[str]:
+    """The identity keys the caller asked for (flags or ``COLAR_*`` variables)."""
+    keys = set()
+    if settings.backend is not None or settings.db_url is not None:
+        keys |= {"backend", "database"}
+    if auth and settings.mlflow_auth is not None:
+        keys.add("auth")
+    return frozenset(keys)
+
+
 def ensure_mlflow(
     state_dir: Optional[os.PathLike | str] = None,
     host: str = "127.0.0.1",
     port: Optional[int] = None,
     *,
     timeout_s: float = DEFAULT_START_TIMEOUT_S,
+    settings: Optional[ServerSettings] = None,
 ) -> str:
     """Return a tracking URI of an MLflow server that answers, starting one if needed.
 
     ``$MLFLOW_TRACKING_URI`` wins if set (checked to answer within a few seconds, else
     :class:`ServerError` naming it). Otherwise reuse the server recorded in ``state_dir``, or start
-    ``mlflow server`` with a sqlite backend (``state_dir/mlflow.db``), proxied artifacts in
-    ``state_dir/mlartifacts``, one worker and job execution off (keeps memory low).
+    ``mlflow server`` with its backend store in ``state_dir/mlflow.db`` (sqlite) or the database
+    ``<db_prefix>_mlflow`` (postgres; created if missing), proxied artifacts in
+    ``state_dir/mlartifacts``, one worker and job execution off (keeps memory low); with
+    ``mlflow_auth="basic-auth"`` as ``--app-name basic-auth`` (see :mod:`colar.flows.backends`).
+    ``settings`` default: :meth:`ServerSettings.from_env`.
     """
     external = os.environ.get("MLFLOW_TRACKING_URI")
     if external:
         return _check_external("MLflow", "MLFLOW_TRACKING_URI", external, "health", EXTERNAL_CHECK_TIMEOUT_S)
 
+    settings = _settings(settings)
     sd = _state_dir(state_dir)
-    backend = f"sqlite:///{sd / 'mlflow.db'}"
+    pg = settings.pg
+    backend = (pg.url(settings.database("mlflow"), driver=MLFLOW_PG_DRIVER) if pg is not None
+               else f"sqlite:///{sd / 'mlflow.db'}")
     artifacts = sd / "mlartifacts"
+    auth = settings.effective_auth
 
     def build_cmd(p: int) -> list[str]:
         return [
@@ -445,12 +510,22 @@ def ensure_mlflow(
             "--host", host,
             "--port", str(p),
             "--workers", "1",
+            *(["--app-name", "basic-auth"] if auth == "basic-auth" else []),
         ]
 
-    env = _base_env(drop=("MLFLOW_TRACKING_URI",))
+    def before_start() -> dict[str, str]:
+        more = {}
+        if pg is not None:
+            ensure_databases(settings, ("mlflow",))
+            more.update(pg.env())
+        if auth == "basic-auth":
+            more.update(mlflow_auth_setup(sd, settings)[0])
+        return more
+
+    env = _base_env(drop=("MLFLOW_TRACKING_URI", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_CONFIG_PATH"))
     # Background job runner (GenAI judges/optimisation) is not used by colar; it costs ~8 processes.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    return _ensure(
+    url = _ensure(
         name="mlflow",
         state_dir=sd,
         host=host,
@@ -461,8 +536,42 @@ def ensure_mlflow(
         marker="mlflow",
         url_suffix="",
         timeout_s=timeout_s,
-        extra={"backend_store_uri": backend, "artifacts_destination": str(artifacts)},
+        extra={"artifacts_destination": str(artifacts)},
+        identity={"backend": settings.effective_backend, "database": backend, "backend_store_uri": backend, "auth": auth},
+        explicit=_explicit(settings, auth=True),
+        before_start=before_start,
     )
+    rec = _get_record(sd, "mlflow") or {}
+    if rec.get("auth") == "basic-auth":
+        _check_mlflow_credentials(url)
+    return url
+
+
+#: An MLflow REST call any authenticated user may make: the credentials check after start / reuse.
+_AUTH_PROBE = "api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _check_mlflow_credentials(url: str, timeout_s: float = 10.0) -> None:
+    """The basic-auth server at ``url`` accepts ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``, else
+    :class:`ServerError` saying which is wrong (never the password)."""
+    creds = client_credentials()
+    if creds is None:
+        raise ServerError(f"the MLflow server at {mask_url(url)} asks for credentials (basic auth): set "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    token = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+    request = urllib.request.Request(_health_url(url, _AUTH_PROBE), headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):  # noqa: S310 (the server colar started)
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise ServerError(
+                f"the MLflow server at {mask_url(url)} refuses MLFLOW_TRACKING_USERNAME={creds[0]!r} with "
+                f"MLFLOW_TRACKING_PASSWORD (HTTP {err.code}). Its admin user was created with the credentials "
+                "of its first start; use those, or change the password through MLflow's users API.") from None
+        raise ServerError(f"the MLflow server at {mask_url(url)} failed the credentials check: HTTP {err.code}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise ServerError(f"the MLflow server at {mask_url(url)} failed the credentials check: {err}") from None
 
 
 def ensure_prefect(
@@ -471,6 +580,7 @@ def ensure_prefect(
     port: Optional[int] = None,
     *,
     timeout_s: float = DEFAULT_START_TIMEOUT_S,
+    settings: Optional[ServerSettings] = None,
 ) -> str:
     """Return the API URL (``http://127.0.0.1:PORT/api``) of a Prefect server, starting one if needed.
 
@@ -478,7 +588,9 @@ def ensure_prefect(
     or start ``prefect server start`` with ``PREFECT_HOME=state_dir/prefect``, analytics off and the
     UI on at ``http://127.0.0.1:PORT/`` (its static files in ``state_dir/prefect/ui``, not in the
     installed package, which may be read-only; ``PREFECT_UI_API_URL`` = this server's ``/api``:
-    Prefect's default would send the browser to port 4200).
+    Prefect's default would send the browser to port 4200). Its database: the sqlite file in
+    ``PREFECT_HOME`` or, for backend postgres, ``postgresql+asyncpg://.../<db_prefix>_prefect``
+    (created if missing) in ``PREFECT_SERVER_DATABASE_CONNECTION_URL``.
     Callers then point flows at it with :func:`use_prefect` (setting ``os.environ`` alone is not
     enough once ``prefect`` has been imported: it reads settings at import time).
     """
@@ -486,14 +598,25 @@ def ensure_prefect(
     if external:
         return _check_external("Prefect", "PREFECT_API_URL", external, "health", EXTERNAL_CHECK_TIMEOUT_S)
 
+    settings = _settings(settings)
     sd = _state_dir(state_dir)
     home = sd / "prefect"
     home.mkdir(parents=True, exist_ok=True)
+    pg = settings.pg
+    database = (pg.url(settings.database("prefect"), driver=PREFECT_PG_DRIVER) if pg is not None
+                else f"sqlite+aiosqlite:///{home / 'prefect.db'}")
 
     def build_cmd(p: int) -> list[str]:
         return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(p)]
 
-    env = _base_env(drop=("PREFECT_API_URL", "PREFECT_PROFILE") + _PREFECT_UI_ENV)
+    def before_start() -> dict[str, str]:
+        if pg is None:
+            return {}
+        ensure_databases(settings, ("prefect",))
+        return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": database, **pg.env()}
+
+    inherited_db = tuple(k for k in os.environ if k.startswith(("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")))
+    env = _base_env(drop=("PREFECT_API_URL", "PREFECT_PROFILE") + _PREFECT_UI_ENV + inherited_db)
     env.update(
         {
             "PREFECT_HOME": str(home),
@@ -521,6 +644,9 @@ def ensure_prefect(
         url_suffix="/api",
         timeout_s=timeout_s,
         extra={"prefect_home": str(home), "ui": True},
+        identity={"backend": settings.effective_backend, "database": database},
+        explicit=_explicit(settings, auth=False),
+        before_start=before_start,
     )
 
 
@@ -555,12 +681,17 @@ def use_prefect(api_url: str) -> None:
 
 
 def ensure_servers(
-    state_dir: Optional[os.PathLike | str] = None, *, apply_env: bool = True
+    state_dir: Optional[os.PathLike | str] = None,
+    *,
+    apply_env: bool = True,
+    settings: Optional[ServerSettings] = None,
 ) -> dict[str, str]:
     """Ensure both servers (started in parallel); with ``apply_env`` point this process at them.
+    ``settings`` (backend, database, MLflow auth) default: :meth:`ServerSettings.from_env`.
 
     Returns ``{"mlflow": tracking_uri, "prefect": api_url}``.
     """
+    settings = _settings(settings)
     # Servers named by MLFLOW_TRACKING_URI / PREFECT_API_URL are only probed (seconds): probe them
     # first, so a dead one fails the command at once instead of after the other server has started.
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -568,8 +699,8 @@ def ensure_servers(
     if os.environ.get("PREFECT_API_URL"):
         ensure_prefect(state_dir)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="colar-servers") as pool:
-        mlflow_f = pool.submit(ensure_mlflow, state_dir)
-        prefect_f = pool.submit(ensure_prefect, state_dir)
+        mlflow_f = pool.submit(ensure_mlflow, state_dir, settings=settings)
+        prefect_f = pool.submit(ensure_prefect, state_dir, settings=settings)
         urls = {"mlflow": mlflow_f.result(), "prefect": prefect_f.result()}
     if apply_env:
         use_mlflow(urls["mlflow"])

@@ -4,7 +4,10 @@ content digest of a file or folder (a saved model's lineage id; what a cache key
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,10 +17,13 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 
 from colar.tasks.runs import client_or_default
 
 __all__ = ["content_digest", "directory_digest", "log_artifact_dir", "log_dataset_input"]
+
+log = logging.getLogger(__name__)
 
 
 def log_artifact_dir(
@@ -119,5 +125,26 @@ def log_dataset_input(
     if context:
         input_tags.append(InputTag(key="mlflow.data.context", value=context))
     ds_input = DatasetInput(dataset=entity, tags=input_tags)
-    client_or_default(client).log_inputs(run_id, datasets=[ds_input])
+    _log_inputs(client_or_default(client), run_id, ds_input)
     return ds_input
+
+
+#: How MLflow's server reports the dataset-insert race below (PostgreSQL, SQLite, MySQL wording).
+_DATASET_RACE = re.compile(r"UniqueViolation|duplicate key value|UNIQUE constraint failed|Duplicate entry", re.I)
+
+
+def _log_inputs(client: MlflowClient, run_id: str, ds_input: DatasetInput, attempts: int = 3) -> None:
+    """``client.log_inputs``, again when it lost the server's dataset race: the server looks the dataset
+    up and inserts it if missing, so two pipelines logging the same data at the same moment (three
+    pipelines started together on a PostgreSQL-backed server did) make one insert fail on the unique
+    key. The dataset exists by then (the failed call is rolled back), so the next call links it."""
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=[ds_input])
+            return
+        except MlflowException as err:
+            if attempt + 1 >= attempts or not _DATASET_RACE.search(str(err)):
+                raise
+            log.warning("dataset %s: another run inserted it at the same moment (dataset insert race); "
+                        "linking it again, attempt %d", ds_input.dataset.name, attempt + 2)
+            time.sleep(0.2 * (attempt + 1))

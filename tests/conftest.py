@@ -8,7 +8,7 @@ reads its settings at import time):
 - ``PREFECT_HOME`` and ``COLAR_HOME`` in a temporary directory removed at session end;
 - ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120`` (the ephemeral server needs ~17 s here);
 - ``MLFLOW_TRACKING_URI`` and ``PREFECT_API_URL`` unset: a test never talks to a developer's
-  servers by accident.
+  servers by accident (nor with their ``COLAR_DB_URL`` / ``COLAR_BACKEND`` / MLflow credentials).
 
 Servers start lazily, once per session, only when a test asks:
 
@@ -48,7 +48,9 @@ _TEST_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
-_UNSET = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_PROFILE")
+# A developer's server choices (colar.flows.backends) and MLflow credentials never reach a test's servers.
+_UNSET = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_PROFILE", "COLAR_BACKEND", "COLAR_DB_URL",
+          "COLAR_DB_PREFIX", "COLAR_MLFLOW_AUTH", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 os.environ.update(_TEST_ENV)
 for _name in _UNSET:

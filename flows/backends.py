@@ -1,0 +1,361 @@
+"""Where the local servers keep their data, and whether MLflow asks for credentials.
+
+Two backends (:class:`ServerSettings`, read by :mod:`colar.flows.servers` when it starts a server):
+
+``sqlite`` (the default, nothing to set up)
+    MLflow's store is ``<COLAR_HOME>/mlflow.db``, Prefect's is the SQLite file in
+    ``<COLAR_HOME>/prefect``. Good for one machine and a few pipelines at a time.
+
+``postgres`` (production)
+    ``db_url`` names a PostgreSQL *server* (``postgresql://USER[:PASSWORD]@HOST[:PORT][/DB]``; ``DB``,
+    default ``postgres``, is only the database colar connects to for creating the others). colar
+    creates one database per server if it is missing: ``<db_prefix>_mlflow`` (MLflow's backend
+    store), ``<db_prefix>_prefect`` (Prefect, through ``postgresql+asyncpg``) and, with basic auth,
+    ``<db_prefix>_mlflow_auth`` (MLflow's user store). Artifacts stay files:
+    ``<COLAR_HOME>/mlartifacts``, served by the MLflow server.
+
+The password of ``db_url`` never reaches a command line, a record, a log or a printed URL: the
+servers get URLs without it and the password as ``PGPASSWORD`` in their environment (libpq, which
+MLflow's psycopg2 uses, and asyncpg, which Prefect uses, both read it).
+
+MLflow basic auth (``mlflow_auth="basic-auth"``) starts MLflow with ``--app-name basic-auth``. Its
+admin user is ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, the same variables the
+pipeline's MLflow client sends with every request. MLflow creates the admin at the first start
+against an empty user store and ignores the variables afterwards: a changed password is refused by
+the running server (colar checks the credentials after each start or reuse and says so).
+
+Every setting has an environment variable; command-line flags win over them:
+
+=====================  ==========================  =========================================
+field                  environment variable        flag (``colar servers start`` / ``run``)
+=====================  ==========================  =========================================
+``backend``            ``COLAR_BACKEND``           ``--backend sqlite|postgres``
+``db_url``             ``COLAR_DB_URL``            ``--db-url URL``
+``db_prefix``          ``COLAR_DB_PREFIX``         ``--db-prefix NAME``
+``mlflow_auth``        ``COLAR_MLFLOW_AUTH``       ``--mlflow-auth none|basic-auth``
+=====================  ==========================  =========================================
+
+This module imports neither mlflow nor prefect; ``psycopg2`` only when it creates or drops a database.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from colar_core.config import StrictModel
+from colar.flows.config import ConfigError
+from colar.tasks.params import mask_url
+
+__all__ = [
+    "DatabaseError",
+    "MLFLOW_PG_DRIVER",
+    "PREFECT_PG_DRIVER",
+    "PgServer",
+    "ServerSettings",
+    "create_database",
+    "drop_database",
+    "ensure_databases",
+    "mlflow_auth_setup",
+]
+
+#: Environment variable of each :class:`ServerSettings` field.
+ENV_VARS = {
+    "backend": "COLAR_BACKEND",
+    "db_url": "COLAR_DB_URL",
+    "db_prefix": "COLAR_DB_PREFIX",
+    "mlflow_auth": "COLAR_MLFLOW_AUTH",
+}
+#: The flag of each field, for error messages.
+FLAGS = {"backend": "--backend", "db_url": "--db-url", "db_prefix": "--db-prefix", "mlflow_auth": "--mlflow-auth"}
+#: Seconds to wait for the PostgreSQL server when colar creates or drops a database.
+CONNECT_TIMEOUT_S = 5
+#: SQLAlchemy URL schemes of the two servers' drivers. A bare ``postgresql://`` means psycopg 3 to
+#: SQLAlchemy 2.1, which is not installed: MLflow gets psycopg2 (pinned) named explicitly.
+MLFLOW_PG_DRIVER, PREFECT_PG_DRIVER = "postgresql+psycopg2", "postgresql+asyncpg"
+#: The databases colar keeps on a PostgreSQL server, by role: ``<db_prefix>_<suffix>``.
+DATABASE_SUFFIXES = {"mlflow": "mlflow", "prefect": "prefect", "mlflow_auth": "mlflow_auth"}
+
+
+class DatabaseError(RuntimeError):
+    """The PostgreSQL server cannot be reached, or refused to create or drop a database."""
+
+
+class ServerSettings(StrictModel):
+    """How colar starts its local servers. ``None`` fields mean "not asked for": a running server is
+    reused whatever it was started with, and a new one gets the default."""
+
+    backend: Optional[Literal["sqlite", "postgres"]] = Field(
+        None, description="Where the servers store runs and flow runs: SQLite files in the colar home "
+        "(the default) or databases on the PostgreSQL server `db_url`. A `db_url` alone means postgres.")
+    db_url: Optional[str] = Field(
+        None, description="PostgreSQL server URL, `postgresql://USER[:PASSWORD]@HOST[:PORT][/DB]`; DB "
+        "(default `postgres`) is where colar connects to create its own databases. Backend postgres only.")
+    db_prefix: str = Field(
+        "colar", pattern=r"^[a-z_][a-z0-9_]{0,40}$",
+        description="Names of the databases colar creates: `<db_prefix>_mlflow`, `<db_prefix>_prefect`, "
+        "`<db_prefix>_mlflow_auth` (lower-case letters, digits, `_`).")
+    mlflow_auth: Optional[Literal["none", "basic-auth"]] = Field(
+        None, description="`basic-auth`: MLflow's basic-auth app; its admin is MLFLOW_TRACKING_USERNAME / "
+        "MLFLOW_TRACKING_PASSWORD, which the pipeline's client sends. Default `none`.")
+
+    @field_validator("db_url")
+    @classmethod
+    def _postgres_url(cls, url: Optional[str]) -> Optional[str]:
+        if url is None:
+            return None
+        PgServer.parse(url)  # ValueError names what is wrong, without the password
+        return url
+
+    @model_validator(mode="after")
+    def _backend_matches_url(self) -> "ServerSettings":
+        if self.backend == "postgres" and self.db_url is None:
+            raise ValueError("backend postgres needs db_url (--db-url or $COLAR_DB_URL), e.g. "
+                             "postgresql://postgres@127.0.0.1:5432")
+        if self.backend == "sqlite" and self.db_url is not None:
+            raise ValueError("db_url is for backend postgres; backend sqlite keeps its files in the colar home")
+        return self
+
+    @classmethod
+    def from_env(cls, **given: Optional[str]) -> "ServerSettings":
+        """Settings from the ``COLAR_*`` variables, overridden by the ``given`` values that are not None.
+        A bad value is a :class:`ConfigError` naming the field, its flag and its variable."""
+        values = {name: os.environ.get(var) or None for name, var in ENV_VARS.items()}
+        values.update({k: v for k, v in given.items() if v is not None})
+        values = {k: v for k, v in values.items() if v is not None}
+        try:
+            return cls(**values)
+        except ValidationError as err:
+            problems = []
+            for e in err.errors():
+                name = str(e["loc"][0]) if e["loc"] else ""
+                where = f"{name} ({FLAGS[name]} / ${ENV_VARS[name]})" if name in FLAGS else "server settings"
+                problems.append(f"{where}: {mask_url(e['msg'].removeprefix('Value error, '))}")
+            raise ConfigError("; ".join(problems)) from None
+
+    @property
+    def effective_backend(self) -> str:
+        """The backend a new server gets."""
+        if self.backend:
+            return self.backend
+        return "postgres" if self.db_url else "sqlite"
+
+    @property
+    def effective_auth(self) -> str:
+        return self.mlflow_auth or "none"
+
+    @property
+    def pg(self) -> Optional["PgServer"]:
+        """The PostgreSQL server, for backend postgres."""
+        return PgServer.parse(self.db_url) if self.effective_backend == "postgres" and self.db_url else None
+
+    def database(self, role: str) -> str:
+        """Name of the database of ``role`` (``mlflow``, ``prefect``, ``mlflow_auth``)."""
+        return f"{self.db_prefix}_{DATABASE_SUFFIXES[role]}"
+
+
+@dataclass(frozen=True)
+class PgServer:
+    """A PostgreSQL server from a ``postgresql://`` URL. :meth:`url` never contains the password; it
+    travels as ``PGPASSWORD`` (:meth:`env`)."""
+
+    host: str
+    port: int
+    user: str
+    maintenance_db: str = "postgres"
+    password: Optional[str] = field(default=None, repr=False)
+    query: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> "PgServer":
+        """Errors describe what is wrong without echoing ``url``: a malformed one cannot be masked."""
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.split("+", 1)[0]
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"db_url must start with postgresql:// (not {parts.scheme or 'no scheme'}://)")
+        if not parts.hostname:
+            raise ValueError("db_url names no host (a password with '/', '@' or ':' must be percent-encoded)")
+        try:
+            port = parts.port or 5432
+        except ValueError:
+            raise ValueError("db_url has a bad port (a password with '/', '@' or ':' must be percent-encoded)") from None
+        db = urllib.parse.unquote(parts.path.lstrip("/")) or "postgres"
+        if "/" in db:
+            raise ValueError("db_url: one database name at most after the host")
+        password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+        return cls(host=parts.hostname, port=port, user=urllib.parse.unquote(parts.username or "postgres"),
+                   maintenance_db=db, password=password or None, query=parts.query)
+
+    def url(self, database: str, driver: str = "postgresql") -> str:
+        """``driver://user@host:port/database`` (no password)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        query = f"?{self.query}" if self.query else ""
+        return f"{driver}://{urllib.parse.quote(self.user, safe='')}@{host}:{self.port}/{database}{query}"
+
+    def env(self) -> dict[str, str]:
+        """Environment a server process needs to log in: ``PGPASSWORD`` when the URL had a password."""
+        return {"PGPASSWORD": self.password} if self.password else {}
+
+    def _connect(self, database: Optional[str] = None):
+        try:
+            import psycopg2
+        except ImportError as err:  # pragma: no cover - a pinned dependency
+            raise DatabaseError(f"backend postgres needs psycopg2 (pip install psycopg2-binary): {err}") from None
+        try:
+            conn = psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                                    dbname=database or self.maintenance_db, connect_timeout=CONNECT_TIMEOUT_S)
+        except psycopg2.Error as err:
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if self.password:
+                detail = detail.replace(self.password, "***")
+            raise DatabaseError(f"PostgreSQL at {self.url(database or self.maintenance_db)} cannot be reached: "
+                                f"{detail}") from None
+        conn.autocommit = True  # CREATE / DROP DATABASE cannot run in a transaction
+        return conn
+
+    def exists(self, name: str) -> bool:
+        conn = self._connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                return cur.fetchone() is not None
+        finally:
+            conn.close()
+
+
+_DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _check_name(name: str) -> str:
+    if not _DB_NAME.fullmatch(name):
+        raise DatabaseError(f"database name {name!r}: lower-case letters, digits and _ only, at most 63")
+    return name
+
+
+def create_database(pg: PgServer, name: str) -> bool:
+    """Create database ``name`` on ``pg`` unless it exists; True if it was created. Two colar processes
+    creating it at once are fine (the loser sees it exists)."""
+    import psycopg2
+    from psycopg2 import errors, sql
+
+    conn = pg._connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (_check_name(name),))
+            if cur.fetchone() is not None:
+                return False
+            try:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            except (errors.DuplicateDatabase, errors.UniqueViolation):
+                return False
+            except psycopg2.Error as err:
+                raise DatabaseError(f"cannot create database {name} on {pg.url(name)}: "
+                                    f"{str(err).strip().splitlines()[0]}") from None
+            return True
+    finally:
+        conn.close()
+
+
+def drop_database(pg: PgServer, name: str) -> bool:
+    """Drop database ``name`` (closing its connections); True if it existed. For tests and clean-ups:
+    colar itself never drops a database."""
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = pg._connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (_check_name(name),))
+            if cur.fetchone() is None:
+                return False
+            try:
+                cur.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            except psycopg2.Error as err:
+                raise DatabaseError(f"cannot drop database {name} on {pg.url(name)}: "
+                                    f"{str(err).strip().splitlines()[0]}") from None
+            return True
+    finally:
+        conn.close()
+
+
+def ensure_databases(settings: ServerSettings, roles: tuple[str, ...]) -> dict[str, str]:
+    """Create the databases of ``roles`` that are missing; returns ``{role: database name}``."""
+    pg = settings.pg
+    if pg is None:
+        return {}
+    names = {role: settings.database(role) for role in roles}
+    for name in names.values():
+        create_database(pg, name)
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow basic auth
+
+#: MLflow's own variables for the admin user and the key that signs its CSRF tokens.
+ADMIN_USER_ENV, ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"
+SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
+CLIENT_USER_ENV, CLIENT_PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+#: What a user other than the admin may do with an experiment nobody granted them (MLflow's default).
+DEFAULT_PERMISSION = "READ"
+
+
+def client_credentials() -> Optional[tuple[str, str]]:
+    """``(MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)`` when both are set."""
+    user, password = os.environ.get(CLIENT_USER_ENV), os.environ.get(CLIENT_PASSWORD_ENV)
+    return (user, password) if user and password else None
+
+
+def mlflow_auth_setup(state_dir: Path, settings: ServerSettings) -> tuple[dict[str, str], str]:
+    """Files and environment for ``mlflow server --app-name basic-auth``: returns ``(env, user store URI)``.
+
+    Writes ``<state_dir>/mlflow-auth.ini`` (user store, default permission, admin user name: no
+    secret) and, once, ``<state_dir>/mlflow-auth-secret`` (mode 0600: the key that signs MLflow's
+    CSRF tokens; ``$MLFLOW_FLASK_SERVER_SECRET_KEY`` wins if set). The admin password goes only into
+    the server's environment.
+    """
+    creds = client_credentials()
+    if creds is None:
+        raise ConfigError(f"mlflow_auth basic-auth (--mlflow-auth / ${ENV_VARS['mlflow_auth']}) needs "
+                          f"{CLIENT_USER_ENV} and {CLIENT_PASSWORD_ENV}: they become the MLflow server's admin "
+                          "user and are what the pipeline's MLflow client sends")
+    user, password = creds
+    pg = settings.pg
+    if pg is not None:
+        store = pg.url(ensure_databases(settings, ("mlflow_auth",))["mlflow_auth"], driver=MLFLOW_PG_DRIVER)
+    else:
+        store = f"sqlite:///{state_dir / 'mlflow-auth.db'}"
+    ini = state_dir / "mlflow-auth.ini"
+    ini.write_text("\n".join([
+        "# Written by colar (colar.flows.backends) at each start of the basic-auth MLflow server.",
+        "[mlflow]",
+        f"default_permission = {DEFAULT_PERMISSION}",
+        f"database_uri = {store}",
+        f"admin_username = {user}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        "",
+    ]))
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        ADMIN_USER_ENV: user,
+        ADMIN_PASSWORD_ENV: password,
+        SECRET_KEY_ENV: os.environ.get(SECRET_KEY_ENV) or _flask_secret(state_dir),
+        **(pg.env() if pg is not None else {}),
+    }
+    return env, store
+
+
+def _flask_secret(state_dir: Path) -> str:
+    path = state_dir / "mlflow-auth-secret"
+    if not path.exists():  # the caller holds the MLflow server's lock: no other writer
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path.read_text().strip()
