@@ -91,10 +91,40 @@ class ModelConfig(StrictModel):
         "for a model it names (e.g. 0.018 for Llama-3.2-1B), otherwise the std of the model's own "
         "input-embedding table measured when the CoLaR model is first built (then frozen in its config).",
     )
-    pooling: Literal["sqrt", "mean"] = Field(
-        "sqrt", description="Merge a group as sum / sqrt(n real tokens) (paper default) or the mean (ablation)."
+    pooling: Literal["sqrt", "mean", "rotate", "gain"] = Field(
+        "sqrt", description="Merge a group as sum / sqrt(n real tokens) (paper default) or the mean (ablation); "
+        "both ignore token order inside a group. Order-aware, for tokenizers that split numbers into digits "
+        "(colar_core.merging): 'rotate' turns slot j by j * merge_angle radians in fixed 2-D planes before the "
+        "sum / sqrt(n) (no parameters); 'gain' multiplies slot j by a learned per-dimension gain near 1 (saved "
+        "with the model). Slot 0 is untouched by both, so r = 1 is the plain token embedding. See "
+        "docs/BENCHMARKS.md, 'Order-aware merge vs digit tokens', before choosing one."
+    )
+    merge_angle: float = Field(
+        0.2, gt=0.0, le=1.0, description="Rotation per slot of pooling 'rotate', in radians (slot j keeps cosine "
+        "cos(j * merge_angle) with its own embedding). Ignored by the other poolings."
+    )
+    add_number_tokens: int = Field(
+        0, ge=0, le=9999, description="Add every integer 0..N as one token (with and without a leading space) to "
+        "a pretrained tokenizer that splits numbers into digits (SmolLM2, Qwen, Mistral), so a merge never "
+        "sees digits; each new embedding starts as the mean of its digit pieces' embeddings and is trained "
+        "(colar_core.number_tokens). 0 = off. Not for the built-in tokenizer, which keeps numbers whole "
+        "unless `number_tokens` says 'digits'."
+    )
+    number_tokens: Literal["whole", "digits"] = Field(
+        "whole", description="For 'tiny' without `tokenizer`: the built-in tokenizer keeps every integer up to "
+        "1000 as one token ('whole', default) or splits numbers into digits as most pretrained tokenizers do "
+        "('digits', for measuring the merge)."
     )
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _number_tokens_train_under_lora(self):
+        if self.add_number_tokens and self.lora is not None and \
+                not any("embed_tokens" in m for m in self.lora.modules_to_save):
+            raise ValueError("model.add_number_tokens with LoRA: the new number embeddings would stay at their "
+                             "initial values; add 'embed_tokens' (and an untied 'lm_head') to "
+                             "model.lora.modules_to_save")
+        return self
 
     @field_validator("embedding_scale")
     @classmethod
@@ -181,7 +211,7 @@ class GenerationConfig(StrictModel):
 #: The prepared test split of the pipeline's own data, as an ``eval.datasets`` source.
 TEST_SPLIT = "test"
 #: Names an evaluation set may not take: the average over sets, and the modes of the metric names.
-RESERVED_SET_NAMES = frozenset({"avg", "cot", "nocot"})
+RESERVED_SET_NAMES = frozenset({"avg", "cot", "nocot", "icot", "coconut", "distill"})
 _SET_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -194,7 +224,7 @@ class EvalSet(StrictModel):
     """
 
     name: str = Field(pattern=_SET_NAME, description="Name in metric keys and the Table-1 report "
-                      "(letters, digits, '_', '.', '-'; not 'avg', 'cot' or 'nocot').")
+                      "(letters, digits, '_', '.', '-'; not 'avg' nor a method: cot, nocot, icot, coconut, distill).")
     source: str = Field(TEST_SPLIT, min_length=1, description="'test' (the prepared test split of `data`), a "
                         "bundled set (gsm8k-test, gsm8k-aug-test, gsm-hard, svamp, multiarith, ...), a file, or a "
                         "Hugging Face dataset id / saved folder.")

@@ -2,8 +2,10 @@
 
 Metric names are a contract the pipeline logs verbatim: ``accuracy/c{c}``, ``accuracy_ci95/c{c}``,
 ``mean_latents/c{c}`` for latent reasoning, and ``accuracy/{mode}``, ``accuracy_ci95/{mode}``,
-``mean_tokens/{mode}`` for the text baselines (``cot``, ``nocot``); ``sec_per_question/{setting}`` is
-the wall time of decoding, per question and seed, for every setting (latents at each c, CoT, No-CoT).
+``mean_tokens/{mode}`` for the text baselines (``cot``, ``nocot``), ``accuracy/{method}`` with
+``mean_latents/{method}`` (Coconut, Distill: continuous thoughts) or ``mean_tokens/icot`` for the
+baselines of ``colar_core.baselines``; ``sec_per_question/{setting}`` is the wall time of decoding,
+per question and seed, for every setting (latents at each c, CoT, No-CoT, each baseline).
 
 On several named test sets, each name goes after the metric (:func:`for_set`:
 ``accuracy/svamp/c2``) and :func:`average_over_sets` adds ``.../avg/...``, the plain mean over the
@@ -70,6 +72,23 @@ def evaluate_text(model, encoder: PromptEncoder, records, mode: str, seeds: Sequ
                   gen: GenerationConfig = GenerationConfig()) -> tuple[dict[str, float], list[dict]]:
     """Explicit decoding (``mode`` 'cot' or 'nocot'): ``accuracy/{mode}``, ``mean_tokens/{mode}``."""
     return _sweep(model, encoder, records, mode, 1, seeds, gen, mode, "mean_tokens")
+
+
+#: The baselines of colar_core.baselines and the length metric of each: continuous thoughts are
+#: latents, iCoT's remaining reasoning steps are tokens (as CoT's).
+BASELINE_LENGTHS = {"icot": "mean_tokens", "coconut": "mean_latents", "distill": "mean_latents"}
+
+
+def evaluate_baseline(model, encoder: PromptEncoder, records, seeds: Sequence[int],
+                      gen: GenerationConfig = GenerationConfig()) -> tuple[dict[str, float], list[dict]]:
+    """A baseline model, decoded as its method says (``model.state.method``: 'icot', 'coconut' or
+    'distill'): ``accuracy/{method}``, ``accuracy_ci95/{method}``, and ``mean_latents/{method}`` (the
+    thoughts of Coconut and Distill) or ``mean_tokens/icot`` (the reasoning tokens iCoT still writes)."""
+    method = model.state.method
+    if method not in BASELINE_LENGTHS:
+        raise ValueError(f"not a baseline model: its colar_config.json says method {method!r} "
+                         f"(one of {', '.join(BASELINE_LENGTHS)} expected)")
+    return _sweep(model, encoder, records, method, 1, seeds, gen, method, BASELINE_LENGTHS[method])
 
 
 def for_set(metrics: Mapping[str, float], set_name: str) -> dict[str, float]:

@@ -7,6 +7,10 @@ input embedding; after each latent the LM head picks a token and a row stops whe
 Rows that stop early keep their place in the batch with their new positions masked out, so a
 row's answer only ever attends to its own latents.
 
+The baselines of ``colar_core.baselines`` decode through the same state: iCoT as explicit text after
+the ``auto`` prompt, Coconut and Distill with a fixed number of continuous thoughts (each the last
+hidden state fed back, :func:`feed_thoughts`, which their training uses too) before ``###``.
+
 One code path serves evaluation, serving and RL rollouts; ``LatentTrace`` keeps what RL needs to
 recompute log-probabilities (the sampled latents and answer tokens).
 """
@@ -20,7 +24,7 @@ import torch
 
 from colar_core.config import GenerationConfig
 from colar_core.scoring import extract_answer
-from colar_core.text import PromptEncoder, Speed
+from colar_core.text import AUTO_SPEED, PromptEncoder, Speed
 
 
 @dataclass
@@ -76,9 +80,42 @@ class DecodeState:
         self.hidden = hidden[:, -1]
         return self.hidden
 
+    def extend(self, embeds: torch.Tensor, mask: torch.Tensor, all_layers: bool = False):
+        """Append a block of input embeddings ``[B, T, H]`` in one forward (``mask`` ``[B, T]``: real
+        positions; trailing pads are fine). Returns the block's last hidden states ``[B, T, H]``, or
+        with ``all_layers`` the tuple of every layer's (embeddings first), as HF's ``hidden_states``."""
+        self.mask = torch.cat([self.mask, mask.to(self.mask.device, torch.bool)], dim=1)
+        pos = (self.mask.long().cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
+        out = self.model.decoder(inputs_embeds=embeds.to(self.prompt_dtype), attention_mask=self.mask.long(),
+                                 position_ids=pos, past_key_values=self.cache, use_cache=True,
+                                 output_hidden_states=all_layers)
+        self.cache = out.past_key_values
+        self.hidden = out.last_hidden_state[:, -1]
+        return out.hidden_states if all_layers else out.last_hidden_state
+
     @property
     def prompt_dtype(self) -> torch.dtype:
         return self.model.latent_head.mean.weight.dtype
+
+
+def thought_input(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The input embedding a continuous thought feeds back: the last hidden state, through the
+    model's ``thought_projection`` when it has one (colar_core.baselines.thoughts)."""
+    proj = getattr(model, "thought_projection", None)
+    return hidden if proj is None else proj(hidden)
+
+
+def feed_thoughts(state: DecodeState, model, n: int) -> list[torch.Tensor]:
+    """Coconut / Distill: ``n`` continuous thoughts, one sequential forward each (KV cache): each
+    feeds :func:`thought_input` of the previous position's last hidden state. Shared by training
+    (gradients flow through the chain) and inference. Returns the fed embeddings, in order."""
+    fed = []
+    keep = torch.ones(state.hidden.shape[0], dtype=torch.bool, device=state.hidden.device)
+    for _ in range(n):
+        embeds = thought_input(model, state.hidden)
+        state.feed(embeds, keep)
+        fed.append(embeds)
+    return fed
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -184,9 +221,12 @@ def generate_text(
     speed: Speed = 1,
     gen: GenerationConfig = GenerationConfig(),
     generator: Optional[torch.Generator] = None,
+    chain_ends_at_answer: bool = False,
 ) -> list[Generation]:
     """Explicit decoding after ``(Thinking speed: speed)###``: the CoT baseline, or no-CoT for a model
-    trained to answer directly. ``n_tokens`` counts chain tokens before the closing ``###``."""
+    trained to answer directly. ``n_tokens`` counts chain tokens before the closing ``###``; with
+    ``chain_ends_at_answer`` (iCoT) an output that skips the ``###`` counts the tokens before its
+    ``Answer:`` (the reference's fallback), so a direct answer is a chain of 0, not of its answer tokens."""
     prompts = [encoder.prompt_ids(encoder.encode_question(q), speed) for q in questions]
     state = DecodeState(model, prompts, encoder.pad_id)
     tokens = _decode_tokens(state, model, gen.max_cot_tokens + gen.max_answer_tokens, encoder.eos_id,
@@ -195,9 +235,46 @@ def generate_text(
     for row in tokens.tolist():
         text = encoder.decode(row)
         chain = row.index(encoder.think_id) if encoder.think_id in row else len([t for t in row if t != encoder.pad_id])
+        if chain_ends_at_answer and encoder.think_id not in row:
+            chain = min(chain, _find(row, encoder.answer_prefix_ids))
         # scored like the reference's CoT outputs: the whole decoded text goes through extract_answer
         results.append(Generation(text=text, answer=extract_answer(text), n_tokens=chain))
     return results
+
+
+def _find(row: Sequence[int], piece: Sequence[int]) -> int:
+    """Start of the first occurrence of ``piece`` in ``row``; ``len(row)`` when absent."""
+    n = len(piece)
+    return next((i for i in range(len(row) - n + 1) if n and list(row[i:i + n]) == list(piece)), len(row))
+
+
+@torch.no_grad()
+def generate_thoughts(
+    model,
+    encoder: PromptEncoder,
+    questions: Sequence[str],
+    n_thoughts: int,
+    gen: GenerationConfig = GenerationConfig(),
+    generator: Optional[torch.Generator] = None,
+) -> list[Generation]:
+    """Coconut / Distill: the prompt (speed 'auto', as they train), exactly ``n_thoughts`` continuous
+    thoughts (:func:`feed_thoughts`), the closing ``###``, then the answer. ``n_latents`` = ``n_thoughts``."""
+    prompts = [encoder.prompt_ids(encoder.encode_question(q), AUTO_SPEED) for q in questions]
+    state = DecodeState(model, prompts, encoder.pad_id)
+    b, device = len(questions), model.device
+    feed_thoughts(state, model, n_thoughts)
+    think = torch.full((b,), encoder.think_id, dtype=torch.long, device=device)
+    state.feed(model.embed(think), torch.ones(b, dtype=torch.bool, device=device))
+    answer_tokens = _decode_tokens(state, model, gen.max_answer_tokens, encoder.eos_id, encoder.pad_id, gen, generator)
+    results = []
+    for row in answer_tokens.tolist():
+        text = encoder.decode(row)
+        results.append(Generation(text=text, answer=extract_answer(text), n_latents=n_thoughts))
+    return results
+
+
+#: ``generate`` modes: CoLaR's latents, the text baselines, and the methods of colar_core.baselines.
+MODES = ("latent", "cot", "nocot", "icot", "coconut", "distill")
 
 
 def generate(
@@ -209,7 +286,12 @@ def generate(
     gen: GenerationConfig = GenerationConfig(),
     seed: Optional[int] = None,
 ) -> list[Generation]:
-    """All questions, in batches of ``gen.batch_size``. ``mode``: 'latent', 'cot' or 'nocot'."""
+    """All questions, in batches of ``gen.batch_size``. ``mode``: 'latent' (CoLaR at ``compression``),
+    'cot' / 'nocot' (explicit decoding), 'icot' (explicit decoding after the 'auto' prompt it trains
+    with: the remaining steps, if any, then the answer), 'coconut' / 'distill' (``model.state.n_thoughts``
+    continuous thoughts, then the answer)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -223,8 +305,11 @@ def generate(
                 out.extend(generate_latent(model, encoder, chunk, compression, gen, generator))
             elif mode in ("cot", "nocot"):
                 out.extend(generate_text(model, encoder, chunk, 1, gen, generator))
+            elif mode == "icot":
+                out.extend(generate_text(model, encoder, chunk, AUTO_SPEED, gen, generator,
+                                         chain_ends_at_answer=True))
             else:
-                raise ValueError(f"mode must be 'latent', 'cot' or 'nocot', got {mode!r}")
+                out.extend(generate_thoughts(model, encoder, chunk, model.state.n_thoughts, gen, generator))
     finally:
         model.train(was_training)
     return out

@@ -14,6 +14,8 @@ its own word is limited: :func:`check_model_dir`)::
                                (a from-scratch, local-folder or GGUF base is kept in base/, so the
                                folder can be moved or copied and still loads: portable)
       latent_head.safetensors
+      merge.safetensors        only for a learned merge (pooling 'gain'): its per-slot gains
+      thought_projection.safetensors  only for the Coconut / Distill baselines with a projection
       tokenizer/               the tokenizer the model was trained with
 """
 
@@ -32,11 +34,14 @@ from colar_core.collate import ColarBatch, packing
 from colar_core.config import LoraConfig, ModelConfig, ObjectiveConfig
 from colar_core.latent_head import LatentHead
 from colar_core.losses import latent_loss, token_cross_entropy
-from colar_core.merging import merge_groups
+from colar_core.merging import GroupMerger
+from colar_core.number_tokens import add_number_tokens, init_number_embeddings
 from colar_core.tokenizer import load_tokenizer
 
 CONFIG_FILE = "colar_config.json"
 HEAD_FILE = "latent_head.safetensors"
+MERGE_FILE = "merge.safetensors"
+PROJECTION_FILE = "thought_projection.safetensors"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 
@@ -59,11 +64,17 @@ class ColarState:
     latent_intermediate_size: int
     deterministic_latents: bool = False
     pooling: str = "sqrt"
+    merge_angle: float = 0.2  # pooling 'rotate' only
     embedding_scale: float = 1.0
     embedding_scale_source: str = "measured"  # "paper" | "measured" | "config"
     trained_compression_factors: list[int] = field(default_factory=list)
     lora: Optional[dict] = None
     trust_remote_code: bool = False
+    # which method trained the folder (inference dispatches on it): "colar", or a baseline of
+    # colar_core.baselines ("icot", "coconut", "distill") with its number of continuous thoughts
+    method: str = "colar"
+    n_thoughts: int = 0
+    thought_projection: bool = False  # Coconut / Distill: thought_projection.safetensors is saved
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -199,17 +210,26 @@ def check_model_dir(root: Path, trust_remote_code: bool = False,
 class ColarModel(nn.Module):
     """A causal LM that reasons in compressed latents. See the module docstring for the layout."""
 
-    def __init__(self, lm: nn.Module, head: LatentHead, state: ColarState):
+    def __init__(self, lm: nn.Module, head: LatentHead, state: ColarState, merger: Optional[GroupMerger] = None):
         super().__init__()
         self.lm = lm
         self.latent_head = head
         self.state = state
+        if merger is None:
+            merger = GroupMerger(state.pooling, state.hidden_size, state.merge_angle).to(head.mean.weight.dtype)
+        self.merger = merger
 
     # ----- construction, save, load -------------------------------------------------------------
     @classmethod
     def build(cls, cfg: ModelConfig, tokenizer) -> "ColarModel":
-        """Wrap the backbone named by ``cfg`` (random for 'tiny') with a fresh latent head."""
+        """Wrap the backbone named by ``cfg`` (random for 'tiny') with a fresh latent head.
+
+        With ``cfg.add_number_tokens`` the number tokens are first added to ``tokenizer`` (in place;
+        save that tokenizer with the model) and their embeddings start from their digit pieces."""
+        pieces = add_number_tokens(tokenizer, cfg.add_number_tokens) if cfg.add_number_tokens else {}
         backbone = load_backbone(cfg, tokenizer)
+        if pieces:
+            init_number_embeddings(backbone, pieces)
         hidden = backbone.get_input_embeddings().weight.shape[1]
         if cfg.embedding_scale != "auto":
             scale, source = float(cfg.embedding_scale), "config"
@@ -223,6 +243,7 @@ class ColarModel(nn.Module):
             latent_intermediate_size=cfg.latent_intermediate_size or hidden,
             deterministic_latents=cfg.deterministic_latents,
             pooling=cfg.pooling,
+            merge_angle=cfg.merge_angle,
             embedding_scale=scale,
             embedding_scale_source=source,
             lora=cfg.lora.model_dump() if cfg.lora else None,
@@ -250,6 +271,12 @@ class ColarModel(nn.Module):
             self.lm.save_pretrained(out / "backbone")
         head_state = {k: v.detach().contiguous().cpu() for k, v in self.latent_head.state_dict().items()}
         save_file(head_state, str(out / HEAD_FILE))
+        if self.merger.has_parameters:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.merger.state_dict().items()},
+                      str(out / MERGE_FILE))
+        if getattr(self, "thought_projection", None) is not None:  # Coconut / Distill (colar_core.baselines)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.thought_projection.state_dict().items()},
+                      str(out / PROJECTION_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(out / TOKENIZER_DIR)
         (out / CONFIG_FILE).write_text(json.dumps(asdict(self.state), indent=2, sort_keys=True))
@@ -293,7 +320,17 @@ class ColarModel(nn.Module):
             lm = AutoModelForCausalLM.from_pretrained(root / "backbone", **kw)
         head = LatentHead(state.hidden_size, state.latent_intermediate_size, state.deterministic_latents)
         head.load_state_dict(load_file(str(root / HEAD_FILE)))
-        return cls(lm, head.to(lm.dtype), state)
+        merger = GroupMerger(state.pooling, state.hidden_size, state.merge_angle)
+        if merger.has_parameters:
+            if not (root / MERGE_FILE).is_file():
+                raise FileNotFoundError(f"{root}: pooling {state.pooling!r} needs its learned merge {MERGE_FILE}")
+            merger.load_state_dict(load_file(str(root / MERGE_FILE)))
+        model = cls(lm, head.to(lm.dtype), state, merger.to(lm.dtype))
+        if state.thought_projection:  # Coconut / Distill: the MLP feeding hidden states back as inputs
+            from colar_core.baselines.thoughts import attach_projection  # only these baselines need it
+
+            attach_projection(model).load_state_dict(load_file(str(root / PROJECTION_FILE)))
+        return model
 
     @classmethod
     def load_dir(cls, model_dir, is_trainable: bool = True, dtype: Optional[torch.dtype] = None,
@@ -386,7 +423,7 @@ class ColarModel(nn.Module):
         ``collate``, so nothing here waits on the device.
         """
         prompt, answer = self.embed(batch.prompt_ids), self.embed(batch.answer_ids)
-        groups = merge_groups(self.embed(batch.group_ids), batch.group_token_mask, self.state.pooling)
+        groups = self.merger(self.embed(batch.group_ids), batch.group_token_mask)
         inputs = self._packed(batch, prompt, groups, answer)
         b, w, h = inputs.shape
         position_ids = torch.arange(w, device=inputs.device).unsqueeze(0).expand(b, -1)

@@ -1,10 +1,12 @@
 """Tokenizers for CoLaR: a tiny word-level one built from the data, and preparing any HF one.
 
 Why a custom tokenizer: CoLaR merges ``r`` consecutive step-token embeddings by *summing* them,
-so order inside a group is lost. With one token per digit, "12" and "21" merge alike; docs/METHOD.md
-measured 16 % vs 99 % accuracy from that alone. :func:`build_tokenizer` therefore keeps every
-integer ``0..max_number`` (with and without a leading space) as ONE token, plus every word seen in
-the data and in the fixed training prompt, so ``decode(encode(text)) == text`` for data text.
+so order inside a group is lost. With one token per digit, "12" and "21" merge alike (measured:
+docs/BENCHMARKS.md, "Order-aware merge vs digit tokens"). :func:`build_tokenizer` therefore keeps
+every integer ``0..max_number`` (with and without a leading space) as ONE token, plus every word
+seen in the data and in the fixed training prompt, so ``decode(encode(text)) == text`` for data
+text. ``numbers="digits"`` instead splits every number into single digits first (as SmolLM2's,
+Qwen's or Mistral's tokenizers do), to measure what that costs.
 
 How: GPT-2 style byte-level pre-tokenization (``use_regex=True``, no prefix space) splits text
 into words, numbers, punctuation runs and whitespace; a WordPiece model whose vocabulary holds
@@ -50,13 +52,22 @@ def training_texts(record, speeds: Iterable = (1,)) -> list[str]:
     return full + pieces
 
 
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+NUMBER_MODES = ("whole", "digits")
+
+
+def _pre_tokenizer(numbers: str = "whole") -> pre_tokenizers.PreTokenizer:
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if numbers == "whole":
+        return byte_level
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
 
 
 def build_tokenizer(records: Iterable, out_dir: str | Path | None = None, max_number: int = 1000,
-                    extra_texts: Iterable[str] = ()):
+                    extra_texts: Iterable[str] = (), numbers: str = "whole"):
     """Word-level tokenizer for ``records`` (see module docstring); saved to ``out_dir`` if given.
+
+    ``numbers``: ``"whole"`` keeps ``0..max_number`` as one token each; ``"digits"`` splits every
+    number into digits (``max_number`` is then unused) and a leading space is its own token.
 
     Returns a ``PreTrainedTokenizerFast`` with pad ``<pad>``, eos ``<eos>``, bos ``<bos>``, unk
     ``<unk>`` and ``###`` as one token; ``AutoTokenizer.from_pretrained(out_dir)`` reloads it.
@@ -65,7 +76,9 @@ def build_tokenizer(records: Iterable, out_dir: str | Path | None = None, max_nu
     """
     from transformers import PreTrainedTokenizerFast  # heavy: only when a tokenizer is built
 
-    pre = _pre_tokenizer()
+    if numbers not in NUMBER_MODES:
+        raise ValueError(f"numbers must be one of {NUMBER_MODES}, got {numbers!r}")
+    pre = _pre_tokenizer(numbers)
     counts: Counter[str] = Counter()
 
     def add(text: str) -> None:
@@ -98,10 +111,11 @@ def build_tokenizer(records: Iterable, out_dir: str | Path | None = None, max_nu
         put(ch)
     for ch in alphabet:
         put(_CONT + ch)
-    for n in range(max_number + 1):
-        for text in (str(n), f" {n}"):
-            (piece,) = [p for p, _ in pre.pre_tokenize_str(text)]
-            put(piece)
+    number_texts = [t for n in range(max_number + 1) for t in (str(n), f" {n}")] if numbers == "whole" \
+        else [str(d) for d in range(10)]
+    for text in number_texts:
+        (piece,) = [p for p, _ in pre.pre_tokenize_str(text)]
+        put(piece)
     for token, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         put(token)
 

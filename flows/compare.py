@@ -9,7 +9,7 @@ import mlflow
 import pandas as pd
 
 from colar.tasks.plots import pyplot, save_figure
-from colar.tasks.table1 import per_set_values, table1
+from colar.tasks.table1 import method_label, per_set_values, setting_order, table1
 
 HIGHLIGHTS = {
     "params.model.name_or_path": "model",
@@ -76,7 +76,8 @@ def table1_by_run(experiment: str = "colar") -> list[tuple[str, pd.DataFrame]]:
 
 
 def _plot(runs: pd.DataFrame, path: str) -> None:
-    """Accuracy against #L of the CoLaR factors, a line per run, a panel per test set."""
+    """Accuracy against #L of the CoLaR factors, a line per run, a panel per test set; every other
+    method a run evaluated (CoT, No-CoT, iCoT, Coconut, Distill) a marker of its own, in the run's colour."""
     per_run = []
     for _, run in runs.iterrows():
         per_run.append((f"{run.get('tags.mlflow.runName', '')} {run['run_id'][:6]}", *per_set_values(_run_metrics(run))))
@@ -87,10 +88,20 @@ def _plot(runs: pd.DataFrame, path: str) -> None:
             cs = sorted(int(st[1:]) for (metric, set_name, st) in values
                         if metric == "accuracy" and set_name == s and re.fullmatch(r"c\d+", st)
                         and ("mean_latents", s, st) in values)
+            color = None
             if cs:
-                ax.plot([values[("mean_latents", s, f"c{c}")] for c in cs],
-                        [values[("accuracy", s, f"c{c}")] for c in cs], marker="o", label=label)
-        ax.set_xlabel("mean #latents")
+                line, = ax.plot([values[("mean_latents", s, f"c{c}")] for c in cs],
+                                [values[("accuracy", s, f"c{c}")] for c in cs], marker="o", label=label)
+                color = line.get_color()
+            markers = iter("sxD^v<>P*")
+            for st in sorted({st for (metric, set_name, st) in values if metric == "accuracy" and set_name == s
+                              and not re.fullmatch(r"c\d+", st)}, key=setting_order):
+                length = values.get(("mean_latents", s, st), values.get(("mean_tokens", s, st)))
+                if length is not None:
+                    dot = ax.plot([length], [values[("accuracy", s, st)]], marker=next(markers, "o"), linestyle="none",
+                                  color=color, label=f"{label} {method_label(st)}")[0]
+                    color = color or dot.get_color()
+        ax.set_xlabel("#L: latents / thoughts (CoLaR, Coconut, Distill) or tokens (CoT, iCoT)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
         ax.set_title("average over sets" if s == "avg" else s)

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from colar_core.baselines.config import CoconutConfig, DistillConfig, ICoTConfig
 from colar_core.config import TEST_SPLIT, EvalConfig, GenerationConfig, ModelConfig, ObjectiveConfig, StrictModel
 from colar_core.data.bundled import BUNDLED, resolve_bundled
 from colar_core.data.readers import HF_MARKERS
@@ -80,6 +81,21 @@ class TrackingConfig(StrictModel):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
 
+class BaselinesConfig(StrictModel):
+    """The paper's latent-reasoning baselines (colar_core.baselines), each run as its own stage
+    (``sft-icot``, ``sft-coconut``, ``sft-distill``) and evaluated beside CoLaR as ``accuracy/{method}``.
+    A section left null (the default) skips its method; ``{}`` runs it with the reference's defaults."""
+
+    icot: Optional[ICoTConfig] = Field(None, description="iCoT: steps removed from the text stage by stage.")
+    coconut: Optional[CoconutConfig] = Field(None, description="Coconut: removed steps become continuous thoughts.")
+    distill: Optional[DistillConfig] = Field(None, description="Distill: teacher chain vs student thoughts "
+                                             "(CODI-style self-distillation).")
+
+    def selected(self) -> list:
+        """The configured methods, in Table-1 order: ``[(name, config), ...]``."""
+        return [(name, cfg) for name in ("icot", "coconut", "distill") if (cfg := getattr(self, name)) is not None]
+
+
 def _default_cot() -> TrainConfig:
     return TrainConfig(objective=ObjectiveConfig(mode="cot", compression_factors=[1]), max_steps=600, batch_size=32,
                        lr=3e-3, warmup_steps=20, lr_schedule="cosine", min_lr_ratio=0.1, checkpoint_every=200,
@@ -108,6 +124,8 @@ class PipelineConfig(StrictModel):
     sft_colar: TrainConfig = Field(default_factory=_default_colar)
     rl: Optional[RLConfig] = Field(default_factory=_default_rl, description="GRPO over the latents after CoLaR "
                                    "SFT (None = skip). Evaluation and the registered model then use the RL model.")
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig, description="iCoT / Coconut / Distill "
+                                       "stages (none by default).")
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(
         compression_factors=[1, 2, 3], seeds=[0, 1, 2], n_examples=200, nocot_baseline=True,
         generation=GenerationConfig(max_latents=32, max_cot_tokens=64, batch_size=100)))
@@ -133,6 +151,10 @@ class PipelineConfig(StrictModel):
         if self.rl is not None and self.rl.compression_factor > max(trained):
             raise ValueError(f"rl.compression_factor: {self.rl.compression_factor} is above the trained maximum "
                              f"{max(trained)}")
+        for name, method in self.baselines.selected():
+            if method.init_from_cot and self.sft_cot is None:
+                raise ValueError(f"baselines.{name}.init_from_cot: starts from the CoT model, but sft_cot is null "
+                                 "(set init_from_cot: false, or keep sft_cot)")
         gate = self.tracking.promotion.metric
         if gate and gate.startswith("accuracy/c") and int(gate.removeprefix("accuracy/c")) not in self.eval.compression_factors:
             raise ValueError(f"tracking.promotion.metric: {gate} is not evaluated "

@@ -1,5 +1,6 @@
 """The CoLaR pipeline as a Prefect flow: prepare -> SFT (CoT) -> SFT (CoLaR) -> RL -> SFT (No-CoT)
--> evaluate -> report (the CoT, RL and No-CoT stages as configured).
+-> the baselines (iCoT, Coconut, Distill) -> evaluate -> report (the CoT, RL, No-CoT and baseline
+stages as configured).
 
 The flow validates the whole config first and opens (or, on retry, reuses) one MLflow parent run.
 Each stage is described once (:class:`~colar.tasks.stage_spec.StageSpec`): its cache key (config
@@ -39,7 +40,7 @@ from colar.tasks.prepare import prepare_stage
 from colar.tasks.report import report_stage
 from colar.tasks.runs import end_orphaned_children, ending_run, log_metrics, start_parent_run
 from colar.tasks.stage_spec import StageSpec
-from colar.tasks.training import rl_stage, sft_stage
+from colar.tasks.training import baseline_stage, rl_stage, sft_stage
 
 PROCESS_TAG = "colar.process"  # "host:pid:start-ticks" of the process running the flow (see still_running)
 
@@ -160,9 +161,9 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
 
 
 def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: dict) -> dict:
-    """prepare -> sft-cot -> sft-colar -> rl -> sft-nocot -> evaluate -> report (optional ones as
-    configured); returns the evaluation metrics, the report's model URIs and each stage's Prefect
-    state name (``stages``)."""
+    """prepare -> sft-cot -> sft-colar -> rl -> sft-nocot -> sft-icot / sft-coconut / sft-distill ->
+    evaluate -> report (optional ones as configured); returns the evaluation metrics, the report's
+    model URIs and each stage's Prefect state name (``stages``)."""
     out_root, states = cfg.output_dir, {}
 
     def run(task, name: str, config: dict, inputs: dict, args: dict) -> dict:
@@ -196,11 +197,23 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
         section = json.loads(json.dumps(conf["sft_cot"] or conf["sft_colar"]))
         section["objective"].update(mode="nocot", compression_factors=[1])
         nocot = sft("sft-nocot", section, None)
+    baselines = {}
+    for method, section in cfg.baselines.selected():
+        # iCoT and Coconut start from the CoT model, as the reference (Distill too unless told otherwise)
+        init = cot if section.init_from_cot else None
+        baselines[method] = run(baseline_stage.with_options(**retrying), f"sft-{method}",
+                                {"method": conf["baselines"][method], "model": conf["model"]},
+                                {**data_in, **model_in, "init": init["model_digest"] if init else ""},
+                                {"stage": f"sft-{method}", "init_model_dir": init and init["model_dir"],
+                                 "tokenizer_dir": prep["tokenizer_dir"], **data_args})
     evaluation = run(evaluate_stage, "evaluate", {"eval_cfg": conf["eval"]},
                      {"colar": final["model_digest"], "cot": cot and cot["model_digest"],
-                      "nocot": nocot and nocot["model_digest"], **data_in, **model_in, **eval_inputs(conf["eval"])},
+                      "nocot": nocot and nocot["model_digest"],
+                      **{m: r["model_digest"] for m, r in baselines.items()},
+                      **data_in, **model_in, **eval_inputs(conf["eval"])},
                      {"colar_model_dir": final["model_dir"], "cot_model_dir": cot and cot["model_dir"],
-                      "nocot_model_dir": nocot and nocot["model_dir"], "model": conf["model"], **data_args})
+                      "nocot_model_dir": nocot and nocot["model_dir"], "model": conf["model"],
+                      "baseline_model_dirs": {m: r["model_dir"] for m, r in baselines.items()}, **data_args})
     report = report_stage(parent_run_id, evaluation["metrics"], final["model_dir"],
                           str(Path(out_root) / "reports" / parent_run_id),
                           cfg.tracking.registered_model_name, evaluation["example_question"],

@@ -1,4 +1,5 @@
-"""The ``evaluate`` stage: the sweep over compression factors plus the CoT / No-CoT baselines, on each
+"""The ``evaluate`` stage: the sweep over compression factors plus the CoT / No-CoT baselines and the
+latent-reasoning baselines that ran (iCoT, Coconut, Distill: each decoded as its model folder says), on each
 test set of ``eval.datasets`` (default: the test split of the prepared data). Its results also go to
 the Prefect UI as the table artifact ``colar-evaluation`` (:mod:`colar.tasks.prefect_artifacts`)."""
 
@@ -17,7 +18,7 @@ from colar_core.config import TEST_SPLIT, EvalConfig, EvalSet, ModelConfig
 from colar_core.data.prepare import load_split
 from colar_core.data.readers import read_records
 from colar_core.data.records import Record
-from colar_core.evaluation import average_over_sets, evaluate_latent, evaluate_text, for_set
+from colar_core.evaluation import average_over_sets, evaluate_baseline, evaluate_latent, evaluate_text, for_set
 from colar_core.model import ColarModel
 from colar_core.text import PromptEncoder
 from colar.tasks.keys import CACHED_STAGE
@@ -44,8 +45,10 @@ def load_eval_set(spec: EvalSet, data_dir: str, n_examples: Optional[int]) -> li
 
 @task(name="evaluate", **CACHED_STAGE, retries=1, retry_delay_seconds=2)
 def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional[str], nocot_model_dir: Optional[str],
-                   data_dir: str, out_dir: str, parent_run_id: str, key: str, model: Optional[dict] = None) -> dict:
-    """Evaluate the CoLaR model (and the baselines given) on each set of ``eval.datasets`` (default
+                   data_dir: str, out_dir: str, parent_run_id: str, key: str, model: Optional[dict] = None,
+                   baseline_model_dirs: Optional[dict] = None) -> dict:
+    """Evaluate the CoLaR model (and the baselines given; ``baseline_model_dirs``: method -> model
+    folder of sft-icot / sft-coconut / sft-distill) on each set of ``eval.datasets`` (default
     ``data_dir/test.jsonl``); metrics, the predictions table (a ``set`` column) and ``metrics.json``
     go to the ``evaluate`` child run. ``model``: the pipeline's
     model config, the only thing that may allow remote code or name a LoRA base (see
@@ -77,6 +80,13 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
                 base, base_enc = _load(model_dir, options)
                 for name, recs in records.items():
                     add(name, *evaluate_text(base, base_enc, recs, mode, cfg.seeds, cfg.generation))
+        for method, model_dir in (baseline_model_dirs or {}).items():
+            baseline, base_enc = _load(model_dir, options)
+            if baseline.state.method != method:
+                raise ValueError(f"{model_dir}: trained as {baseline.state.method!r}, evaluated as {method!r}")
+            for name, recs in records.items():
+                add(name, *evaluate_baseline(baseline, base_enc, recs, cfg.seeds, cfg.generation))
+            del baseline
         if len(sets) > 1:
             metrics.update(average_over_sets(metrics, [s.name for s in sets]))
         work_s = time.perf_counter() - t0

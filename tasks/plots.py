@@ -33,9 +33,9 @@ def save_figure(fig: Any, path: Path) -> Path:
 
 
 def training_curves_plot(steps: list[dict], path: Path, title: str = "") -> Path:
-    """Loss and its parts (``loss``, ``ce``, ``latent``) against the step, from metrics.jsonl step rows."""
+    """Loss and its parts (``loss``, ``ce``, ``latent``; Distill's ``teacher_ce``, ``student_ce``, ``distill``) against the step, from metrics.jsonl step rows."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
-    for name in ("loss", "ce", "latent"):
+    for name in ("loss", "ce", "latent", "teacher_ce", "student_ce", "distill"):
         pts = [(r["step"], r[name]) for r in steps if name in r]
         if pts:
             ax.plot(*zip(*pts), label=name)
@@ -72,7 +72,7 @@ def accuracy_vs_length_plot(metrics: dict, path: Path, title: str = "") -> Path:
             if not re.fullmatch(r"c\d+", st) and (p := point(st)):
                 ax.errorbar([p[0]], [p[1]], yerr=[p[2]], marker=next(markers, "o"), linestyle="none",
                             label=method_label(st), zorder=3)
-        ax.set_xlabel("#L: latents (CoLaR) or tokens (CoT)")
+        ax.set_xlabel("#L: latents / thoughts (CoLaR, Coconut, Distill) or tokens (CoT, iCoT)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
         ax.set_title("average over sets" if s == "avg" else s)

@@ -127,7 +127,8 @@ def evaluation_table_artifact(metrics: Mapping[str, float], description: str = "
     if not rows:
         return None
     text = ("Evaluation: accuracy (%) with its 95 % interval, mean chain length (#latents for CoLaR, "
-            "#reasoning tokens for CoT) and decoding time per question, per test set and method.")
+            "#thoughts for Coconut and Distill, #reasoning tokens for CoT and iCoT) and decoding time per "
+            "question, per test set and method.")
     return _best_effort("colar-evaluation", create_table_artifact, rows, key=EVALUATION_KEY,
                         description=(description + "\n\n" + text).strip())
 

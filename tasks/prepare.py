@@ -51,7 +51,7 @@ def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key
         tokenizer_dir = None
         if model_cfg.name_or_path == "tiny" and model_cfg.tokenizer is None:
             tokenizer_dir = str(out / "tokenizer")
-            build_tokenizer(load_split(out / "data" / "train.jsonl"), tokenizer_dir)
+            build_tokenizer(load_split(out / "data" / "train.jsonl"), tokenizer_dir, numbers=model_cfg.number_tokens)
         work_s = time.perf_counter() - t0
         client.log_artifact(run_id, str(out / "data" / "manifest.json"))
         logger.info("prepared %s: %s (digest %s)", source, manifest["counts"], manifest["digest"][:12])

@@ -1,6 +1,7 @@
-"""The paper's Table 1 from a run's metrics: one row per method (No-CoT, CoT, CoLaR at each
-compression factor), per test set the accuracy with its 95% interval and the mean chain length #L
-(latents for CoLaR, reasoning tokens for CoT), the decoding time per question, and the average over
+"""The paper's Table 1 from a run's metrics: one row per method (No-CoT, CoT, the baselines iCoT,
+Coconut and Distill when they ran, CoLaR at each compression factor), per test set the accuracy with
+its 95% interval and the mean chain length #L (latents for CoLaR, continuous thoughts for Coconut and
+Distill, reasoning tokens for CoT and iCoT), the decoding time per question, and the average over
 the sets when there are several.
 
 Reads the metric names :mod:`colar_core.evaluation` defines (``accuracy/{set}/{setting}``,
@@ -25,13 +26,17 @@ _KEY = re.compile(r"(?P<metric>accuracy|accuracy_ci95|mean_latents|mean_tokens|s
                   r"/(?:(?P<set>[^/]+)/)?(?P<setting>[^/]+)")
 #: Row order and labels of the text baselines; latent settings ``c{c}`` follow, by c.
 _TEXT_METHODS = {"nocot": "No-CoT", "cot": "CoT"}
+#: The latent-reasoning baselines (colar_core.baselines), between the text baselines and CoLaR.
+_BASELINES = {"icot": "iCoT", "coconut": "Coconut", "distill": "Distill"}
 AVERAGE = "avg"
 
 
 def method_label(setting: str) -> str:
-    """The row label of a setting: ``nocot`` -> No-CoT, ``cot`` -> CoT, ``c2`` -> CoLaR-2."""
+    """The row label of a setting: ``nocot`` -> No-CoT, ``cot`` -> CoT, ``icot`` -> iCoT, ``c2`` -> CoLaR-2."""
     if setting in _TEXT_METHODS:
         return _TEXT_METHODS[setting]
+    if setting in _BASELINES:
+        return _BASELINES[setting]
     m = re.fullmatch(r"c(\d+)", setting)
     return f"CoLaR-{m.group(1)}" if m else setting
 
@@ -39,8 +44,10 @@ def method_label(setting: str) -> str:
 def setting_order(setting: str):
     if setting in _TEXT_METHODS:
         return (0, list(_TEXT_METHODS).index(setting), "")
+    if setting in _BASELINES:
+        return (1, list(_BASELINES).index(setting), "")
     m = re.fullmatch(r"c(\d+)", setting)
-    return (2, int(m.group(1)), "") if m else (1, 0, setting)
+    return (2, int(m.group(1)), "") if m else (1, len(_BASELINES), setting)
 
 
 def per_set_values(metrics: Mapping[str, float]) -> tuple[list[str], dict[tuple[str, str, str], float]]:

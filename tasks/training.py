@@ -1,4 +1,5 @@
-"""The training stages: ``sft-cot``, ``sft-colar`` and ``sft-nocot`` (one task, three configs) and ``rl``.
+"""The training stages: ``sft-cot``, ``sft-colar`` and ``sft-nocot`` (one task, three configs), ``rl``, and
+the baselines ``sft-icot``, ``sft-coconut``, ``sft-distill`` (one task, the method in its config).
 
 Each trains on the DeepSpeed engine in its own folder (checkpoints there; a re-run resumes), streams
 its metrics to its child run (with MLflow's system metrics: CPU, memory, GPU when there is one),
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 from mlflow import MlflowClient
 from prefect import get_run_logger, task
 
+from colar_core.baselines.stage import BaselineJob, run_baseline_stage
 from colar_core.rl.trainer import RLJob, run_rl_stage
 from colar_core.training.callbacks import ConsoleLogger, read_metrics
 from colar_core.training.sft import SFTJob, run_sft_stage
@@ -97,6 +99,21 @@ def rl_stage(rl: dict, init_model_dir: str, data_dir: str, out_dir: str, parent_
     job = RLJob(output_dir=str(out), init_from=init_model_dir, rl=rl, data=_stage_data(data_dir), model=model)
     return _training_stage("rl", job, run_rl_stage, job.rl.launcher.multi_process,
                            {"rl": rl, "init": init_model_dir}, out, parent_run_id)
+
+
+@task(name="sft-baseline", **CACHED_STAGE, retries=0)
+def baseline_stage(stage: str, method: dict, model: dict, init_model_dir: Optional[str], data_dir: str,
+                   tokenizer_dir: Optional[str], out_dir: str, parent_run_id: str, key: str) -> dict:
+    """One latent-reasoning baseline (iCoT, Coconut or Distill: ``method["method"]``), from the CoT
+    model or the backbone, logged as child run ``stage``; same engine, checkpoints and resume as SFT."""
+    out = stage_folder(out_dir)
+    model_cfg = dict(model)
+    if tokenizer_dir:
+        model_cfg["tokenizer"] = tokenizer_dir
+    job = BaselineJob(output_dir=str(out), method=method, model=model_cfg, init_from=init_model_dir,
+                      data=_stage_data(data_dir))
+    return _training_stage(stage, job, run_baseline_stage, job.train.launcher.multi_process,
+                           {"method": method, "model": model_cfg, "init": init_model_dir}, out, parent_run_id)
 
 
 def _log_metrics_file(client: MlflowClient, run_id: str, path: Path) -> None:

@@ -251,7 +251,7 @@ def load_model_and_tokenizer(job: SFTJob, train_records: Sequence, val_records: 
     if job.model.tokenizer:
         tokenizer = load_tokenizer(job.model.tokenizer, trust_remote_code=job.model.trust_remote_code)
     elif job.model.name_or_path == "tiny":
-        tokenizer = build_tokenizer(list(train_records) + list(val_records))
+        tokenizer = build_tokenizer(list(train_records) + list(val_records), numbers=job.model.number_tokens)
     else:
         tokenizer = load_tokenizer(job.model.name_or_path, trust_remote_code=job.model.trust_remote_code)
     torch.manual_seed(job.train.seed)

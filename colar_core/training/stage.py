@@ -1,4 +1,4 @@
-"""The skeleton every training stage shares (SFT, RL, and the baselines to come).
+"""The skeleton every training stage shares (SFT, RL, and the baselines of colar_core.baselines).
 
 A stage is a job file (a :class:`StageJob` with its method's config and :class:`StageData`) that
 trains one model in ``output_dir`` and leaves there its config, ``metrics.jsonl``,
@@ -144,17 +144,20 @@ class ModelStateKeeper:
                 setattr(self.model.state, k, v)
 
 
-def make_evaluator(engine: Engine, encoder: PromptEncoder, val_records: Sequence, cfg: TrainConfig):
+def make_evaluator(engine: Engine, encoder: PromptEncoder, val_records: Sequence, cfg: TrainConfig,
+                   mode: Optional[str] = None):
     """``evaluate(step) -> metrics`` run by every process on its share of the validation set.
 
     colar mode: latent generation at each of ``cfg.eval_factors()``, giving ``acc_c{c}`` and
-    ``mean_latents_c{c}``; cot / nocot: text generation, ``acc`` and ``mean_chain_tokens``.
-    ``score`` is the mean accuracy (what best-k and early stopping use).
+    ``mean_latents_c{c}``; cot / nocot: text generation, ``acc`` and ``mean_chain_tokens``; ``mode``
+    (default ``cfg.objective.mode``) may name another ``generate`` mode (a baseline of
+    ``colar_core.baselines``), evaluated like cot. ``score`` is the mean accuracy (what best-k and
+    early stopping use).
     """
     records = list(val_records)[: cfg.eval_size] if cfg.eval_size else list(val_records)
     shard = records[engine.rank::engine.world_size]
     questions, golds = [r.question for r in shard], [r.answer for r in shard]
-    mode = cfg.objective.mode
+    mode = mode or cfg.objective.mode
     factors: list[Optional[int]] = list(cfg.eval_factors()) if mode == "colar" else [None]
 
     def evaluate(step: int) -> dict:
@@ -187,10 +190,10 @@ def make_evaluator(engine: Engine, encoder: PromptEncoder, val_records: Sequence
 
 
 def stage_validation(engine: Engine, encoder: PromptEncoder, val_records: Sequence, cfg: TrainConfig,
-                     manager: CheckpointManager, tokenizer) -> Validation:
+                     manager: CheckpointManager, tokenizer, mode: Optional[str] = None) -> Validation:
     """:func:`make_evaluator`, whose best-k exports (``best/step_N``) carry the metrics that ranked
     them (``val_metrics.json``)."""
-    evaluate = make_evaluator(engine, encoder, val_records, cfg)
+    evaluate = make_evaluator(engine, encoder, val_records, cfg, mode)
     last_eval: dict = {}
 
     def evaluate_and_keep(step: int) -> dict:
@@ -219,14 +222,15 @@ class StageRun(NamedTuple):
 
 def run_stage_loop(engine: Engine, batches: StageBatches, loss_fn: LossFn, cfg: TrainConfig, *, model: ColarModel,
                    encoder: PromptEncoder, tokenizer, val_records: Sequence, manager: CheckpointManager, out: Path,
-                   callbacks: Sequence[Callback] = ()) -> StageRun:
+                   callbacks: Sequence[Callback] = (), eval_mode: Optional[str] = None) -> StageRun:
     """The part of a training stage that every method shares: validation with best-k exports,
     :func:`~colar_core.training.loop.train_loop` with checkpoints and resume (reporting to
     :func:`~colar_core.training.callbacks.stage_callbacks`), then ``out/model`` (the best validated
-    model or the last weights, per ``cfg.final_model``)."""
+    model or the last weights, per ``cfg.final_model``). ``eval_mode``: how validation decodes
+    (:func:`make_evaluator`'s ``mode``)."""
     validation = None
     if cfg.eval_every and len(val_records):
-        validation = stage_validation(engine, encoder, val_records, cfg, manager, tokenizer)
+        validation = stage_validation(engine, encoder, val_records, cfg, manager, tokenizer, eval_mode)
     plan = LoopPlan(max_steps=cfg.max_steps, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
                     keep_best=cfg.keep_best, early_stopping_patience=cfg.early_stopping_patience,
                     log_every=cfg.log_every)
