@@ -207,6 +207,11 @@ def check_model_dir(root: Path, trust_remote_code: bool = False,
         "explicitly if you trust it")
 
 
+def _save_module(module: nn.Module, path: Path) -> None:
+    """A small module's weights as one safetensors file (on the CPU, contiguous)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))
+
+
 class ColarModel(nn.Module):
     """A causal LM that reasons in compressed latents. See the module docstring for the layout."""
 
@@ -269,14 +274,11 @@ class ColarModel(nn.Module):
                 base.save_pretrained(out / "base", state_dict=frozen)
         else:
             self.lm.save_pretrained(out / "backbone")
-        head_state = {k: v.detach().contiguous().cpu() for k, v in self.latent_head.state_dict().items()}
-        save_file(head_state, str(out / HEAD_FILE))
+        _save_module(self.latent_head, out / HEAD_FILE)
         if self.merger.has_parameters:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.merger.state_dict().items()},
-                      str(out / MERGE_FILE))
+            _save_module(self.merger, out / MERGE_FILE)
         if getattr(self, "thought_projection", None) is not None:  # Coconut / Distill (colar_core.baselines)
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.thought_projection.state_dict().items()},
-                      str(out / PROJECTION_FILE))
+            _save_module(self.thought_projection, out / PROJECTION_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(out / TOKENIZER_DIR)
         (out / CONFIG_FILE).write_text(json.dumps(asdict(self.state), indent=2, sort_keys=True))

@@ -72,6 +72,11 @@ def _max_steps(job) -> Optional[int]:
     return getattr(section, "max_steps", None)
 
 
+def _with_tokenizer(model: dict, tokenizer_dir: Optional[str]) -> dict:
+    """The pipeline's model config with the prepare stage's tokenizer, when it built one."""
+    return {**model, "tokenizer": tokenizer_dir} if tokenizer_dir else dict(model)
+
+
 def _stage_data(data_dir: str) -> StageData:
     return StageData(train=str(Path(data_dir) / "train.jsonl"), val=str(Path(data_dir) / "val.jsonl"))
 
@@ -81,9 +86,7 @@ def sft_stage(stage: str, train: dict, model: dict, init_model_dir: Optional[str
               tokenizer_dir: Optional[str], out_dir: str, parent_run_id: str, key: str) -> dict:
     """One SFT stage (CoT warm-up, CoLaR, or answer-only), logged as child run ``stage``."""
     out = stage_folder(out_dir)
-    model_cfg = dict(model)
-    if tokenizer_dir:
-        model_cfg["tokenizer"] = tokenizer_dir
+    model_cfg = _with_tokenizer(model, tokenizer_dir)
     job = SFTJob(output_dir=str(out), train=train, model=model_cfg, init_from=init_model_dir,
                  data=_stage_data(data_dir))
     return _training_stage(stage, job, run_sft_stage, job.train.launcher.multi_process,
@@ -107,9 +110,7 @@ def baseline_stage(stage: str, method: dict, model: dict, init_model_dir: Option
     """One latent-reasoning baseline (iCoT, Coconut or Distill: ``method["method"]``), from the CoT
     model or the backbone, logged as child run ``stage``; same engine, checkpoints and resume as SFT."""
     out = stage_folder(out_dir)
-    model_cfg = dict(model)
-    if tokenizer_dir:
-        model_cfg["tokenizer"] = tokenizer_dir
+    model_cfg = _with_tokenizer(model, tokenizer_dir)
     job = BaselineJob(output_dir=str(out), method=method, model=model_cfg, init_from=init_model_dir,
                       data=_stage_data(data_dir))
     return _training_stage(stage, job, run_baseline_stage, job.train.launcher.multi_process,
