@@ -41,13 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from bench.common import RESULTS_DIR, command_line, utc_now, versions, write_json
+from bench.common import RESULTS_DIR, ROOT, command_line, utc_now, versions, write_json
+from bench.pipeline_run import TINY, cli_env, colar_cmd
 from colar_core.evaluation import without_timings
-from colar_core.procs import marked_processes, proc_stat
+from colar_core.procs import ancestors, marked_processes, session_id
 from colar_core.training.checkpoint import COMPLETE
-from colar.tasks.artifacts import content_digest
-from tests.test_pipeline import TINY
-from tests.test_reliability_faults import ROOT, cli_env, colar_cmd
+from colar_core.files import content_digest
 
 #: Environment variable every process of the soak's runs inherits (value: a fresh id per soak).
 MARKER = "COLAR_CHAOS_ID"
@@ -62,7 +61,7 @@ KILL_WINDOW = 0.9
 _COMMON = ["tracking.registered_model_name=colar-chaos", "training_retries=0",
            "rl.questions_per_step=2", "rl.group_size=2", "rl.compression_factor=2", "rl.lr=0.0001",
            "rl.generation.max_latents=6", "rl.generation.max_answer_tokens=4"]
-#: Pipeline sizes (``--set`` overrides on top of tests/test_pipeline.py's TINY). ``default``: about
+#: Pipeline sizes (``--set`` overrides on top of bench/pipeline_run.py's TINY). ``default``: about
 #: 1-2 minutes uninterrupted on a shared 2-core CPU box; ``ci``: the smallest that still writes SFT
 #: and RL checkpoints (tests/test_chaos.py).
 SIZES: dict[str, list[str]] = {
@@ -159,33 +158,17 @@ def _mentions(pid: int, needle: bytes) -> bool:
     return False
 
 
-def _session(pid: int) -> Optional[int]:
-    """The session id of a live (non-zombie) process, else None."""
-    fields = proc_stat(pid)
-    return None if fields is None or fields[0] == "Z" else int(fields[3])
-
-
-def _ancestors() -> set[int]:
-    """This process and its ancestors (their command lines may name the work folder: ``timeout``, pytest)."""
-    found, pid = set(), os.getpid()
-    while pid > 0 and pid not in found:
-        found.add(pid)
-        fields = proc_stat(pid)
-        pid = int(fields[1]) if fields else 0
-    return found
-
-
 def soak_processes(marker: str, work_dir: Path, server_sessions: set[int]) -> list[int]:
     """Live processes of the soak's runs: those carrying the marker, and any other whose command line
     or environment mentions the work folder, except the local servers' sessions, this process and its
-    ancestors."""
-    found, skip = set(marked_processes(MARKER, marker)), _ancestors()
+    ancestors (their command lines may name the work folder: ``timeout``, pytest)."""
+    found, skip = set(marked_processes(MARKER, marker)), ancestors()
     needle = str(work_dir).encode()
     for proc in Path("/proc").glob("[0-9]*"):
         pid = int(proc.name)
         if pid in skip or pid in found:
             continue
-        sid = _session(pid)
+        sid = session_id(pid)
         if sid is not None and sid not in server_sessions and _mentions(pid, needle):
             found.add(pid)
     return sorted(found)
@@ -199,7 +182,7 @@ def describe(pids: Sequence[int]) -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        out.append(f"{pid} (session {_session(pid)}): {cmd[:300]}")
+        out.append(f"{pid} (session {session_id(pid)}): {cmd[:300]}")
     return out
 
 
@@ -242,7 +225,7 @@ class Soak:
     def __post_init__(self) -> None:
         from mlflow import MlflowClient
 
-        from colar.flows.servers import ensure_mlflow, ensure_prefect
+        from colar_infra.servers import ensure_mlflow, ensure_prefect
 
         state = self.work_dir / "servers"
         home = self.work_dir / "home"
@@ -262,7 +245,7 @@ class Soak:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
-        from colar.flows.servers import stop_servers
+        from colar_infra.servers import stop_servers
 
         stop_servers(self.work_dir / "servers")
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
+#: The repository root: where the benchmarks and the tests start `python -m ...` subprocesses.
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
 
 #: H100 SXM dense bf16 tensor-core peak from the spec sheet (FLOP/s). Used for every MFU figure.
 H100_BF16_PEAK_FLOPS = 989e12
@@ -189,14 +190,14 @@ def versions() -> dict:
         try:
             mod = __import__(name)
             out[name] = getattr(mod, "__version__", "?")
-        except Exception:  # pragma: no cover - reported, not fatal
+        except Exception:  # noqa: BLE001 - reported as None, not fatal
             out[name] = None
     try:
         import torch
 
         out["cuda"] = torch.version.cuda
         out["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001 - versions are informative only
         pass
     return out
 

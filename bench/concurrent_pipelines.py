@@ -1,7 +1,7 @@
 """Several tiny pipelines started at once against one MLflow and one Prefect server: do they all
 finish, each under its own runs, and what does it cost?
 
-The servers are started for the bench by ``colar.flows.servers`` (the code ``colar servers start``
+The servers are started for the bench by ``colar_infra.servers`` (the code ``colar servers start``
 runs) in a fresh colar home, on the chosen backend: ``sqlite`` (the default files) or ``postgres``
 (fresh databases ``<prefix>_mlflow`` / ``<prefix>_prefect`` on ``--db-url``, dropped at the end).
 Then ``-n`` ``colar run`` processes of the tests' tiny pipeline start together, each with its own
@@ -40,11 +40,10 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from bench.common import RESULTS_DIR, command_line, utc_now, versions, write_json
-from colar.flows import servers
-from colar.flows.backends import ServerSettings, drop_database
-from tests.test_pipeline import TINY
-from tests.test_reliability_faults import ROOT, cli_env, colar_cmd
+from bench.common import RESULTS_DIR, ROOT, command_line, utc_now, versions, write_json
+from bench.pipeline_run import TINY, cli_env, colar_cmd
+from colar_infra import servers
+from colar_infra.backends import ServerSettings, drop_database
 
 #: The stage runs every tiny pipeline has under its parent run (RL and the No-CoT baseline are off).
 STAGES = {"prepare", "sft-cot", "sft-colar", "evaluate"}

@@ -1,7 +1,7 @@
 """What MLflow's own asynchronous logging does when the tracking server is lost mid-training,
-next to colar's metrics sender (:class:`colar.tasks.metrics_sender.MlflowMetricsCallback`).
+next to colar's metrics sender (:class:`colar_infra.tracking.metrics_sender.MlflowMetricsCallback`).
 
-A local ``mlflow server`` (SQLite, started with :func:`colar.flows.servers.ensure_mlflow`) runs in a
+A local ``mlflow server`` (SQLite, started with :func:`colar_infra.servers.ensure_mlflow`) runs in a
 temporary folder. Each scenario runs in a process of its own (the way a pipeline process would log)
 and logs one metric (``loss``) per step, every ``--interval-s`` seconds, to a fresh run:
 
@@ -107,7 +107,7 @@ def kill_server(state_dir: Path, uri: str) -> float:
 
 def start_server(state_dir: Path, port: Optional[int] = None) -> str:
     """Start (or reuse) the server recorded in ``state_dir``, on ``port`` when given."""
-    from colar.flows.servers import ensure_mlflow
+    from colar_infra.servers import ensure_mlflow
 
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)  # ensure_mlflow would defer to it
     try:
@@ -144,7 +144,7 @@ def child(args) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from colar.tasks.metrics_sender import MlflowMetricsCallback
+    from colar_infra.tracking.metrics_sender import MlflowMetricsCallback
 
     kind, _, comes_back = SCENARIOS[args.child]
     state_dir, uri = Path(args.state_dir), args.uri
@@ -303,7 +303,7 @@ def run_scenario(name: str, args, state_dir: Path, work: Path) -> dict:
     if fallback.exists():
         from mlflow import MlflowClient
 
-        from colar.tasks.runs import replay_pending
+        from colar_infra.tracking.pending import replay_pending
 
         replay_pending(fallback, MlflowClient(tracking_uri=uri))
         out["arrived_after_replay_pending"] = _arrived(uri, out["run_id"])
@@ -335,7 +335,7 @@ def main(argv=None) -> None:
 
     import mlflow
 
-    from colar.flows.servers import stop_servers
+    from colar_infra.servers import stop_servers
 
     work = Path(tempfile.mkdtemp(prefix="colar-outage-bench-"))
     state_dir = work / "server"

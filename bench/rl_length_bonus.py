@@ -1,7 +1,7 @@
 """How the RL length bonus and the loss aggregation move accuracy and chain length, over RL seeds (CPU).
 
-The start and the measurement are those of ``tests/test_rl_training.py``: a tiny Llama after 100
-CoLaR-SFT steps on the four problems of ``tests/tiny.py``; sampled accuracy and mean #L at c=2 over
+The start and the measurement are those of ``bench/tiny_rl.py`` (which tests/test_rl_training.py tests): a tiny
+Llama after 100 CoLaR-SFT steps on the four problems of ``bench/tiny.py``; sampled accuracy and mean #L at c=2 over
 64 samples per problem at two seeds; 60 RL steps of 4 questions x 8 rollouts at lr 1e-3.
 ``--aggregation`` picks ``RLConfig.loss_aggregation`` (default: the RLConfig default, ``part_mean``).
 
@@ -41,8 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     import torch
 
     from bench.common import RESULTS_DIR, command_line, device_info, utc_now, versions, write_json
+    from bench.tiny_rl import rl_cfg, run_rl, sampled_accuracy, sft_start
     from colar_core.rl.config import RLConfig
-    from tests.test_rl_training import rl_cfg, run, sampled_accuracy, sft_start
 
     aggregation = args.aggregation or RLConfig().loss_aggregation
     torch.set_num_threads(1)
@@ -57,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         for seed in [int(x) for x in args.seeds.split(",") if x.strip()]:
             cfg = rl_cfg(rewards=rewards, seed=seed, loss_aggregation=aggregation,
                          continue_actions=args.continue_actions)
-            result = run(start, root / f"rl-{seed}", cfg)
+            result = run_rl(start, root / f"rl-{seed}", cfg)
             acc, length = sampled_accuracy(result.model_dir)
             rows.append({"seed": seed, "accuracy": acc, "mean_latents": length})
             print(f"seed {seed}: accuracy {acc:.3f}, mean #L {length:.2f}", flush=True)

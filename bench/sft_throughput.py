@@ -332,7 +332,7 @@ def _release(engine, device) -> None:
 
     try:
         engine.ds.destroy()
-    except Exception:  # pragma: no cover - best effort
+    except Exception:  # noqa: BLE001 - best effort: freeing memory between phases
         pass
     del engine
     gc.collect()
@@ -363,10 +363,10 @@ def _run_child(argv: Sequence[str], phase: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="colar-bench-") as tmp:
         out = Path(tmp) / f"{phase}.json"
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(common.REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONPATH"] = os.pathsep.join([str(common.ROOT), *filter(None, [env.get("PYTHONPATH")])])
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # each child is its own job
             env.pop(var, None)
-        proc = subprocess.run(child_argv(argv, phase, out), cwd=common.REPO_ROOT, env=env)
+        proc = subprocess.run(child_argv(argv, phase, out), cwd=common.ROOT, env=env)
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"{phase} phase failed (exit {proc.returncode})")
         return json.loads(out.read_text())

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from bench.common import REPO_ROOT, RESULTS_DIR, command_line, utc_now, versions, write_json
+from bench.common import RESULTS_DIR, ROOT, command_line, utc_now, versions, write_json
 
 
 def seed_overrides(config_path: str, seed: int) -> list[str]:
     """``--set`` pairs that give every training stage of the config the training seed ``seed``."""
-    from colar.flows.config import load_config  # the pipeline package: only when a run is prepared
+    from flows.config import load_config  # the pipeline package: only when a run is prepared
 
     cfg = load_config(config_path)
     sets = [f"sft_colar.seed={seed}"]
@@ -42,13 +42,13 @@ def seed_overrides(config_path: str, seed: int) -> list[str]:
 
 def run_seed(config_path: str, seed: int, out_dir: Path, threads: int, extra: Sequence[str]) -> float:
     """One ``colar run`` for ``seed`` into ``out_dir``; returns its wall time (s)."""
-    cmd = [sys.executable, "-m", "colar.flows.cli", "run", "--config", config_path]
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", config_path]
     for pair in [*seed_overrides(config_path, seed), f"output_dir={out_dir}", f"name=table1-seed{seed}", *extra]:
         cmd += ["--set", pair]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, cwd=REPO_ROOT)
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     return time.perf_counter() - t0
 
 
@@ -64,7 +64,7 @@ def reevaluate(config_path: str, out_dir: Path, methods: Sequence[str]) -> dict:
     """Evaluate the finished run's models of ``methods`` (baselines) again with today's code, on the
     run's own test split, evaluation seeds and decoding; returns their metrics (primary set). For a
     fix to how a metric is counted, without training anything again."""
-    from colar.flows.config import load_config  # pipeline package: only here
+    from flows.config import load_config  # pipeline package: only here
     from colar_core.data.prepare import load_split
     from colar_core.evaluation import evaluate_baseline
     from colar_core.model import ColarModel
@@ -86,7 +86,7 @@ def reevaluate(config_path: str, out_dir: Path, methods: Sequence[str]) -> dict:
 def aggregate(per_seed: dict[int, dict]) -> dict:
     """Per method (primary test set): accuracy of each seed, their mean and 95 % interval over
     seeds, mean #L, and the within-run interval over sampling seeds of each run."""
-    from colar.tasks.table1 import method_label, per_set_values, setting_order  # pipeline package
+    from tasks.table1 import method_label, per_set_values, setting_order  # pipeline package
     from colar_core.scoring import mean_ci95
 
     rows: dict[str, dict] = {}

@@ -13,6 +13,10 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted field path(s) and reasons in the message."""
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -240,9 +244,9 @@ class EvalSet(StrictModel):
     @field_validator("format")
     @classmethod
     def _known_format(cls, v):
-        from colar_core.data.readers import _ALIASES, FORMATS  # the readers import this module's neighbours
+        from colar_core.data.readers import ALIASES, FORMATS  # the readers import this module's neighbours
 
-        if v not in FORMATS and v not in _ALIASES:
+        if v not in FORMATS and v not in ALIASES:
             raise ValueError(f"unknown format {v!r}; one of {', '.join(FORMATS)}")
         return v
 

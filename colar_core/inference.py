@@ -18,7 +18,7 @@ recompute log-probabilities (the sampled latents and answer tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union, overload
 
 import torch
 
@@ -164,6 +164,18 @@ def _decode_tokens(state: DecodeState, model, max_new: int, eos_id: int, pad_id:
     return torch.stack(out, dim=1) if out else torch.empty((b, 0), dtype=torch.long, device=state.hidden.device)
 
 
+@overload
+def generate_latent(model, encoder: PromptEncoder, questions: Sequence[str], compression: Speed,
+                    gen: GenerationConfig = ..., generator: Optional[torch.Generator] = ...,
+                    return_trace: Literal[False] = ...) -> list[Generation]: ...
+
+
+@overload
+def generate_latent(model, encoder: PromptEncoder, questions: Sequence[str], compression: Speed,
+                    gen: GenerationConfig = ..., generator: Optional[torch.Generator] = ..., *,
+                    return_trace: Literal[True]) -> tuple[list[Generation], LatentTrace]: ...
+
+
 @torch.no_grad()
 def generate_latent(
     model,
@@ -174,7 +186,8 @@ def generate_latent(
     generator: Optional[torch.Generator] = None,
     return_trace: bool = False,
 ) -> Union[list[Generation], tuple[list[Generation], LatentTrace]]:
-    """Latent reasoning for one batch of questions at compression factor ``compression``."""
+    """Latent reasoning for one batch of questions at compression factor ``compression``; with
+    ``return_trace`` also the :class:`LatentTrace` of what was sampled (RL's trajectories)."""
     prompts = [encoder.prompt_ids(encoder.encode_question(q), compression) for q in questions]
     state = DecodeState(model, prompts, encoder.pad_id)
     b, device = len(questions), model.device

@@ -87,6 +87,9 @@ class GroupMerger(nn.Module):
     ``hidden_size`` and is never saved.
     """
 
+    partner: torch.Tensor  # rotate only: buffers (see plane_pairing)
+    sign: torch.Tensor
+
     def __init__(self, pooling: str, hidden_size: int, angle: float = DEFAULT_ANGLE):
         super().__init__()
         if pooling not in POOLINGS:

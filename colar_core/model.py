@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,11 +32,17 @@ from torch import nn
 
 from colar_core.collate import ColarBatch, packing
 from colar_core.config import LoraConfig, ModelConfig, ObjectiveConfig
+from colar_core.hub import looks_like_path
 from colar_core.latent_head import LatentHead
 from colar_core.losses import latent_loss, token_cross_entropy
 from colar_core.merging import GroupMerger
-from colar_core.number_tokens import add_number_tokens, init_number_embeddings
+from colar_core.number_tokens import add_number_tokens, init_number_embeddings, input_embedding_table
 from colar_core.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # heavy, and peft only for LoRA models: imported where they are used
+    from peft import PeftModel
+    from transformers import PreTrainedConfig, PreTrainedModel
+    from typing_extensions import TypeIs
 
 CONFIG_FILE = "colar_config.json"
 HEAD_FILE = "latent_head.safetensors"
@@ -102,7 +108,7 @@ def measured_embedding_scale(embedding: torch.Tensor) -> float:
     return float(embedding.detach().float().std())
 
 
-def build_tiny_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
+def build_tiny_backbone(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     """A small causal LM with random weights, shaped by ``cfg.tiny``; nothing is downloaded."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config  # heavy: when used
 
@@ -115,6 +121,7 @@ def build_tiny_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
         tie_word_embeddings=t.tie_word_embeddings,
     )
     inter = t.intermediate_size or 4 * t.hidden_size
+    conf: PreTrainedConfig
     if t.arch == "gpt2":
         conf = GPT2Config(n_embd=t.hidden_size, n_layer=t.num_layers, n_head=t.num_heads, n_inner=inter,
                           n_positions=t.max_position_embeddings, **common)
@@ -126,7 +133,7 @@ def build_tiny_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
     return AutoModelForCausalLM.from_config(conf)
 
 
-def load_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
+def load_backbone(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     """The configured backbone: built from scratch for 'tiny', else loaded from safetensors weights."""
     if cfg.name_or_path == "tiny":
         model = build_tiny_backbone(cfg, tokenizer)
@@ -138,21 +145,21 @@ def load_backbone(cfg: ModelConfig, tokenizer) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code, use_safetensors=True
         )
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if len(tokenizer) > input_embedding_table(model).shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if cfg.dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
+        model = model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' wrapped `to` is typed without self
     return model
 
 
 def base_is_local(name_or_path: str) -> bool:
     """True when a backbone exists only on this machine: built from scratch ('tiny'), a local folder
-    or a GGUF file. A LoRA model on such a base keeps a copy of it (``base/``) when saved."""
-    path = Path(name_or_path).expanduser()
-    return name_or_path == "tiny" or path.exists() or path.is_absolute() or name_or_path.startswith(".")
+    or a GGUF file (a name meant as a path counts, :func:`colar_core.hub.looks_like_path`). A LoRA model on
+    such a base keeps a copy of it (``base/``) when saved."""
+    return name_or_path == "tiny" or Path(name_or_path).expanduser().exists() or looks_like_path(name_or_path)
 
 
-def _apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+def _apply_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
     # peft is heavy and only needed with LoRA
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -207,15 +214,42 @@ def check_model_dir(root: Path, trust_remote_code: bool = False,
         "explicitly if you trust it")
 
 
+def _is_peft(lm: PreTrainedModel | PeftModel) -> TypeIs[PeftModel]:
+    """A LoRA backbone (peft's wrapper) rather than a plain causal LM; told by duck type, so that a
+    full fine-tune never imports peft."""
+    return hasattr(lm, "get_base_model")
+
+
 def _save_module(module: nn.Module, path: Path) -> None:
     """A small module's weights as one safetensors file (on the CPU, contiguous)."""
     save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))
 
 
+def _save_adapter(lm: PeftModel, adapter_dir: Path, base_name: Optional[str]) -> None:
+    """``lm``'s peft adapter, its config naming the base as ``base_name`` (a hub id, or None for a
+    base kept in the folder) and never the path a base happened to be loaded from: a folder
+    copied elsewhere names nothing that was left behind."""
+    configs = lm.peft_config.values()
+    for c in configs:  # peft fills a None from the base's load path: set it before and after
+        c.base_model_name_or_path = base_name
+    lm.save_pretrained(str(adapter_dir))
+    for c in configs:
+        c.base_model_name_or_path = base_name
+    config_file = adapter_dir / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data["base_model_name_or_path"] = base_name
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
 class ColarModel(nn.Module):
     """A causal LM that reasons in compressed latents. See the module docstring for the layout."""
 
-    def __init__(self, lm: nn.Module, head: LatentHead, state: ColarState, merger: Optional[GroupMerger] = None):
+    # Coconut / Distill only: the MLP feeding hidden states back as inputs, attached as a submodule
+    # by colar_core.baselines.thoughts.attach_projection (absent otherwise; read it with getattr)
+    thought_projection: nn.Module
+
+    def __init__(self, lm: PreTrainedModel | PeftModel, head: LatentHead, state: ColarState,
+                 merger: Optional[GroupMerger] = None):
         super().__init__()
         self.lm = lm
         self.latent_head = head
@@ -235,13 +269,13 @@ class ColarModel(nn.Module):
         backbone = load_backbone(cfg, tokenizer)
         if pieces:
             init_number_embeddings(backbone, pieces)
-        hidden = backbone.get_input_embeddings().weight.shape[1]
+        hidden = input_embedding_table(backbone).shape[1]
         if cfg.embedding_scale != "auto":
             scale, source = float(cfg.embedding_scale), "config"
         elif (paper := paper_embedding_scale(cfg.name_or_path)) is not None:
             scale, source = paper, "paper"
         else:
-            scale, source = measured_embedding_scale(backbone.get_input_embeddings().weight), "measured"
+            scale, source = measured_embedding_scale(input_embedding_table(backbone)), "measured"
         state = ColarState(
             base_model=cfg.name_or_path,
             hidden_size=hidden,
@@ -261,11 +295,12 @@ class ColarModel(nn.Module):
     def save_pretrained(self, out_dir, tokenizer=None) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if self.is_lora:
+        lm = self.lm
+        if _is_peft(lm):
             own_base = base_is_local(self.state.base_model)
-            self._save_adapter(out / "adapter", None if own_base else self.state.base_model)
+            _save_adapter(lm, out / "adapter", None if own_base else self.state.base_model)
             if own_base:  # a base that exists only here (from scratch, a local folder, a GGUF): keep it
-                base = self.lm.get_base_model()
+                base = self.causal_lm
                 frozen = {
                     k.replace(".base_layer.", ".").replace(".original_module.", "."): v
                     for k, v in base.state_dict().items()
@@ -273,31 +308,17 @@ class ColarModel(nn.Module):
                 }
                 base.save_pretrained(out / "base", state_dict=frozen)
         else:
-            self.lm.save_pretrained(out / "backbone")
+            lm.save_pretrained(out / "backbone")
         _save_module(self.latent_head, out / HEAD_FILE)
         if self.merger.has_parameters:
             _save_module(self.merger, out / MERGE_FILE)
-        if getattr(self, "thought_projection", None) is not None:  # Coconut / Distill (colar_core.baselines)
-            _save_module(self.thought_projection, out / PROJECTION_FILE)
+        projection = getattr(self, "thought_projection", None)
+        if projection is not None:  # Coconut / Distill (colar_core.baselines)
+            _save_module(projection, out / PROJECTION_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(out / TOKENIZER_DIR)
         (out / CONFIG_FILE).write_text(json.dumps(asdict(self.state), indent=2, sort_keys=True))
         return out
-
-    def _save_adapter(self, adapter_dir: Path, base_name: Optional[str]) -> None:
-        """The peft adapter, its config naming the base as ``base_name`` (a hub id, or None for a
-        base kept in the folder) and never the path a base happened to be loaded from: a folder
-        copied elsewhere names nothing that was left behind."""
-        configs = self.lm.peft_config.values()
-        for c in configs:  # peft fills a None from the base's load path: set it before and after
-            c.base_model_name_or_path = base_name
-        self.lm.save_pretrained(adapter_dir)
-        for c in configs:
-            c.base_model_name_or_path = base_name
-        config_file = adapter_dir / "adapter_config.json"
-        data = json.loads(config_file.read_text())
-        data["base_model_name_or_path"] = base_name
-        config_file.write_text(json.dumps(data, indent=2, sort_keys=True))
 
     @classmethod
     def from_pretrained(cls, model_dir, is_trainable: bool = True, dtype: Optional[torch.dtype] = None,
@@ -308,7 +329,7 @@ class ColarModel(nn.Module):
 
         root = Path(model_dir)
         state, base_path = check_model_dir(root, trust_remote_code, base_model)
-        kw = dict(trust_remote_code=trust_remote_code, use_safetensors=True)
+        kw: dict[str, Any] = dict(trust_remote_code=trust_remote_code, use_safetensors=True)
         if dtype is not None:
             kw["dtype"] = dtype
         if base_path is not None:
@@ -317,7 +338,8 @@ class ColarModel(nn.Module):
             from colar_core.gguf_import import resolve_model_path  # a GGUF base -> its converted folder
 
             base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_path), **kw)
-            lm = PeftModel.from_pretrained(base, root / "adapter", is_trainable=is_trainable)
+            lm: PreTrainedModel | PeftModel = PeftModel.from_pretrained(base, root / "adapter",
+                                                                        is_trainable=is_trainable)
         else:
             lm = AutoModelForCausalLM.from_pretrained(root / "backbone", **kw)
         head = LatentHead(state.hidden_size, state.latent_intermediate_size, state.deterministic_latents)
@@ -355,11 +377,13 @@ class ColarModel(nn.Module):
     # ----- backbone access ----------------------------------------------------------------------
     @property
     def is_lora(self) -> bool:
-        return hasattr(self.lm, "get_base_model")
+        return _is_peft(self.lm)
 
     @property
-    def causal_lm(self) -> nn.Module:
-        return self.lm.get_base_model() if self.is_lora else self.lm
+    def causal_lm(self) -> PreTrainedModel:
+        lm = self.lm
+        # peft types its base nn.Module; under a CAUSAL_LM adapter it is the wrapped causal LM
+        return cast("PreTrainedModel", lm.get_base_model()) if _is_peft(lm) else lm
 
     @property
     def decoder(self) -> nn.Module:
@@ -403,7 +427,7 @@ class ColarModel(nn.Module):
     def remeasure_embedding_scale(self) -> float:
         """Refresh a measured scale from the current embedding table (e.g. after CoT SFT trained it)."""
         if self.state.embedding_scale_source == "measured":
-            self.state.embedding_scale = measured_embedding_scale(self.causal_lm.get_input_embeddings().weight)
+            self.state.embedding_scale = measured_embedding_scale(input_embedding_table(self.causal_lm))
         return self.state.embedding_scale
 
     # ----- SFT ----------------------------------------------------------------------------------

@@ -19,10 +19,14 @@ With LoRA, the embedding table must be trained for the new rows to learn: list `
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-__all__ = ["number_token_texts", "add_number_tokens", "init_number_embeddings"]
+import torch
+
+if TYPE_CHECKING:  # heavy: the caller has loaded transformers already
+    from transformers import PreTrainedModel
+
+__all__ = ["number_token_texts", "add_number_tokens", "init_number_embeddings", "input_embedding_table"]
 
 
 def number_token_texts(max_number: int) -> list[str]:
@@ -56,11 +60,18 @@ def add_number_tokens(tokenizer, max_number: int) -> dict[int, list[int]]:
     return out
 
 
+def input_embedding_table(model: PreTrainedModel) -> torch.Tensor:
+    """The ``[vocab, hidden]`` input-embedding weights of a causal LM."""
+    table = model.get_input_embeddings().weight
+    assert isinstance(table, torch.Tensor), f"{type(model).__name__}: its input embeddings hold no weight tensor"
+    return table
+
+
 @torch.no_grad()
-def init_number_embeddings(model: nn.Module, pieces: dict[int, list[int]]) -> None:
+def init_number_embeddings(model: PreTrainedModel, pieces: dict[int, list[int]]) -> None:
     """Set each new row of ``model``'s input embeddings (and of an untied output embedding) to the
     mean of the rows of its pieces. ``model`` is a causal LM already resized to the tokenizer."""
-    emb = model.get_input_embeddings().weight
+    emb = input_embedding_table(model)
     out = model.get_output_embeddings()
     tables = [emb] if out is None or out.weight is emb or out.weight.data_ptr() == emb.data_ptr() else [emb, out.weight]
     for table in tables:

@@ -176,5 +176,7 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False):
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(path_or_id)), trust_remote_code=trust_remote_code)
     if is_word_level(tokenizer) and not tokenizer.add_bos_token:
-        tokenizer.add_bos_token = True  # saved before its rule was written into it: <bos> first, as it trained
+        # saved before its rule was written into it: <bos> first, as it trained (type: ignore: transformers
+        # defines the setter apart from its getter, which mypy misses)
+        tokenizer.add_bos_token = True  # type: ignore[misc]
     return prepare_tokenizer(tokenizer)

@@ -1,5 +1,7 @@
-"""Prefect flows: the CoLaR pipeline as a DAG (prepare -> SFT -> RL -> evaluate -> report).
+"""The DAG: the CoLaR pipeline as a Prefect flow (``pipeline``: prepare -> SFT -> RL -> baselines ->
+evaluate -> report), the evaluate-only flow (``single_stage``), their config (``config``), run
+comparison (``compare``) and the ``colar`` command (``cli``). The servers they talk to are started by
+``colar_infra.servers``.
 
-``colar.flows.servers`` starts and stops the local MLflow and Prefect servers the flows talk to.
-Submodules are imported on demand, so ``import colar.flows`` stays cheap.
+Submodules are imported on demand, so ``import flows`` stays cheap.
 """

@@ -11,7 +11,7 @@ server in one line and exit code 3; a URL is never printed with its credentials 
 
 ``colar servers start`` and ``colar run`` take the server options ``--backend sqlite|postgres``,
 ``--db-url``, ``--db-prefix`` and ``--mlflow-auth none|basic-auth`` (or ``COLAR_BACKEND``,
-``COLAR_DB_URL``, ``COLAR_DB_PREFIX``, ``COLAR_MLFLOW_AUTH``; see :mod:`colar.flows.backends`). They
+``COLAR_DB_URL``, ``COLAR_DB_PREFIX``, ``COLAR_MLFLOW_AUTH``; see :mod:`colar_infra.backends`). They
 choose how a server is started; a running one is reused when they are left out.
 """
 
@@ -25,10 +25,10 @@ from typing import Optional, Sequence
 from colar_core.data.prepare import prepare_data
 from colar_core.data.readers import FORMATS
 from colar_core.data.records import DataError
-from colar.flows import servers
-from colar.flows.backends import ServerSettings
-from colar.flows.config import ConfigError, PipelineConfig, load_config, preflight
-from colar.tasks.params import mask_secrets, mask_url
+from colar_infra import servers
+from colar_infra.backends import ServerSettings
+from flows.config import ConfigError, PipelineConfig, load_config, preflight
+from colar_infra.secrets import mask_secrets, mask_url
 
 #: Exit codes: 0 done, 1 the pipeline failed, 2 bad config / usage, 3 a server could not be reached.
 EXIT_CONFIG, EXIT_SERVER = 2, 3
@@ -54,8 +54,8 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Opt
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from colar.flows.pipeline import run_pipeline
-    from colar.tasks.runs import server_answers
+    from flows.pipeline import run_pipeline
+    from colar_infra.tracking.runs import server_answers
 
     state = run_pipeline(cfg, parent_run_id=parent_run_id, return_state=True)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
@@ -127,7 +127,7 @@ def cmd_retry(args) -> int:
     servers.ensure_servers()
     from mlflow.tracking import MlflowClient  # lazily: see _run
 
-    from colar.flows.pipeline import still_running
+    from flows.pipeline import still_running
 
     try:
         parent = resolve_parent_run(args.run)
@@ -161,8 +161,8 @@ def load_stored_config(path: str) -> PipelineConfig:
 
 
 def cmd_compare(args) -> int:
-    from colar.flows.compare import compare_runs, table1_by_run, table_text  # imports mlflow: lazily, see _run
-    from colar.tasks.table1 import table1_markdown
+    from flows.compare import compare_runs, table1_by_run, table_text  # imports mlflow: lazily, see _run
+    from tasks.table1 import table1_markdown
 
     servers.use_mlflow(servers.ensure_mlflow())
     if args.table:

@@ -8,8 +8,8 @@ import re
 import mlflow
 import pandas as pd
 
-from colar.tasks.plots import pyplot, save_figure
-from colar.tasks.table1 import method_label, per_set_values, setting_order, table1
+from tasks.plots import pyplot, save_figure
+from tasks.table1 import method_label, per_set_values, setting_order, table1
 
 HIGHLIGHTS = {
     "params.model.name_or_path": "model",
@@ -65,7 +65,7 @@ def _run_metrics(run: pd.Series) -> dict:
 
 
 def table1_by_run(experiment: str = "colar") -> list[tuple[str, pd.DataFrame]]:
-    """``(title, Table 1)`` of each finished pipeline run, newest first (:func:`colar.tasks.table1.table1`
+    """``(title, Table 1)`` of each finished pipeline run, newest first (:func:`tasks.table1.table1`
     over the run's metrics)."""
     out = []
     for _, run in finished_parent_runs(experiment).iterrows():

@@ -19,15 +19,11 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from colar_core.baselines.config import CoconutConfig, DistillConfig, ICoTConfig
-from colar_core.config import TEST_SPLIT, EvalConfig, GenerationConfig, ModelConfig, ObjectiveConfig, StrictModel
+from colar_core.config import TEST_SPLIT, ConfigError, EvalConfig, GenerationConfig, ModelConfig, ObjectiveConfig, StrictModel
 from colar_core.data.bundled import BUNDLED, resolve_bundled
-from colar_core.data.readers import HF_MARKERS
+from colar_core.hub import DATA_SUFFIXES, RepoType, is_cached, is_saved_dataset, looks_like_path
 from colar_core.rl.config import RLConfig
 from colar_core.training.config import TrainConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the dotted field path(s) and reasons in the message."""
 
 
 class BuiltinDataConfig(StrictModel):
@@ -58,7 +54,7 @@ class DataConfig(StrictModel):
 
 
 class PromotionConfig(StrictModel):
-    """When a run's registered model takes the alias 'candidate' (colar.tasks.promotion)."""
+    """When a run's registered model takes the alias 'candidate' (tasks.promotion)."""
 
     rule: Literal["better", "always"] = Field(
         "better", description="'better': only when `metric` beats the current candidate's by more than its 95% "
@@ -236,37 +232,10 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), base:
         raise ConfigError(_format_errors(err)) from None
 
 
-_PATH_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet", ".gz")
 HUB_CHECK_TIMEOUT_S = 5.0
 
 
-def _looks_like_path(name: str, suffixes: tuple = ()) -> bool:
-    """A name meant as a local path rather than a hub id ``org/name`` (same rule as the readers)."""
-    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-            or (bool(suffixes) and Path(name).suffix.lower() in suffixes))
-
-
-def _hub_cached(repo_id: str, repo_type: str) -> bool:
-    """True if the local Hugging Face cache holds a snapshot of ``repo_id`` (no network)."""
-    try:
-        from huggingface_hub import constants
-        from huggingface_hub.file_download import repo_folder_name
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        return False
-    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots"
-    if snapshots.is_dir() and any(snapshots.iterdir()):
-        return True
-    if repo_type == "dataset":  # datasets' own processed cache: ~/.cache/huggingface/datasets/org___name
-        try:
-            from datasets import config as ds_config
-
-            return (Path(ds_config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")).is_dir()
-        except ImportError:  # pragma: no cover
-            return False
-    return False
-
-
-def _hub_problem(repo_id: str, repo_type: str) -> Optional[str]:
+def _hub_problem(repo_id: str, repo_type: RepoType) -> Optional[str]:
     """None when ``repo_id`` can be resolved (local cache, or one quick Hub query), else why not.
 
     Offline (``HF_HUB_OFFLINE``) only the cache counts. Online, one metadata request with a short
@@ -279,9 +248,9 @@ def _hub_problem(repo_id: str, repo_type: str) -> Optional[str]:
         return "huggingface_hub is not installed"
     try:
         validate_repo_id(repo_id)
-    except Exception as err:  # HFValidationError
+    except ValueError as err:  # HFValidationError
         return f"not a valid Hugging Face {repo_type} id ({err})"
-    if _hub_cached(repo_id, repo_type):
+    if is_cached(repo_id, repo_type):
         return None
     offline = constants.HF_HUB_OFFLINE or os.environ.get(
         "HF_DATASETS_OFFLINE" if repo_type == "dataset" else "TRANSFORMERS_OFFLINE", "") in ("1", "true", "TRUE")
@@ -311,7 +280,7 @@ def _needs_test_split(source: Path) -> bool:
     known once loaded: the prepare stage checks those.)"""
     if source.is_file():
         return True
-    if not source.is_dir() or any((source / m).exists() for m in HF_MARKERS):
+    if not source.is_dir() or is_saved_dataset(source):
         return False
     return not any(p.is_file() and p.name.split(".", 1)[0].lower() == "test" for p in source.iterdir())
 
@@ -343,7 +312,7 @@ def preflight(cfg: PipelineConfig) -> None:
             continue
         if Path(name).exists():
             problems.append(f"field '{field}': {name!r} is a file; expected 'tiny', a model directory or a hub id")
-        elif _looks_like_path(name):
+        elif looks_like_path(name):
             problems.append(f"field '{field}': directory {name!r} does not exist")
         elif (why := _hub_problem(name, "model")) is not None:
             problems.append(f"field '{field}': {name!r} is not 'tiny', an existing directory or a known hub "
@@ -358,13 +327,13 @@ def preflight(cfg: PipelineConfig) -> None:
         if spec.source == TEST_SPLIT or resolve_bundled(spec.source) is not None or Path(spec.source).exists():
             continue
         field = f"eval.datasets[{i}].source"
-        if _looks_like_path(spec.source, _PATH_SUFFIXES):
+        if looks_like_path(spec.source, DATA_SUFFIXES):
             problems.append(f"field '{field}': file or directory {spec.source!r} does not exist")
         elif (why := _hub_problem(spec.source, "dataset")) is not None:
             problems.append(f"field '{field}': {spec.source!r} is not 'test', a bundled set ({', '.join(BUNDLED)}), "
                             f"an existing path or a known Hugging Face dataset: {why}")
     if source != "builtin" and resolve_bundled(source) is None and not Path(source).exists():
-        if _looks_like_path(source, _PATH_SUFFIXES):
+        if looks_like_path(source, DATA_SUFFIXES):
             problems.append(f"field 'data.source': file or directory {source!r} does not exist")
         elif (why := _hub_problem(source, "dataset")) is not None:
             problems.append(f"field 'data.source': {source!r} is not 'builtin', an existing path, a bundled set "

@@ -3,7 +3,7 @@
 stages as configured).
 
 The flow validates the whole config first and opens (or, on retry, reuses) one MLflow parent run.
-Each stage is described once (:class:`~colar.tasks.stage_spec.StageSpec`): its cache key (config
+Each stage is described once (:class:`~tasks.stage_spec.StageSpec`): its cache key (config
 section, content digests of its inputs, absolute output folder, code version), its folder and the
 task's arguments all come from that description. Stages already finished under the same key come
 back Cached; the failed one runs again in its own folder and resumes from its checkpoint. The run's
@@ -20,7 +20,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, TypeVar
 
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
@@ -32,15 +32,17 @@ from colar_core.config import TEST_SPLIT
 from colar_core.procs import identity_alive
 from colar_core.procs import process_identity as _process_identity
 from colar_core.training.launch import LAUNCHER_RECORD, check_no_live_launcher, describe_launcher, live_launcher
-from colar.flows.config import PipelineConfig, preflight
-from colar.flows.locks import exclusive_lock
-from colar.tasks.evaluate import evaluate_stage
-from colar.tasks.keys import code_version, data_inputs, eval_inputs, model_inputs
-from colar.tasks.prepare import prepare_stage
-from colar.tasks.report import report_stage
-from colar.tasks.runs import end_orphaned_children, ending_run, log_metrics, start_parent_run
-from colar.tasks.stage_spec import StageSpec
-from colar.tasks.training import baseline_stage, rl_stage, sft_stage
+from flows.config import PipelineConfig, preflight
+from colar_core.files import exclusive_lock
+from tasks.evaluate import EvaluateResult, evaluate_stage
+from tasks.keys import code_version, data_inputs, eval_inputs, model_inputs
+from tasks.prepare import PrepareResult, prepare_stage
+from tasks.report import report_stage
+from colar_infra.tracking.runs import end_orphaned_children, ending_run, log_metrics, start_parent_run
+from tasks.stage_spec import StageResult, StageSpec
+from tasks.training import TrainResult, baseline_stage, rl_stage, sft_stage
+
+R = TypeVar("R", bound=StageResult)
 
 PROCESS_TAG = "colar.process"  # "host:pid:start-ticks" of the process running the flow (see still_running)
 
@@ -87,7 +89,7 @@ def _stage_lock(out: Path, timeout_s: float):
     (same output_dir, same section and inputs) do that stage one after the other, and the second
     finds it finished, instead of both writing the same checkpoints. Released by the kernel if
     the holder dies; a waiter logs the holder and gives up after ``timeout_s`` (the config's
-    ``stage_lock_timeout_s``) with :class:`~colar.flows.locks.LockTimeout`. A training
+    ``stage_lock_timeout_s``) with :class:`~colar_core.files.LockTimeout`. A training
     launcher left alive in the folder by a killed flow stops the stage (LauncherAliveError)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out.parent / f".{out.name}.lock", timeout_s=timeout_s, holder=f"stage {out.name}",
@@ -104,8 +106,9 @@ def _log_warning(message: str) -> None:
         logging.getLogger(__name__).warning(message)
 
 
-def _run_stage(spec: StageSpec, timings: dict, states: dict, lock_timeout_s: float) -> dict:
-    """Run a stage in its folder (:meth:`StageSpec.run`: re-run if its cached folder was deleted).
+def _run_stage(spec: StageSpec, result_type: type[R], timings: dict, states: dict, lock_timeout_s: float) -> R:
+    """Run a stage in its folder (:meth:`StageSpec.run`: re-run if its cached folder was deleted) and
+    return its result, which must be a ``result_type`` (the flow reads it by attribute).
 
     Records in ``states`` the stage's Prefect state name (``Cached`` when skipped) and in ``timings``
     the stage's wall time as the flow sees it and the time of its own work (the colar_core call), so
@@ -117,8 +120,10 @@ def _run_stage(spec: StageSpec, timings: dict, states: dict, lock_timeout_s: flo
         wall = time.perf_counter() - t0
     states[spec.name] = state.name
     result = state.result()  # raises the stage's exception if it failed
-    if state.name != "Cached" and "work_s" in result:
-        timings[spec.name] = {"wall_s": wall, "work_s": result["work_s"], "overhead_s": wall - result["work_s"]}
+    if not isinstance(result, result_type):  # a cached result of another type (or a task that returned one)
+        raise TypeError(f"stage {spec.name} returned {type(result).__name__}, not a {result_type.__name__}")
+    if state.name != "Cached":
+        timings[spec.name] = {"wall_s": wall, "work_s": result.work_s, "overhead_s": wall - result.work_s}
     return result
 
 
@@ -164,62 +169,65 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
     """prepare -> sft-cot -> sft-colar -> rl -> sft-nocot -> sft-icot / sft-coconut / sft-distill ->
     evaluate -> report (optional ones as configured); returns the evaluation metrics, the report's
     model URIs and each stage's Prefect state name (``stages``)."""
-    out_root, states = cfg.output_dir, {}
+    out_root = cfg.output_dir
+    states: dict[str, str] = {}
 
-    def run(task, name: str, config: dict, inputs: dict, args: dict) -> dict:
-        return _run_stage(StageSpec(task, name, config, out_root, inputs, args), timings, states,
+    def run(task, name: str, config: dict, inputs: dict, args: dict, result_type: type[R]) -> R:
+        return _run_stage(StageSpec(task, name, config, out_root, inputs, args), result_type, timings, states,
                           cfg.stage_lock_timeout_s)
 
     prep = run(prepare_stage, "prepare", {"data": conf["data"], "model": conf["model"]},
                data_inputs(conf["data"]), {"parent_run_id": parent_run_id,
-                                           "needs_test_split": any(s.source == TEST_SPLIT for s in cfg.eval.sets())})
-    data_in = {"data": prep["digest"]}
-    data_args = {"data_dir": prep["data_dir"], "parent_run_id": parent_run_id}
+                                           "needs_test_split": any(s.source == TEST_SPLIT for s in cfg.eval.sets())},
+               PrepareResult)
+    data_in = {"data": prep.digest}
+    data_args = {"data_dir": prep.data_dir, "parent_run_id": parent_run_id}
     model_in = model_inputs(conf["model"])
-    retrying = dict(retries=cfg.training_retries, retry_delay_seconds=5)
+    retrying: dict[str, Any] = dict(retries=cfg.training_retries, retry_delay_seconds=5)
 
-    def sft(stage: str, section: dict, init: Optional[dict]) -> dict:
+    def sft(stage: str, section: dict, init: Optional[TrainResult]) -> TrainResult:
         """An SFT stage; ``init`` is the result of the stage whose model it starts from."""
         return run(sft_stage.with_options(**retrying), stage, {"train": section, "model": conf["model"]},
-                   {**data_in, **model_in, "init": init["model_digest"] if init else ""},
-                   {"stage": stage, "init_model_dir": init and init["model_dir"],
-                    "tokenizer_dir": prep["tokenizer_dir"], **data_args})
+                   {**data_in, **model_in, "init": init.model_digest if init else ""},
+                   {"stage": stage, "init_model_dir": init.model_dir if init else None,
+                    "tokenizer_dir": prep.tokenizer_dir, **data_args}, TrainResult)
 
     cot = sft("sft-cot", conf["sft_cot"], None) if cfg.sft_cot else None
     colar = sft("sft-colar", conf["sft_colar"], cot)
     final = colar
     if cfg.rl is not None:
         final = run(rl_stage.with_options(**retrying), "rl", {"rl": conf["rl"]},
-                    {**data_in, **model_in, "init": colar["model_digest"]},
-                    {"init_model_dir": colar["model_dir"], "model": conf["model"], **data_args})
+                    {**data_in, **model_in, "init": colar.model_digest},
+                    {"init_model_dir": colar.model_dir, "model": conf["model"], **data_args}, TrainResult)
     nocot = None
     if cfg.eval.nocot_baseline:
         section = json.loads(json.dumps(conf["sft_cot"] or conf["sft_colar"]))
         section["objective"].update(mode="nocot", compression_factors=[1])
         nocot = sft("sft-nocot", section, None)
-    baselines = {}
+    baselines: dict[str, TrainResult] = {}
     for method, section in cfg.baselines.selected():
         # iCoT and Coconut start from the CoT model, as the reference (Distill too unless told otherwise)
         init = cot if section.init_from_cot else None
         baselines[method] = run(baseline_stage.with_options(**retrying), f"sft-{method}",
                                 {"method": conf["baselines"][method], "model": conf["model"]},
-                                {**data_in, **model_in, "init": init["model_digest"] if init else ""},
-                                {"stage": f"sft-{method}", "init_model_dir": init and init["model_dir"],
-                                 "tokenizer_dir": prep["tokenizer_dir"], **data_args})
+                                {**data_in, **model_in, "init": init.model_digest if init else ""},
+                                {"stage": f"sft-{method}", "init_model_dir": init.model_dir if init else None,
+                                 "tokenizer_dir": prep.tokenizer_dir, **data_args}, TrainResult)
     evaluation = run(evaluate_stage, "evaluate", {"eval_cfg": conf["eval"]},
-                     {"colar": final["model_digest"], "cot": cot and cot["model_digest"],
-                      "nocot": nocot and nocot["model_digest"],
-                      **{m: r["model_digest"] for m, r in baselines.items()},
+                     {"colar": final.model_digest, "cot": cot.model_digest if cot else None,
+                      "nocot": nocot.model_digest if nocot else None,
+                      **{m: r.model_digest for m, r in baselines.items()},
                       **data_in, **model_in, **eval_inputs(conf["eval"])},
-                     {"colar_model_dir": final["model_dir"], "cot_model_dir": cot and cot["model_dir"],
-                      "nocot_model_dir": nocot and nocot["model_dir"], "model": conf["model"],
-                      "baseline_model_dirs": {m: r["model_dir"] for m, r in baselines.items()}, **data_args})
-    report = report_stage(parent_run_id, evaluation["metrics"], final["model_dir"],
+                     {"colar_model_dir": final.model_dir, "cot_model_dir": cot.model_dir if cot else None,
+                      "nocot_model_dir": nocot.model_dir if nocot else None, "model": conf["model"],
+                      "baseline_model_dirs": {m: r.model_dir for m, r in baselines.items()}, **data_args},
+                     EvaluateResult)
+    report = report_stage(parent_run_id, evaluation.metrics, final.model_dir,
                           str(Path(out_root) / "reports" / parent_run_id),
-                          cfg.tracking.registered_model_name, evaluation["example_question"],
+                          cfg.tracking.registered_model_name, evaluation.example_question,
                           {"rule": cfg.tracking.promotion.rule,
                            "metric": cfg.tracking.promotion.metric_for(cfg.eval.compression_factors)})
-    return {"metrics": evaluation["metrics"], **report, "stages": states}
+    return {"metrics": evaluation.metrics, **report, "stages": states}
 
 
 def _crash_orphaned_flow_runs(flow_run_ids: list, logger) -> None:
@@ -248,5 +256,7 @@ def _log_timings(parent_run_id: str, timings: dict) -> None:
 def run_pipeline(cfg: PipelineConfig, parent_run_id: Optional[str] = None, return_state: bool = False):
     """Run the flow in this process against the Prefect API in ``PREFECT_API_URL``."""
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    return colar_pipeline(cfg.for_run().model_dump(mode="json"), parent_run_id=parent_run_id,
-                          return_state=return_state)
+    config = cfg.for_run().model_dump(mode="json")
+    if return_state:
+        return colar_pipeline(config, parent_run_id=parent_run_id, return_state=True)
+    return colar_pipeline(config, parent_run_id=parent_run_id)

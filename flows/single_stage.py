@@ -8,10 +8,10 @@ from typing import Optional
 from prefect import flow
 
 from colar_core.config import EvalConfig
-from colar.tasks.artifacts import content_digest
-from colar.tasks.evaluate import evaluate_stage
-from colar.tasks.runs import ending_run, start_parent_run
-from colar.tasks.stage_spec import StageSpec
+from colar_core.files import content_digest
+from tasks.evaluate import EvaluateResult, evaluate_stage
+from colar_infra.tracking.runs import ending_run, start_parent_run
+from tasks.stage_spec import StageSpec
 
 
 def evaluate_only_spec(model_dir: str, data_dir: str, eval_cfg: dict, output_dir: str, parent_run_id: str) -> StageSpec:
@@ -34,4 +34,6 @@ def evaluate_model_flow(model_dir: str, data_dir: str, eval: Optional[dict] = No
     with ending_run(parent):
         spec = evaluate_only_spec(model_dir, data_dir, cfg, output_dir, parent)  # fails here if either is missing
         result = spec.run().result()  # raises the stage's exception if it failed
-    return {"parent_run_id": parent, **result}
+    if not isinstance(result, EvaluateResult):
+        raise TypeError(f"stage {spec.name} returned {type(result).__name__}, not an EvaluateResult")
+    return {"parent_run_id": parent, **result.model_dump()}

@@ -1,7 +1,7 @@
-"""Thin Prefect tasks around ``colar_core``, one module per stage (``prepare``, ``training``,
-``evaluate``, ``report``), and the MLflow helpers they share: ``runs`` (parent and child runs),
-``params`` (config to params, secret masking), ``artifacts``, ``metrics_sender`` (training metrics),
-``stage_spec`` and ``keys`` (how a stage is described, keyed and called), ``plots``.
+"""The DAG's nodes: one thin Prefect task per stage around ``colar_core`` (``prepare``, ``training``,
+``evaluate``, ``report``), how a stage is described, keyed and called (``stage_spec``, ``keys``), and
+what the report draws on (``table1``, ``plots``, ``promotion``, ``prefect_artifacts``, ``pyfunc_model``).
+MLflow tracking itself lives in ``colar_infra.tracking``.
 
-Submodules are imported on demand, so ``import colar.tasks`` stays cheap.
+Submodules are imported on demand, so ``import tasks`` stays cheap.
 """

@@ -2,8 +2,8 @@
 
 A key covers the stage name, its config section, the content digests of its inputs (files and
 folders by content, hub ids by the revision the local cache resolves), the absolute output folder
-and the code version (a digest of the sources of ``colar_core``, ``colar.tasks`` and
-``colar.flows``). Stage outputs go to a folder under the output folder named by the key, so a
+and the code version (a digest of the sources of ``colar_core``, ``tasks`` and
+``flows``). Stage outputs go to a folder under the output folder named by the key, so a
 failed stage re-run with the same key finds its own checkpoints and resumes from them, and a
 result cached for one output folder is never handed to another.
 """
@@ -17,14 +17,15 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 from colar_core.config import TEST_SPLIT
 from colar_core.data.bundled import resolve_bundled
-from colar.tasks.artifacts import content_digest
+from colar_core.hub import hub_cache
+from colar_core.files import content_digest
 
 #: The packages whose code runs a stage: a change in any of their sources re-keys every stage.
-CODE_PACKAGES = ("colar_core", "colar.tasks", "colar.flows")
+CODE_PACKAGES = ("colar_core", "colar_infra", "tasks", "flows")
 
 
 def code_files() -> list[tuple[str, Path]]:
@@ -33,6 +34,8 @@ def code_files() -> list[tuple[str, Path]]:
     files = []
     for package in CODE_PACKAGES:
         spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise ModuleNotFoundError(f"code_files: package {package} is not importable")
         for root in map(Path, spec.submodule_search_locations or ()):
             files += [(f"{package}/{p.relative_to(root).as_posix()}", p) for p in root.rglob("*.py")]
     return sorted(files)
@@ -48,33 +51,18 @@ def code_version() -> str:
     return h.hexdigest()
 
 
-def hub_revision(repo_id: str, repo_type: Literal["model", "dataset"]) -> Optional[str]:
-    """The commit the local Hugging Face hub cache resolves ``repo_id`` to (its ``refs/main``, else its
-    only snapshot), read from disk without the network; None when the cache holds no such ref."""
-    try:
-        from huggingface_hub import constants
-        from huggingface_hub.file_download import repo_folder_name
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        return None
-    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        return ref.read_text().strip() or None
-    snapshots = [p.name for p in (repo / "snapshots").glob("*") if p.is_dir()]
-    return snapshots[0] if len(snapshots) == 1 else None
-
-
 def input_digest(ref: str, repo_type: Literal["model", "dataset"]) -> str:
     """What a cache key holds of an input named by ``ref``: ``sha256:<content digest>`` for an
-    existing file or folder (a bundled data set by its file); for a hub id ``hub:<id>@<commit>`` (:func:`hub_revision`). When the
-    local hub cache cannot resolve the id (not downloaded yet, or a dataset held only in the
+    existing file or folder (a bundled data set by its file); for a hub id ``hub:<id>@<commit>``, the
+    commit the local hub cache resolves it to (:func:`colar_core.hub.hub_cache`). When the local hub
+    cache cannot resolve the id (not downloaded yet, or a dataset held only in the
     ``datasets`` library's own cache) it is ``hub:<id>@unresolved``: the key then covers the id
     only, and a new revision published under it is not seen."""
     if repo_type == "dataset" and (bundled := resolve_bundled(ref)) is not None:
         ref = bundled[0]
     if os.path.exists(ref):
         return f"sha256:{content_digest(ref)}"
-    return f"hub:{ref}@{hub_revision(ref, repo_type) or 'unresolved'}"
+    return f"hub:{ref}@{hub_cache(ref, repo_type).revision or 'unresolved'}"
 
 
 def model_inputs(model: Mapping[str, Any]) -> dict[str, str]:

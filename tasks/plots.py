@@ -8,8 +8,9 @@ is drawn.
 from __future__ import annotations
 
 import re
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 __all__ = ["accuracy_vs_length_plot", "pyplot", "save_figure", "training_curves_plot"]
 
@@ -24,12 +25,12 @@ def pyplot():
     return plt
 
 
-def save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Union[str, os.PathLike]) -> Path:
     """Lay out, write (100 dpi) and close ``fig``; return ``path``."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     pyplot().close(fig)
-    return path
+    return Path(path)
 
 
 def training_curves_plot(steps: list[dict], path: Path, title: str = "") -> Path:
@@ -50,7 +51,7 @@ def accuracy_vs_length_plot(metrics: dict, path: Path, title: str = "") -> Path:
     """Accuracy against mean chain length, one panel per test set (and the average over sets): one
     point per compression factor (a line through them, the 95% interval as error bars), one marker
     per text baseline (CoT, No-CoT) and per other method."""
-    from colar.tasks.table1 import method_label, per_set_values, setting_order  # table1 imports this module
+    from tasks.table1 import method_label, per_set_values, setting_order  # table1 imports this module
 
     sets, values = per_set_values(metrics)
     settings = sorted({st for (_, _, st) in values}, key=setting_order)

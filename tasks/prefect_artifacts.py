@@ -9,7 +9,7 @@
   (:class:`TrainingProgress`, a training callback; ``colar_core`` knows nothing of Prefect).
 
 Every call is best effort: an artifact that cannot be written is a warning in the task's log, never
-a failed stage. Links never carry credentials (:func:`~colar.tasks.params.mask_url`).
+a failed stage. Links never carry credentials (:func:`~colar_infra.secrets.mask_url`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import re
 import time
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 from uuid import UUID
 
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-from colar.tasks.params import mask_url
-from colar.tasks.table1 import AVERAGE, method_label, per_set_values, setting_order
+from colar_infra.secrets import mask_url
+from tasks.table1 import AVERAGE, method_label, per_set_values, setting_order
 
 __all__ = [
     "EVALUATION_KEY",
@@ -216,8 +216,9 @@ class TrainingProgress:
             return
         value = self._percent(step)
         try:
-            self.artifact_id = create_progress_artifact(progress=value, key=self.key,
-                                                        description=self._description(step))
+            # Prefect's sync/async wrapper types this as a UUID or a coroutine; called from sync code it is the UUID
+            self.artifact_id = cast(UUID, create_progress_artifact(progress=value, key=self.key,
+                                                                   description=self._description(step)))
             self.progress, self._last_sent = value, self.clock()
         except Exception as err:  # noqa: BLE001
             self.failed = True

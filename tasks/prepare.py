@@ -4,6 +4,7 @@ from-scratch ("tiny") model."""
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from mlflow import MlflowClient
 from prefect import get_run_logger, task
@@ -11,16 +12,27 @@ from prefect import get_run_logger, task
 from colar_core.config import ModelConfig
 from colar_core.data.prepare import load_split, prepare_data
 from colar_core.tokenizer import build_tokenizer
-from colar.tasks.artifacts import log_dataset_input
-from colar.tasks.keys import CACHED_STAGE
-from colar.tasks.params import mask_secrets
-from colar.tasks.runs import child_run
-from colar.tasks.stage_spec import save_result, stage_folder
+from colar_infra.tracking.artifacts import log_dataset_input
+from tasks.keys import CACHED_STAGE
+from colar_infra.secrets import mask_secrets
+from colar_infra.tracking.runs import child_run
+from tasks.stage_spec import StageResult, stage_folder
+
+
+class PrepareResult(StageResult):
+    """What the ``prepare`` stage hands on: the split files' folder and their digest (the input of
+    every later stage's key), the tokenizer it built for a from-scratch model (None otherwise) and
+    the record counts per split."""
+
+    data_dir: str
+    digest: str
+    tokenizer_dir: Optional[str]
+    counts: dict[str, int]
 
 
 @task(name="prepare", **CACHED_STAGE, retries=1, retry_delay_seconds=2)
 def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key: str,
-                  needs_test_split: bool = True) -> dict:
+                  needs_test_split: bool = True) -> PrepareResult:
     """Write ``out_dir/data/{train,val,test}.jsonl`` and the manifest; record counts, digests and the
     splits as dataset inputs on the ``prepare`` child run. ``needs_test_split``: the evaluate stage
     reads the test split (an empty one is then an error); False when every evaluation set is its own."""
@@ -55,6 +67,5 @@ def prepare_stage(data: dict, model: dict, out_dir: str, parent_run_id: str, key
         work_s = time.perf_counter() - t0
         client.log_artifact(run_id, str(out / "data" / "manifest.json"))
         logger.info("prepared %s: %s (digest %s)", source, manifest["counts"], manifest["digest"][:12])
-    return save_result(out, {"data_dir": str(out / "data"), "digest": manifest["digest"],
-                             "tokenizer_dir": tokenizer_dir, "counts": manifest["counts"], "mlflow_run_id": run_id,
-                             "work_s": work_s})
+    return PrepareResult(data_dir=str(out / "data"), digest=manifest["digest"], tokenizer_dir=tokenizer_dir,
+                         counts=manifest["counts"], mlflow_run_id=run_id, work_s=work_s).save(out)

@@ -79,12 +79,15 @@ def decide(new: Mapping[str, float], current: Optional[Mapping[str, float]], *,
     acc_old = float(current[metric])
     ci_old = float(current.get(metric.replace("accuracy/", "accuracy_ci95/", 1), 0.0))
     len_new, len_old = _length(new, metric), _length(current, metric)
-    numbers = dict(metric=metric, new=acc_new, old=acc_old, old_ci95=ci_old, new_length=len_new, old_length=len_old)
+
+    def decision(promote: bool, reason: str) -> Decision:
+        return Decision(promote, reason, metric, acc_new, acc_old, ci_old, len_new, len_old)
+
     if acc_new <= acc_old + ci_old:
-        return Decision(False, f"{metric} {acc_new:.4f} does not beat {who}'s {acc_old:.4f} by more than its "
-                        f"95% interval ({ci_old:.4f})", **numbers)
+        return decision(False, f"{metric} {acc_new:.4f} does not beat {who}'s {acc_old:.4f} by more than its "
+                        f"95% interval ({ci_old:.4f})")
     if len_new is not None and len_old is not None and len_new > len_old + LENGTH_SLACK:
-        return Decision(False, f"{metric} {acc_new:.4f} beats {who}'s {acc_old:.4f} (+-{ci_old:.4f}) but its chain is "
-                        f"longer ({len_new:.2f} against {len_old:.2f})", **numbers)
-    return Decision(True, f"{metric} {acc_new:.4f} beats {who}'s {acc_old:.4f} by more than its 95% interval "
-                    f"({ci_old:.4f}) with a chain no longer", **numbers)
+        return decision(False, f"{metric} {acc_new:.4f} beats {who}'s {acc_old:.4f} (+-{ci_old:.4f}) but its chain is "
+                        f"longer ({len_new:.2f} against {len_old:.2f})")
+    return decision(True, f"{metric} {acc_new:.4f} beats {who}'s {acc_old:.4f} by more than its 95% interval "
+                    f"({ci_old:.4f}) with a chain no longer")

@@ -1,11 +1,11 @@
 """The ``report`` step, on the parent run: headline metrics, the accuracy-vs-length plot (a panel per
-test set), the Table-1 report (``table1.md``, ``table1.png``: :mod:`colar.tasks.table1`), and the
+test set), the Table-1 report (``table1.md``, ``table1.png``: :mod:`tasks.table1`), and the
 final model logged as an MLflow pyfunc (with its signature and an input example) and registered with
 the alias ``candidate``.
 
 What users see of it: the parent run's description in the MLflow UI (the ``mlflow.note.content`` tag:
 :func:`run_description`, the headline numbers and Table 1), and in the Prefect UI the flow run's
-``colar-table1`` and ``colar-links`` artifacts (:mod:`colar.tasks.prefect_artifacts`).
+``colar-table1`` and ``colar-links`` artifacts (:mod:`tasks.prefect_artifacts`).
 
 The model logging is the one place in the pipeline that uses MLflow's active run (``mlflow.start_run``),
 because in mlflow 3.17.2 ``mlflow.pyfunc.log_model`` takes its run from there: it has no ``run_id``
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import mlflow
 import pandas as pd
@@ -32,13 +32,13 @@ from mlflow.models.model import ModelInfo
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from colar.tasks.params import mask_url
-from colar.tasks.plots import accuracy_vs_length_plot
-from colar.tasks.prefect_artifacts import _best_effort, links_artifact, links_markdown, table1_artifact
-from colar.tasks.promotion import Decision, decide
-from colar.tasks.runs import PARENT_TAG, STAGE_TAG, log_metrics, tracking_uri_of
-from colar.tasks.stage_spec import stage_folder
-from colar.tasks.table1 import AVERAGE, method_label, per_set_values, setting_order, table1, table1_markdown, table1_png
+from colar_infra.secrets import mask_url
+from tasks.plots import accuracy_vs_length_plot
+from tasks.prefect_artifacts import _best_effort, links_artifact, links_markdown, table1_artifact
+from tasks.promotion import Decision, decide
+from colar_infra.tracking.runs import PARENT_TAG, STAGE_TAG, log_metrics, tracking_uri_of
+from tasks.stage_spec import stage_folder
+from tasks.table1 import AVERAGE, method_label, per_set_values, setting_order, table1, table1_markdown, table1_png
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
@@ -83,7 +83,7 @@ def run_description(metrics: Mapping[str, float], *, name: str = "", table_md: s
 def log_colar_model(run_id: str, model_dir: str, example_question: str,
                     registered_model_name: Optional[str] = None) -> ModelInfo:
     """Log the model folder ``model_dir`` to the run ``run_id`` as the CoLaR pyfunc (model from code:
-    :mod:`colar.tasks.pyfunc_model`, artifact ``colar_model``), with its signature (input ``question``;
+    :mod:`tasks.pyfunc_model`, artifact ``colar_model``), with its signature (input ``question``;
     params ``compression_factor``, ``seed``, ``max_latents``, ``sample``; output ``answer``,
     ``n_latents``, ``text``) and an input example; register it as a new version of
     ``registered_model_name`` when one is given (no alias is set here). What :func:`report_stage`
@@ -165,7 +165,7 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
                  promotion: Optional[dict] = None) -> dict:
     """Log ``metrics`` and the plot to the parent run; log (and register, if named) the model, and
     move the alias ``candidate`` to it if the promotion gate says so (``promotion``: the config's
-    ``tracking.promotion``; None = rule 'always'; see :mod:`colar.tasks.promotion`)."""
+    ``tracking.promotion``; None = rule 'always'; see :mod:`tasks.promotion`)."""
     logger = get_run_logger()
     client = MlflowClient()
     out = stage_folder(out_dir)
@@ -182,7 +182,7 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
     table1_artifact(table_md)
 
     info = log_colar_model(parent_run_id, model_dir, example_question, registered_model_name)
-    result = {"model_uri": info.model_uri, "plot": str(plot), "table1": str(out / "table1.md")}
+    result: dict[str, Any] = {"model_uri": info.model_uri, "plot": str(plot), "table1": str(out / "table1.md")}
     if registered_model_name:
         version = str(info.registered_model_version)
         decision = _promotion_decision(client, registered_model_name, metrics, promotion or {"rule": "always"})

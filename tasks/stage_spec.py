@@ -3,25 +3,61 @@ it reads and its other arguments. Its cache key, its folder and the task's call 
 one description, so the key cannot cover a config (or an output folder) other than the one the task
 receives.
 
-A stage task leaves its result in ``<folder>/stage_result.json`` (:func:`save_result`): a stage
-whose cached result points at a folder that is gone runs again.
+A stage task returns a typed result (a :class:`StageResult`: ``PrepareResult``, ``TrainResult``,
+``EvaluateResult`` beside their tasks), which Prefect persists as JSON for the cache, and leaves the
+same result in ``<folder>/stage_result.json`` (:meth:`StageResult.save`, written atomically): a stage
+whose cached result points at a folder that no longer holds that file runs again. (A training job's
+own ``result.json`` in the same folder is another record, of the job: :mod:`colar_core.training.stage`.)
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from colar.tasks.keys import absolute_dir, stage_dir, stage_key
+from pydantic import BaseModel, ConfigDict, ValidationError
+from typing_extensions import Self
 
-__all__ = ["RESULT_FILE", "StageSpec", "save_result", "stage_folder"]
+from colar_core.files import atomic_write_json
+from tasks.keys import absolute_dir, stage_dir, stage_key
 
-RESULT_FILE = "stage_result.json"
+__all__ = ["STAGE_RESULT_FILE", "StageResult", "StageSpec", "stage_folder"]
+
+STAGE_RESULT_FILE = "stage_result.json"
+
+
+class StageResult(BaseModel):
+    """What a stage task returns and what the flow reads of it, by attribute: a renamed or missing
+    field is a type checker's error in the flow, and an error naming the field when a result is
+    loaded (extra fields are refused too). Frozen: a result is a record, not a workspace.
+
+    Every stage result has its MLflow child run and the time of its own work (the colar_core call,
+    what the flow's ``time/<stage>/work_s`` reports)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mlflow_run_id: str
+    work_s: float
+
+    def save(self, folder: Union[str, os.PathLike]) -> Self:
+        """Write the result to ``folder/stage_result.json`` atomically (a crash leaves the old file or
+        the new one, never half of one) and return it."""
+        atomic_write_json(Path(folder) / STAGE_RESULT_FILE, self.model_dump(mode="json"))
+        return self
+
+    @classmethod
+    def load(cls, folder: Union[str, os.PathLike]) -> Self:
+        """The result saved in ``folder`` (:meth:`save`); a file that does not match the class is a
+        ``ValueError`` naming the file and the fields."""
+        path = Path(folder) / STAGE_RESULT_FILE
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except ValidationError as err:
+            raise ValueError(f"{path} is not a {cls.__name__}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -33,7 +69,7 @@ class StageSpec:
     config arguments by keyword; they make the key's config section and are passed to the task.
     ``output_dir``: the run's output folder, made absolute when the spec is made (a later
     ``chdir`` does not move it); that path is part of the key. ``inputs``:
-    content digests of what the stage reads (data, models; see :mod:`colar.tasks.keys`); key only.
+    content digests of what the stage reads (data, models; see :mod:`tasks.keys`); key only.
     ``args``: the task's other arguments (paths, run ids); call only. The task also receives
     ``out_dir`` and ``key``.
     """
@@ -58,10 +94,10 @@ class StageSpec:
 
     def run(self):
         """Call the task in the stage's folder; return its Prefect state. A result cached under the
-        same key is used only while the folder still holds it (:data:`RESULT_FILE`); otherwise
-        the task runs again."""
+        same key is used only while the folder still holds it (:data:`STAGE_RESULT_FILE`);
+        otherwise the task runs again."""
         options: dict[str, Any] = {"task_run_name": self.name}
-        if not (self.folder / RESULT_FILE).is_file():
+        if not (self.folder / STAGE_RESULT_FILE).is_file():
             options["refresh_cache"] = True
         return self.task.with_options(**options)(**self.config, **self.args, out_dir=str(self.folder),
                                                    key=self.key, return_state=True)
@@ -73,8 +109,3 @@ def stage_folder(out_dir: Union[str, os.PathLike]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     return out
 
-
-def save_result(out_dir: Path, result: dict) -> dict:
-    """Write a stage's result to its folder (:data:`RESULT_FILE`) and return it."""
-    (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True))
-    return result

@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 
 import pandas as pd
 
-from colar.tasks.plots import pyplot, save_figure
+from tasks.plots import pyplot, save_figure
 
 __all__ = ["table1", "table1_markdown", "table1_png", "method_label", "per_set_values", "setting_order"]
 

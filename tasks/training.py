@@ -9,7 +9,7 @@ subprocesses whose ``metrics.jsonl`` is logged to MLflow afterwards.
 
 Training never waits for MLflow. If the server is away when the stage ends, the metrics not yet
 sent, the model and plot artifacts and the run's end go to the run's pending file
-(:mod:`colar.tasks.runs`) and the stage still returns its result (and is cached): nothing trained
+(:mod:`colar_infra.tracking.runs`) and the stage still returns its result (and is cached): nothing trained
 is lost, and the pending file is sent when the next stage starts or by ``colar retry``.
 """
 
@@ -17,23 +17,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from mlflow import MlflowClient
 from prefect import get_run_logger, task
 
 from colar_core.baselines.stage import BaselineJob, run_baseline_stage
-from colar_core.rl.trainer import RLJob, run_rl_stage
+from colar_core.rl.trainer import RLJob, RLResult, run_rl_stage
 from colar_core.training.callbacks import ConsoleLogger, read_metrics
-from colar_core.training.sft import SFTJob, run_sft_stage
+from colar_core.training.sft import SFTJob, SFTResult, run_sft_stage
 from colar_core.training.stage import StageData
-from colar.tasks.artifacts import directory_digest
-from colar.tasks.keys import CACHED_STAGE
-from colar.tasks.metrics_sender import MlflowMetricsCallback
-from colar.tasks.plots import training_curves_plot
-from colar.tasks.prefect_artifacts import TrainingProgress
-from colar.tasks.runs import child_run, log_or_defer
-from colar.tasks.stage_spec import save_result, stage_folder
+from colar_core.files import content_digest
+from tasks.keys import CACHED_STAGE
+from colar_infra.tracking.metrics_sender import MlflowMetricsCallback
+from tasks.plots import training_curves_plot
+from tasks.prefect_artifacts import TrainingProgress
+from colar_infra.tracking.pending import ArtifactRecord
+from colar_infra.tracking.runs import child_run, log_or_defer
+from tasks.stage_spec import StageResult, stage_folder
 
 
 def training_callbacks(stage: str, metrics_cb: MlflowMetricsCallback, log: Callable[[str], None],
@@ -44,7 +45,21 @@ def training_callbacks(stage: str, metrics_cb: MlflowMetricsCallback, log: Calla
     return [metrics_cb, ConsoleLogger(sink=log)] + ([progress] if progress is not None else [])
 
 
-def _training_stage(stage: str, job, runner, launched: bool, params: dict, out: Path, parent_run_id: str) -> dict:
+class TrainResult(StageResult):
+    """What a training stage hands on: its final model folder and that folder's content digest (an
+    input of the keys of the stages that start from it or evaluate it), the step it ended at and the
+    checkpoint step it resumed from (None: it started afresh). The training job's own record (best
+    validation, early stop, curriculum stage, ...) is its ``result.json`` beside it
+    (:mod:`colar_core.training.stage`)."""
+
+    model_dir: str
+    model_digest: str
+    final_step: int
+    resumed_from: Optional[int]
+
+
+def _training_stage(stage: str, job, runner: Callable[..., Union[SFTResult, RLResult]], launched: bool,
+                    params: dict, out: Path, parent_run_id: str) -> TrainResult:
     """Shared body of the SFT and RL tasks: child run, metrics callback, run, model artifact, curves."""
     logger = get_run_logger()
     client = MlflowClient()
@@ -52,19 +67,20 @@ def _training_stage(stage: str, job, runner, launched: bool, params: dict, out: 
     with child_run(parent_run_id, stage, params, log_system_metrics=True) as run_id:
         t0 = time.perf_counter()
         with MlflowMetricsCallback(client, run_id) as metrics_cb:  # closed (last flush) however the run ends
-            result = runner(job, callbacks=training_callbacks(stage, metrics_cb, logger.info, progress),
-                            on_line=logger.info).to_dict()
-            result["work_s"] = time.perf_counter() - t0
-        progress.done(result.get("final_step"), _max_steps(job))  # a launched job's callbacks ran elsewhere
+            job_result = runner(job, callbacks=training_callbacks(stage, metrics_cb, logger.info, progress),
+                                on_line=logger.info)
+            work_s = time.perf_counter() - t0
+        progress.done(job_result.final_step, _max_steps(job))  # a launched job's callbacks ran elsewhere
         if launched:  # the launched processes wrote metrics.jsonl; the callbacks ran nowhere
             _log_metrics_file(client, run_id, out / "metrics.jsonl")
-        result["model_digest"] = directory_digest(result["model_dir"])
-        log_or_defer(run_id, {"artifact": result["model_dir"], "artifact_path": "model"}, client=client)
+        model_dir = str(job_result.model_dir)
+        model_digest = content_digest(model_dir)
+        log_or_defer(ArtifactRecord(run_id, model_dir, "model"), client=client)
         _log_training_curves(client, run_id, out)
-    result["mlflow_run_id"] = run_id
-    logger.info("%s finished at step %s (resumed from %s): %s", stage, result.get("final_step"),
-                result.get("resumed_from"), result["model_dir"])
-    return save_result(out, result)
+    logger.info("%s finished at step %s (resumed from %s): %s", stage, job_result.final_step,
+                job_result.resumed_from, model_dir)
+    return TrainResult(model_dir=model_dir, model_digest=model_digest, final_step=job_result.final_step,
+                       resumed_from=job_result.resumed_from, mlflow_run_id=run_id, work_s=work_s).save(out)
 
 
 def _max_steps(job) -> Optional[int]:
@@ -83,7 +99,7 @@ def _stage_data(data_dir: str) -> StageData:
 
 @task(name="sft", **CACHED_STAGE, retries=0)
 def sft_stage(stage: str, train: dict, model: dict, init_model_dir: Optional[str], data_dir: str,
-              tokenizer_dir: Optional[str], out_dir: str, parent_run_id: str, key: str) -> dict:
+              tokenizer_dir: Optional[str], out_dir: str, parent_run_id: str, key: str) -> TrainResult:
     """One SFT stage (CoT warm-up, CoLaR, or answer-only), logged as child run ``stage``."""
     out = stage_folder(out_dir)
     model_cfg = _with_tokenizer(model, tokenizer_dir)
@@ -95,7 +111,7 @@ def sft_stage(stage: str, train: dict, model: dict, init_model_dir: Optional[str
 
 @task(name="rl", **CACHED_STAGE, retries=0)
 def rl_stage(rl: dict, init_model_dir: str, data_dir: str, out_dir: str, parent_run_id: str, key: str,
-             model: Optional[dict] = None) -> dict:
+             model: Optional[dict] = None) -> TrainResult:
     """GRPO over the latents of the CoLaR-SFT model; same engine, checkpoints and resume as SFT.
     ``model``: the pipeline's model config (what may be trusted when the SFT model is loaded)."""
     out = stage_folder(out_dir)
@@ -106,7 +122,7 @@ def rl_stage(rl: dict, init_model_dir: str, data_dir: str, out_dir: str, parent_
 
 @task(name="sft-baseline", **CACHED_STAGE, retries=0)
 def baseline_stage(stage: str, method: dict, model: dict, init_model_dir: Optional[str], data_dir: str,
-                   tokenizer_dir: Optional[str], out_dir: str, parent_run_id: str, key: str) -> dict:
+                   tokenizer_dir: Optional[str], out_dir: str, parent_run_id: str, key: str) -> TrainResult:
     """One latent-reasoning baseline (iCoT, Coconut or Distill: ``method["method"]``), from the CoT
     model or the backbone, logged as child run ``stage``; same engine, checkpoints and resume as SFT."""
     out = stage_folder(out_dir)
@@ -135,4 +151,4 @@ def _log_training_curves(client: MlflowClient, run_id: str, out: Path) -> None:
     steps = read_metrics(path, "step")
     if steps:
         png = training_curves_plot(steps, out / "training_curves.png", out.name)
-        log_or_defer(run_id, {"artifact": str(png), "artifact_path": "plots"}, client=client)
+        log_or_defer(ArtifactRecord(run_id, str(png), "plots"), client=client)

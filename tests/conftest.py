@@ -18,7 +18,7 @@ Servers start lazily, once per session, only when a test asks:
   ``/api``; tests/test_ui_browser.py opens it); ``PREFECT_API_URL`` is set (and Prefect's settings
   refreshed) from then on for the rest of the session.
 
-Both are started by ``colar.flows.servers`` (the code ``colar run`` uses) and stopped at session end.
+Both are started by ``colar_infra.servers`` (the code ``colar run`` uses) and stopped at session end.
 Add model/data fixtures below the marked line.
 """
 
@@ -48,7 +48,7 @@ _TEST_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
-# A developer's server choices (colar.flows.backends) and MLflow credentials never reach a test's servers.
+# A developer's server choices (colar_infra.backends) and MLflow credentials never reach a test's servers.
 _UNSET = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_PROFILE", "COLAR_BACKEND", "COLAR_DB_URL",
           "COLAR_DB_PREFIX", "COLAR_MLFLOW_AUTH", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
@@ -77,7 +77,7 @@ def _test_environment():
 def pytest_unconfigure(config):
     """Stop servers a test left in the default state dir; remove the temp dir (also after --co)."""
     if (Path(_TEST_ENV["COLAR_HOME"]) / "servers.json").exists():
-        from colar.flows.servers import stop_servers
+        from colar_infra.servers import stop_servers
 
         stop_servers(_TEST_ENV["COLAR_HOME"])
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
@@ -90,7 +90,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """Tracking URI (``http://127.0.0.1:PORT``) of a real MLflow server, one per session."""
-    from colar.flows.servers import ensure_mlflow, stop_servers
+    from colar_infra.servers import ensure_mlflow, stop_servers
 
     state_dir = tmp_path_factory.mktemp("mlflow-server")
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)  # ensure_mlflow would defer to it
@@ -118,8 +118,10 @@ def _torch_threads(n: int):
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread_modules(request):
-    """A test module that sets ``ONE_TORCH_THREAD = True`` runs all of its tests on one torch thread."""
-    if getattr(request.module, "ONE_TORCH_THREAD", False):
+    """A test module marked ``pytestmark = pytest.mark.one_torch_thread`` runs all of its tests, and its
+    module-scoped fixtures, on one torch thread (module scope: set up before those fixtures). For a
+    single test use :func:`one_thread`."""
+    if request.node.get_closest_marker("one_torch_thread") is not None:
         yield from _torch_threads(1)
     else:
         yield
@@ -146,7 +148,7 @@ def _mlflow_tracking_env(request, monkeypatch):
         try:
             while mlflow.active_run() is not None:
                 mlflow.end_run()
-        except Exception:  # server gone: nothing to end
+        except Exception:  # noqa: BLE001 - server gone: nothing to end
             pass
         mlflow.set_tracking_uri(None)
 
@@ -158,13 +160,13 @@ def _mlflow_tracking_env(request, monkeypatch):
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory) -> str:
     """API URL (``http://127.0.0.1:PORT/api``) of a real Prefect server, one per session, started as
-    ``colar run`` starts it (:func:`~colar.flows.servers.ensure_prefect`): its UI at the URL without
+    ``colar run`` starts it (:func:`~colar_infra.servers.ensure_prefect`): its UI at the URL without
     ``/api``, talking to this port (``PREFECT_UI_API_URL``).
 
     From the first test that uses it, ``PREFECT_API_URL`` points at it for the rest of the session
     (Prefect's global settings are refreshed so already-imported prefect sees it).
     """
-    from colar.flows.servers import ensure_prefect, stop_servers
+    from colar_infra.servers import ensure_prefect, stop_servers
 
     state_dir = tmp_path_factory.mktemp("prefect-server")
     os.environ.pop("PREFECT_API_URL", None)
@@ -191,11 +193,11 @@ def fail_stage_once(monkeypatch):
     """``fail_stage_once("sft-colar", 3)``: the first run of that training stage raises at step 3;
     later runs (a Prefect retry, ``colar retry``) go through.
 
-    It wraps ``colar.tasks.training.training_callbacks``, which builds every training stage's
+    It wraps ``tasks.training.training_callbacks``, which builds every training stage's
     callback list; Prefect runs tasks in threads of this process, so the patch reaches them.
     """
-    from colar.tasks import training
-    from tests.tiny import CrashAt
+    from tasks import training
+    from tests.helpers import CrashAt
 
     def arm(stage: str, step: int) -> None:
         build, armed = training.training_callbacks, []
@@ -217,8 +219,8 @@ def at_training_step(monkeypatch):
     """``at_training_step("sft-colar", 3, action)``: in the first run of that training stage, call
     ``action(callbacks)`` at step 3 (``callbacks``: the stage's callback list, the MLflow metrics
     callback first). Later runs of the stage are left alone. Same hook as :func:`fail_stage_once`."""
-    from colar.tasks import training
-    from tests.tiny import AtStep
+    from tasks import training
+    from tests.helpers import AtStep
 
     def arm(stage: str, step: int, action) -> None:
         build, armed = training.training_callbacks, []

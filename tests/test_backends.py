@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 from mlflow.exceptions import MlflowException
 
-from colar.flows.backends import (ENV_VARS, MLFLOW_PG_DRIVER, PgServer, ServerSettings, mlflow_auth_setup)
-from colar.flows.cli import build_parser, server_settings
-from colar.flows.config import ConfigError
+from colar_infra.backends import (ENV_VARS, MLFLOW_PG_DRIVER, PgServer, ServerSettings, mlflow_auth_setup)
+from flows.cli import build_parser, server_settings
+from flows.config import ConfigError
 
 PASSWORD = "pw-Very$ecret/9"  # "/" and "$": percent-encoded in the URL
 
@@ -103,7 +103,7 @@ class _RacingClient:
 
 
 def test_a_dataset_insert_lost_to_another_pipeline_is_linked_on_the_next_call(caplog):
-    from colar.tasks.artifacts import _log_inputs
+    from colar_infra.tracking.artifacts import _log_inputs
 
     ds_input = SimpleNamespace(dataset=SimpleNamespace(name="builtin:train"))
     race = ('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint '

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 from colar_core.baselines.batches import (
     CurriculumBatches, curriculum_stage, distill_batch, remaining_steps, thought_batch,
 )
@@ -22,7 +23,6 @@ from colar_core.inference import DecodeState, feed_thoughts, generate
 from colar_core.model import ColarModel
 from colar_core.text import AUTO_SPEED
 from colar_core.training.config import TrainConfig
-from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
 # three-step chains, so that stage 1 keeps two steps, stage 2 one, stage 3 none
 CHAINS = [

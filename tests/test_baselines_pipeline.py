@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colar.flows.config import ConfigError, PipelineConfig, load_config
-from colar.tasks.table1 import table1
+from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
+from flows.config import ConfigError, PipelineConfig, load_config
+from tasks.table1 import table1
 from colar_core.baselines.config import ICoTConfig
 from colar_core.config import GenerationConfig
 from colar_core.evaluation import evaluate_baseline
-from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
 METRICS = {
     "accuracy/nocot": 0.1, "mean_tokens/nocot": 0.0, "accuracy/cot": 0.9, "mean_tokens/cot": 12.0,
@@ -51,7 +51,7 @@ def test_table1_puts_the_baselines_between_cot_and_colar():
 
 
 def test_the_accuracy_vs_length_plot_marks_every_method(tmp_path, monkeypatch):
-    from colar.tasks import plots
+    from tasks import plots
 
     labels = []
     real = plots.save_figure
@@ -87,8 +87,8 @@ def test_evaluation_decodes_a_baseline_as_its_folder_says():
 def test_one_run_trains_evaluates_and_reports_all_three_baselines(tmp_path, mlflow_server, prefect_server):
     from mlflow.tracking import MlflowClient
 
-    from colar.flows.pipeline import run_pipeline
-    from tests.test_pipeline import _children, tiny_config
+    from flows.pipeline import run_pipeline
+    from tests.helpers import child_runs, tiny_config
 
     small = {"max_steps": 3, "batch_size": 8, "checkpoint_every": 0, "lr": 0.003}
     train = "{" + ", ".join(f"{k}: {v}" for k, v in small.items()) + "}"
@@ -106,7 +106,7 @@ def test_one_run_trains_evaluates_and_reports_all_three_baselines(tmp_path, mlfl
     assert metrics["mean_latents/coconut"] == 2.0 and metrics["mean_latents/distill"] == 2.0
     assert "mean_tokens/icot" in metrics
     client = MlflowClient()
-    children = {r.data.tags["colar.stage"]: r for r in _children(client, result["parent_run_id"])}
+    children = {r.data.tags["colar.stage"]: r for r in child_runs(client, result["parent_run_id"])}
     assert {"sft-icot", "sft-coconut", "sft-distill"} <= set(children)
     assert "distill" in children["sft-distill"].data.metrics and "stage" in children["sft-coconut"].data.metrics
     table = (tmp_path / "runs" / "reports" / result["parent_run_id"] / "table1.md").read_text()
@@ -129,7 +129,7 @@ def test_the_table1_configs_run_every_method(name):
 def test_colar_compare_plots_each_baseline_as_a_marker_of_the_run(tmp_path, monkeypatch):
     import pandas as pd
 
-    from colar.flows import compare
+    from flows import compare
 
     labels = []
     real = compare.save_figure

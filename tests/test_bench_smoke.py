@@ -8,35 +8,18 @@ the numbers are not checked, only that they exist and have the right shape. GPU 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _run(module: str, *args: str, timeout: int = 120) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}  # a job of its own
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke size, even on a GPU machine
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+from tests.helpers import is_number, run_bench
 
 
 @pytest.mark.slow
 def test_sft_throughput_tiny_writes_both_phases(tmp_path):
     out = tmp_path / "sft.json"
-    _run("bench.sft_throughput", "--tiny", "--isolate", "none", "--steps", "1", "--warmup", "1",
-         "--micro-batch", "2", "--seq-len", "16", "--out", str(out))
+    run_bench("bench.sft_throughput", "--tiny", "--isolate", "none", "--steps", "1", "--warmup", "1",
+              "--micro-batch", "2", "--seq-len", "16", "--out", str(out))
     data = json.loads(out.read_text())
     assert {"device", "plain", "colar", "config", "versions", "command", "flops", "targets"} <= set(data)
     for phase in ("plain", "colar"):
@@ -52,18 +35,18 @@ def test_sft_throughput_tiny_writes_both_phases(tmp_path):
 @pytest.mark.slow
 def test_inference_speed_tiny_writes_ratios_and_questions_per_s(tmp_path):
     out = tmp_path / "inf.json"
-    _run("bench.inference_speed", "--tiny", "--batch-sizes", "2", "--factors", "2,4", "--reps", "1",
-         "--warmup", "0", "--probe-start", "1", "--probe-steps", "2", "--cot-tokens", "8",
-         "--question-tokens", "20", "--out", str(out))
+    run_bench("bench.inference_speed", "--tiny", "--batch-sizes", "2", "--factors", "2,4", "--reps", "1",
+              "--warmup", "0", "--probe-start", "1", "--probe-steps", "2", "--cot-tokens", "8",
+              "--question-tokens", "20", "--out", str(out))
     data = json.loads(out.read_text())
     assert {"device", "latent_step_over_token_step", "c4_over_cot", "questions_per_s", "batches", "config",
             "versions", "command"} <= set(data)
     assert set(data["questions_per_s"]["2"]) == {"cot", "c2", "c4"}
-    assert all(_number(v) and v > 0 for v in data["questions_per_s"]["2"].values())
+    assert all(is_number(v) and v > 0 for v in data["questions_per_s"]["2"].values())
     b = data["batches"]["2"]
     assert {"token_step_ms", "latent_step_ms", "e2e_ms", "over_cot", "components_ms"} <= set(b)
     assert b["chain_lengths"] == {"cot": 8, "c2": 4, "c4": 2}
-    assert _number(data["c4_over_cot"]) and data["c4_over_cot"] == b["over_cot"]["c4"]
+    assert is_number(data["c4_over_cot"]) and data["c4_over_cot"] == b["over_cot"]["c4"]
 
 
 def test_phase_children_get_the_parents_arguments_but_not_its_output():

@@ -23,18 +23,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.pipeline_run import LAUNCH_VARS
 from colar_core.training.checkpoint import (COMPLETE, CheckpointError, CheckpointManager, complete_checkpoints,
                                             latest_checkpoint, verify_checkpoint)
 from colar_core.training.config import TrainConfig
 from colar_core.training.engines import build_engine
 from colar_core.training.loop import LoopState
-from tests.test_reliability_faults import _Toy, _toy_loop  # a real loop (torch engine, checkpoints every 10 steps)
-
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+from tests.helpers import Toy, toy_loop  # a real loop (torch engine, checkpoints every 10 steps)
 
 
 def test_complete_lists_every_file_with_size_and_checksum(tmp_path):
-    _toy_loop(tmp_path, max_steps=10)
+    toy_loop(tmp_path, max_steps=10)
     ckpt = latest_checkpoint(tmp_path)
     manifest = json.loads((ckpt / COMPLETE).read_text())
     on_disk = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != COMPLETE)
@@ -53,7 +52,7 @@ def test_every_file_and_directory_is_fsynced_before_complete(tmp_path, monkeypat
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    _toy_loop(tmp_path, max_steps=10)
+    toy_loop(tmp_path, max_steps=10)
     tmp = str(tmp_path / "checkpoints" / ".tmp-step_00000010")
     before_complete = synced[:synced.index(f"{tmp}/{COMPLETE}")]
     for rel in ("engine/model.safetensors", "engine/optimizer.pt", "rank_00000.pt", "trainer_state.json",
@@ -64,9 +63,9 @@ def test_every_file_and_directory_is_fsynced_before_complete(tmp_path, monkeypat
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage):
-    finished = _toy_loop(tmp_path / "clean")
+    finished = toy_loop(tmp_path / "clean")
     out = tmp_path / "run"
-    _toy_loop(out, max_steps=20)
+    toy_loop(out, max_steps=20)
     newest = latest_checkpoint(out)
     assert newest.name == "step_00000020"
     victim = newest / "engine" / "model.safetensors"
@@ -76,7 +75,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     else:
         victim.unlink()
     with caplog.at_level(logging.WARNING, logger="colar_core.training.checkpoint"):
-        state = _toy_loop(out)
+        state = toy_loop(out)
     assert state.resumed_from == 10 and state.step == finished.step == 30
     warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "step_00000020 is unusable" in warning and "model.safetensors" in warning
@@ -86,14 +85,14 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 
 def test_checkpoint_that_verifies_but_fails_to_load_falls_back(tmp_path, caplog):
     out = tmp_path / "run"
-    _toy_loop(out, max_steps=20)
+    toy_loop(out, max_steps=20)
     newest = latest_checkpoint(out)
     manifest = json.loads((newest / COMPLETE).read_text())
     manifest.pop("files")  # as if written before manifests existed: only loading can tell
     (newest / COMPLETE).write_text(json.dumps(manifest))
     (newest / "rank_00000.pt").write_bytes(b"not a torch file")
     with caplog.at_level(logging.WARNING, logger="colar_core.training.checkpoint"):
-        state = _toy_loop(out)
+        state = toy_loop(out)
     assert state.resumed_from == 10 and state.step == 30
     assert "failed to load" in caplog.text
     assert (out / "checkpoints" / ".corrupt-step_00000020").is_dir()
@@ -140,7 +139,7 @@ def test_full_disk_is_a_checkpoint_error_naming_the_directory_and_the_intact_che
         out = (disk or tmp_path) / "run"
         torch.manual_seed(0)
         cfg = TrainConfig(backend=backend, lr=0.1, max_steps=20, zero_stage=2)
-        engine = build_engine(_Toy(), cfg)
+        engine = build_engine(Toy(), cfg)
         loss = ((engine.forward(lambda m, x: m.lin(x), torch.randn(8, 4))) ** 2).mean()
         engine.backward(loss)
         engine.step()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from bench.concurrent_pipelines import run_bench, summary
-from tests.test_postgres_backends import DB_URL, require_postgres
+from tests.helpers import DB_URL, require_postgres
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_three_pipelines_at_once_on_postgres_keep_their_runs_apart(tmp_path):
     report = run_bench("postgres", 3, tmp_path, DB_URL)
     _assert_all_finished_apart(report)
     # No Prefect task was retried: the dataset-insert race of MLflow's server (two pipelines logging
-    # the same prepared data at once) is settled where it happens (colar.tasks.artifacts._log_inputs).
+    # the same prepared data at once) is settled where it happens (colar_infra.tracking.artifacts._log_inputs).
     assert all(c.get("prefect_task_retry", 0) == 0 for c in report["contention"].values()), report["contention"]
 
 

@@ -1,12 +1,15 @@
 """Readers: real GSM8k-Aug files, every malformed input located by file/line/field, policies,
-GSM8K free-text conversion, JSON lists and Hugging Face datasets saved to disk."""
+GSM8K free-text conversion, JSON lists, Hugging Face datasets saved to disk, and the table of
+formats that drives them all."""
 import json
 from pathlib import Path
 
 import pytest
 
+from colar_core.data import readers
 from colar_core.data.bundled import SETS_DIR
-from colar_core.data import DataError, read_records, resolve_format
+from colar_core.data import DataError, Record, read_records, resolve_format, validate_record
+from colar_core.data.readers import ALIASES, FORMATS, DataFormat
 
 REAL = SETS_DIR / "gsm8k_aug"  # the GSM8k-Aug files bundled with colar (colar_core/data/bundled.py)
 
@@ -222,3 +225,52 @@ def test_new_formats_and_aliases_resolve():
     assert resolve_format("x.json", "svamp") == "svamp" and resolve_format("x.json", "multiarith") == "multiarith"
     with pytest.raises(ValueError, match="unknown format 'svamp2'.*gsm-hard, svamp, multiarith"):
         resolve_format("x.json", "svamp2")
+
+
+# --------------------------------------------------------------------------- the table of formats
+
+def _toy_record(item: dict, rid: str, source: str, loc) -> Record:
+    return validate_record(rid, item.get("prompt"), [], item.get("result"), source, loc)
+
+
+TOY = DataFormat("toy", "Toy", _toy_record, lambda first: isinstance(first, dict) and "prompt" in first,
+                 aliases=("toys",), hf_columns=(("prompt", "result"),))
+
+
+def test_one_table_entry_is_all_a_new_format_needs(tmp_path, monkeypatch):
+    """A format entered once in DATA_FORMATS is read by its name and alias, found by ``auto`` in a file
+    and among a saved dataset's columns, and named in the errors that list the choices."""
+    monkeypatch.setitem(readers.DATA_FORMATS, "toy", TOY)
+    src = _jsonl(tmp_path / "toy.jsonl", [{"prompt": "Two and two?", "result": 4.0}, {"prompt": "", "result": 1}])
+    assert resolve_format(src) == "toy" and resolve_format(src, "toys") == "toy"
+    for fmt in ("toy", "toys", "auto"):
+        result = read_records(src, fmt, policy="skip")
+        records = [(r.id, r.question, r.steps, r.answer) for r in result.records]
+        assert records == [("toy.jsonl:1", "Two and two?", (), "4")]
+        assert result.skipped == 1 and result.errors[0].startswith(f"{src}:2: field 'question'")
+    with pytest.raises(ValueError, match="unknown format 'toy2'; expected one of .*multiarith, toy, hf"):
+        resolve_format(src, "toy2")
+    assert readers.hf_layout("x", ["prompt", "result", "id"]) == "toy"
+    with pytest.raises(DataError, match=r"field 'columns': no known layout .* prompt\+result \(Toy\)"):
+        readers.hf_layout("x", ["foo"])
+
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{"prompt": "One and one?", "result": "2"}]).save_to_disk(str(tmp_path / "toy_hf"))
+    assert [(r.id, r.answer) for r in read_records(str(tmp_path / "toy_hf")).records] == [("toy_hf:0", "2")]
+
+
+def test_without_the_entry_the_toy_format_is_unknown(tmp_path):
+    """The check above can fail: the same file and name without the entry."""
+    src = _jsonl(tmp_path / "toy.jsonl", [{"prompt": "Two and two?", "result": 4}])
+    assert resolve_format(src) == "jsonl"
+    with pytest.raises(ValueError, match="unknown format 'toy'"):
+        resolve_format(src, "toy")
+    with pytest.raises(DataError, match="no known layout"):
+        readers.hf_layout("x", ["prompt", "result"])
+
+
+def test_format_choices_and_aliases_come_from_the_table():
+    assert FORMATS == ("auto", *readers.DATA_FORMATS, "hf")
+    assert FORMATS == ("auto", "gsm8k-aug", "jsonl", "gsm8k", "gsm-hard", "svamp", "multiarith", "hf")
+    assert ALIASES == {a: f.name for f in readers.DATA_FORMATS.values() for a in f.aliases}
+    assert all(resolve_format("x.jsonl", alias) == name for alias, name in ALIASES.items())

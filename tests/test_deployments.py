@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import TINY
+from bench.pipeline_run import TINY
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def test_prefect_yaml_deploys_and_a_run_executes_on_a_worker(tmp_path, mlflow_se
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from colar.flows.config import load_config
+    from flows.config import load_config
 
     # Not the launcher variables an in-process training run of this pytest process set for itself
     # (its MASTER_PORT is taken: the worker's flow would fail with EADDRINUSE).

@@ -11,17 +11,18 @@ import shutil
 import pytest
 import torch
 
+from bench.tiny import PROBLEMS
 from colar_core.collate import collate
 from colar_core.config import GenerationConfig, LoraConfig, ModelConfig, ObjectiveConfig
-from colar_core.gguf_import import SOURCE_FILE, converted_dir, ensure_converted, file_sha256, import_gguf
+from colar_core.files import file_sha256
+from colar_core.gguf_import import SOURCE_FILE, converted_dir, ensure_converted, import_gguf
 from colar_core.inference import generate
 from colar_core.model import ColarModel
 from colar_core.text import PromptEncoder, start_token_ids
 from colar_core.tokenizer import load_tokenizer
 from tests.gguf_tiny import write_tiny_gguf
-from tests.tiny import PROBLEMS
 
-ONE_TORCH_THREAD = True
+pytestmark = pytest.mark.one_torch_thread  # see tests/conftest.py
 GREEDY = GenerationConfig(do_sample=False, sample_latents=False, max_latents=4, max_answer_tokens=4)
 
 
@@ -120,8 +121,24 @@ def test_gguf_file_in_the_config_is_converted_once_and_a_lora_model_on_it_moves(
     assert not cache.exists()  # loading the folder converted nothing
 
 
+def test_a_conversion_under_way_elsewhere_is_waited_for_and_named(gguf_path, cache, monkeypatch):
+    """Another process converting the same file holds the lock: a waiter gives up after the timeout,
+    naming it (the lock was a bare flock that waited for ever)."""
+    import colar_core.gguf_import as gi
+    from colar_core.files import LockTimeout, exclusive_lock
+
+    monkeypatch.setattr(gi, "LOCK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(gi, "import_gguf", lambda *a, **k: pytest.fail("converted under another's lock"))
+    folder = converted_dir(gguf_path)
+    lock = folder.with_name(f".{folder.name}.lock")
+    lock.parent.mkdir(parents=True)
+    with exclusive_lock(lock, holder="converting elsewhere"):  # a second open file: flock conflicts
+        with pytest.raises(LockTimeout, match="converting elsewhere"):
+            ensure_converted(gguf_path)
+
+
 def test_cache_keys_cover_the_gguf_bytes(gguf_path, tmp_path):
-    from colar.tasks.keys import model_inputs
+    from tasks.keys import model_inputs
 
     inputs = model_inputs(ModelConfig(gguf_file=str(gguf_path)).model_dump(mode="json"))
     assert inputs == {"model.gguf_file": f"sha256:{file_sha256(gguf_path)}"}
@@ -133,7 +150,7 @@ def test_cache_keys_cover_the_gguf_bytes(gguf_path, tmp_path):
 def test_config_and_preflight_name_a_bad_gguf_file(gguf_path, tmp_path):
     from pydantic import ValidationError
 
-    from colar.flows.config import ConfigError, PipelineConfig, preflight
+    from flows.config import ConfigError, PipelineConfig, preflight
 
     assert ModelConfig(name_or_path=str(gguf_path)).gguf_file == str(gguf_path)
     with pytest.raises(ValidationError, match="two backbones"):
@@ -147,7 +164,7 @@ def test_config_and_preflight_name_a_bad_gguf_file(gguf_path, tmp_path):
 
 
 def test_colar_model_import_command(gguf_path, tmp_path, capsys):
-    from colar.flows.cli import main
+    from flows.cli import main
 
     assert main(["model", "import", "--gguf", str(gguf_path), "--out", str(tmp_path / "m")]) == 0
     assert json.loads(capsys.readouterr().out)["out_dir"] == str((tmp_path / "m").resolve())

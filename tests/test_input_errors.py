@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from colar_core.data import DataError, read_records
-from colar.flows import cli
-from colar.flows.config import ConfigError, load_config, preflight
+from flows import cli
+from flows.config import ConfigError, load_config, preflight
 
 GOOD = {"question": "Tom has 2 apples and buys 3. How many?", "steps": ["2+3=5"], "answer": "5"}
 
@@ -148,7 +148,7 @@ def test_bad_yaml_in_set_and_a_non_utf8_config_file_exit_2_naming_key_and_file(t
 def test_an_unreachable_hf_dataset_id_is_a_clear_error(tmp_path):
     """Offline (or with no network) ``datasets.load_dataset`` raises ConnectionError: it was a traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "colar.flows.cli", "data", "prepare", "--input",
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "data", "prepare", "--input",
                            "someorg/no-such-dataset", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
@@ -169,7 +169,7 @@ def test_retry_of_a_stored_config_that_no_longer_validates_names_the_field(tmp_p
     monkeypatch.setattr(cli.servers, "ensure_servers", lambda *a, **k: {"mlflow": "x", "prefect": "y"})
     monkeypatch.setattr(cli, "resolve_parent_run", lambda run: parent)
     # a stand-in for the flow module (importing the real one imports Prefect: seconds for nothing here)
-    monkeypatch.setitem(sys.modules, "colar.flows.pipeline", SimpleNamespace(still_running=lambda run: None))
+    monkeypatch.setitem(sys.modules, "flows.pipeline", SimpleNamespace(still_running=lambda run: None))
     monkeypatch.setattr(mlflow.tracking, "MlflowClient",
                         lambda *a, **k: SimpleNamespace(download_artifacts=lambda run_id, name: str(path)))
     monkeypatch.setattr(cli, "_run", lambda *a, **k: pytest.fail("the pipeline must not start"))

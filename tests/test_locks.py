@@ -1,4 +1,4 @@
-"""A held lock says who holds it and gives up after a time (colar.flows.locks, the stage lock)."""
+"""A held lock says who holds it and gives up after a time (colar_core.files, the stage lock)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from colar.flows.config import PipelineConfig
-from colar.flows.locks import LockTimeout, exclusive_lock
+from flows.config import PipelineConfig
+from colar_core.files import LockTimeout, exclusive_lock
 
 HOLD = """
 import sys, time
-from colar.flows.locks import exclusive_lock
+from colar_core.files import exclusive_lock
 with exclusive_lock(sys.argv[1], holder="stage sft-colar-abc"):
     print("held", flush=True)
     time.sleep(60)
@@ -60,7 +60,7 @@ def test_the_lock_is_taken_once_the_holder_is_gone(held_lock):
 
 
 def test_stage_lock_uses_the_configured_timeout(held_lock, tmp_path):
-    from colar.flows.pipeline import _stage_lock
+    from flows.pipeline import _stage_lock
 
     path, holder = held_lock
     with pytest.raises(LockTimeout, match=str(holder.pid)):

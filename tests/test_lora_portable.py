@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 
+from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 from colar_core.config import GenerationConfig, LoraConfig, ModelConfig
 from colar_core.inference import generate
 from colar_core.model import ColarModel
-from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
-ONE_TORCH_THREAD = True
+pytestmark = pytest.mark.one_torch_thread  # see tests/conftest.py
 GREEDY = GenerationConfig(do_sample=False, sample_latents=False, max_latents=4, max_answer_tokens=4)
 LORA = LoraConfig(r=4, alpha=8)
 

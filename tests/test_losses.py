@@ -69,7 +69,7 @@ def test_entropy_weight_is_added_to_the_sft_loss_as_the_reference():
     weight is a bonus, and is accepted."""
     from colar_core.collate import collate
     from colar_core.config import ObjectiveConfig
-    from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
+    from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     enc = encoder_for(tok)

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 from colar_core.collate import collate
 from colar_core.config import GenerationConfig, LoraConfig, ObjectiveConfig
 from colar_core.inference import generate
 from colar_core.model import CONFIG_FILE, ColarModel, paper_embedding_scale
-from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
 GREEDY = GenerationConfig(do_sample=False, sample_latents=False, max_latents=8, max_answer_tokens=6)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.tiny import PROBLEMS
 from colar_core.config import ModelConfig
 from colar_core.model import ColarModel
 from colar_core.number_tokens import add_number_tokens, init_number_embeddings, number_token_texts
 from colar_core.tokenizer import build_tokenizer
-from tests.tiny import PROBLEMS
 
 TEXT = "4*5=20 3+20=23 ###Answer: 23"
 

@@ -4,13 +4,13 @@ what the padded layout with an attention mask computes."""
 import pytest
 import torch
 
+from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 from colar_core.collate import IGNORE, ColarBatch, collate
 from colar_core.config import ObjectiveConfig
 from colar_core.data.records import Record
 from colar_core.losses import latent_loss, token_cross_entropy
 from colar_core.merging import merge_groups
 from colar_core.text import EncodedExample
-from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
 # rows of clearly different question / chain / answer lengths, so every block carries padding
 RECORDS = PROBLEMS + [

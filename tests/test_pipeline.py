@@ -8,39 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from colar.flows.config import ConfigError, load_config
+from flows.config import ConfigError, load_config
+from tests.helpers import child_runs, tiny_config
 
 pytestmark = pytest.mark.slow
 
-# A pipeline small enough for a test: every stage runs, nothing is meant to be accurate.
-TINY = [
-    "name=test-pipeline",
-    "data.builtin.n_train=64", "data.builtin.n_val=8", "data.builtin.n_test=8",
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
-    "sft_cot.max_steps=4", "sft_cot.warmup_steps=0", "sft_colar.warmup_steps=0", "sft_cot.batch_size=8", "sft_cot.checkpoint_every=2",
-    "sft_colar.max_steps=6", "sft_colar.batch_size=8", "sft_colar.checkpoint_every=2",
-    "sft_colar.objective.compression_factors=[1,2]",
-    "eval.compression_factors=[1,2]", "eval.seeds=[0]", "eval.n_examples=8",
-    "eval.generation.max_latents=6", "eval.generation.max_cot_tokens=16", "eval.generation.max_answer_tokens=4",
-    "tracking.registered_model_name=colar-test",
-    # The embedded default trains RL and the No-CoT baseline; tests add them where they test them
-    # (an `rl.*` override on top of `rl=null` starts from RLConfig's defaults).
-    "rl=null", "eval.nocot_baseline=false",
-]
-
-
-def tiny_config(tmp_path, *extra):
-    return load_config(None, TINY + [f"output_dir={tmp_path / 'runs'}", *extra])
-
-
-def _children(client, parent_id):
-    runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    return runs
-
 
 def test_invalid_config_is_refused_before_any_stage_naming_the_field(tmp_path, capsys):
-    from colar.flows.cli import main
+    from flows.cli import main
 
     with pytest.raises(ConfigError, match=r"sft_colar\.lr"):
         load_config(None, ["sft_colar.lr=-1"])
@@ -57,7 +32,7 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from colar.flows.pipeline import run_pipeline
+    from flows.pipeline import run_pipeline
 
     cfg = tiny_config(tmp_path, "rl.max_steps=2", "rl.questions_per_step=2", "rl.group_size=2",
                       "rl.checkpoint_every=0", "rl.compression_factor=2", "rl.lr=0.0001", "eval.nocot_baseline=true",
@@ -72,7 +47,7 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
     assert parent.data.tags["prefect.flow_run_id"]
     assert parent.data.params["sft_colar.max_steps"] == "6"
 
-    children = {r.data.tags["colar.stage"]: r for r in _children(client, parent.info.run_id)}
+    children = {r.data.tags["colar.stage"]: r for r in child_runs(client, parent.info.run_id)}
     assert set(children) == {"prepare", "sft-cot", "sft-colar", "rl", "sft-nocot", "evaluate"}
     assert "reward_mean" in children["rl"].data.metrics
     assert all(r.info.status == "FINISHED" for r in children.values())
@@ -96,10 +71,10 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
     root = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"table1.md", "table1.png"} <= root
     md = Path(client.download_artifacts(parent.info.run_id, "table1.md", str(tmp_path))).read_text()
-    lines = [l for l in md.splitlines() if l.startswith("| ")]
+    lines = [row for row in md.splitlines() if row.startswith("| ")]
     assert lines[0].split(" | ")[1:4] == ["test Acc (%)", "test #L", "test ms/q"]
     assert "Average Acc (%)" in lines[0] and "svamp #L" in lines[0]
-    assert [l.split(" | ")[0].removeprefix("| ") for l in lines[2:]] == ["No-CoT", "CoT", "CoLaR-1", "CoLaR-2"]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in lines[2:]] == ["No-CoT", "CoT", "CoLaR-1", "CoLaR-2"]
     assert children["sft-colar"].data.metrics["ce"] > 0
     assert len(client.get_metric_history(children["sft-colar"].info.run_id, "loss")) == 6
 
@@ -128,8 +103,8 @@ def test_retry_skips_finished_stages_and_resumes_the_failed_one(tmp_path, mlflow
     from mlflow.tracking import MlflowClient
 
     from colar_core.training.sft import SFTResult
-    from colar.flows.cli import main
-    from colar.flows.pipeline import run_pipeline
+    from flows.cli import main
+    from flows.pipeline import run_pipeline
 
     cfg = tiny_config(tmp_path, "name=test-retry", "tracking.registered_model_name=null", "training_retries=0")
     fail_stage_once("sft-colar", 3)  # after the step-2 checkpoint
@@ -143,7 +118,7 @@ def test_retry_skips_finished_stages_and_resumes_the_failed_one(tmp_path, mlflow
 
     assert main(["retry", parent_id]) == 0
 
-    children = _children(client, parent_id)
+    children = child_runs(client, parent_id)
     stages = sorted((r.data.tags["colar.stage"], r.info.status) for r in children)
     assert stages == [("evaluate", "FINISHED"), ("prepare", "FINISHED"), ("sft-colar", "FAILED"),
                       ("sft-colar", "FINISHED"), ("sft-cot", "FINISHED")]
@@ -157,9 +132,9 @@ def test_compare_tables_finished_runs_and_plots(tmp_path, mlflow_server, prefect
     """Runs after the end-to-end test in this module (same session servers); runs one itself if alone."""
     from mlflow.tracking import MlflowClient
 
-    from colar.flows.cli import main
-    from colar.flows.compare import compare_runs
-    from colar.flows.pipeline import run_pipeline
+    from flows.cli import main
+    from flows.compare import compare_runs
+    from flows.pipeline import run_pipeline
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("colar")
@@ -189,7 +164,7 @@ def test_a_failed_training_stage_is_retried_by_prefect_and_resumes(tmp_path, mlf
 
     from colar_core.rl.trainer import RLResult
     from colar_core.training.sft import SFTResult
-    from colar.flows.pipeline import run_pipeline
+    from flows.pipeline import run_pipeline
 
     extra = RL_TINY if stage == "rl" else []
     cfg = tiny_config(tmp_path, f"name=test-auto-retry-{stage}", "tracking.registered_model_name=null",
@@ -197,7 +172,7 @@ def test_a_failed_training_stage_is_retried_by_prefect_and_resumes(tmp_path, mlf
     fail_stage_once(stage, 3)  # after the step-2 checkpoint
     state = run_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
-    children = _children(MlflowClient(), state.result()["parent_run_id"])
+    children = child_runs(MlflowClient(), state.result()["parent_run_id"])
     runs = sorted(r.info.status for r in children if r.data.tags["colar.stage"] == stage)
     assert runs == ["FAILED", "FINISHED"]
     result_cls = RLResult if stage == "rl" else SFTResult
@@ -210,7 +185,7 @@ def test_the_gpu_config_runs_through_the_pipeline_at_toy_size(tmp_path, mlflow_s
     grouping, RL and the No-CoT baseline all go through the same command a GPU user runs."""
     from pathlib import Path
 
-    from colar.flows.pipeline import run_pipeline
+    from flows.pipeline import run_pipeline
 
     shrink = ["data.builtin.n_train=256", "data.builtin.n_val=16", "data.builtin.n_test=16",
               "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",

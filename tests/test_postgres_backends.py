@@ -1,5 +1,5 @@
 """The production backends end to end: MLflow (basic auth on) and Prefect on PostgreSQL, started by
-``colar.flows.servers`` in their own colar home on fresh databases, and the tiny pipeline run through
+``colar_infra.servers`` in their own colar home on fresh databases, and the tiny pipeline run through
 ``colar run`` against them with credentials from ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``.
 
 One pipeline run serves the module: it is tracked in PostgreSQL (parent and stage runs, metrics, the
@@ -27,28 +27,17 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import ROOT
 from bench.concurrent_pipelines import STAGES, bench_servers, without_server_env
-from colar.flows import servers
-from colar.flows.backends import DatabaseError, PgServer, ServerSettings
-from tests.test_pipeline import TINY
-from tests.test_reliability_faults import ROOT, cli_env, colar_cmd
+from bench.pipeline_run import TINY, cli_env, colar_cmd
+from colar_infra import servers
+from colar_infra.backends import PgServer, ServerSettings
+from tests.helpers import DB_URL, child_runs, require_postgres
 
 pytestmark = pytest.mark.slow
 
-DB_URL = os.environ.get("COLAR_TEST_DB_URL", "postgresql://postgres@127.0.0.1:5432")
 USER = "colar-admin"
 NAME = "pg-pipeline"
-
-
-def require_postgres(url: str = DB_URL) -> PgServer:
-    """The PostgreSQL server of the tests; the test fails (not skips) when it does not answer."""
-    pg = PgServer.parse(url)
-    try:
-        pg.exists("postgres")
-    except DatabaseError as err:
-        pytest.fail(f"{err}. The production-backend tests need PostgreSQL (CI runs one on 127.0.0.1:5432; "
-                    ".ci/run installs and starts Debian's where none answers); set COLAR_TEST_DB_URL for another.")
-    return pg
 
 
 def _with_password(url: str, password: str) -> str:
@@ -102,11 +91,6 @@ def _parent(client):
     return parent
 
 
-def _children(client, parent):
-    return client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-
-
 def _prefect(api_url: str, path: str, body=None):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(f"{api_url}/{path}", data=data, headers={"Content-Type": "application/json"})
@@ -131,7 +115,7 @@ def test_the_tiny_pipeline_runs_on_postgres_backed_servers_and_is_tracked_there(
     client = _client(deployment)
     parent = _parent(client)
     assert parent.info.status == "FINISHED" and "accuracy/c1" in parent.data.metrics
-    children = {r.data.tags["colar.stage"]: r for r in _children(client, parent)}
+    children = {r.data.tags["colar.stage"]: r for r in child_runs(client, parent.info.run_id)}
     assert set(children) == STAGES and all(r.info.status == "FINISHED" for r in children.values())
     assert len(client.get_metric_history(children["sft-colar"].info.run_id, "loss")) == 6
 
@@ -194,7 +178,7 @@ def _texts_of_the_run(deployment, download_to: Path) -> dict[str, bytes]:
 
     client, out = _client(deployment), {}
     parent = _parent(client)
-    runs = [parent, *_children(client, parent)]
+    runs = [parent, *child_runs(client, parent.info.run_id)]
     for run in runs:
         d = run.data
         out[f"run {run.info.run_name}: params, tags, metric keys, name"] = json.dumps(

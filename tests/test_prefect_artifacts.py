@@ -1,11 +1,11 @@
-"""colar.tasks.prefect_artifacts and the run description: what the two UIs are given, without servers
+"""tasks.prefect_artifacts and the run description: what the two UIs are given, without servers
 (Prefect's artifact calls are replaced by recorders; the browser test sees the real ones)."""
 
 from __future__ import annotations
 
-from colar.tasks import prefect_artifacts as pa
-from colar.tasks.report import run_description
-from colar.tasks.table1 import table1, table1_markdown
+from tasks import prefect_artifacts as pa
+from tasks.report import run_description
+from tasks.table1 import table1, table1_markdown
 
 METRICS = {
     "accuracy/test/c1": 0.5, "accuracy_ci95/test/c1": 0.1, "mean_latents/test/c1": 12.0, "sec_per_question/test/c1": 0.02,

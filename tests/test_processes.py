@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,12 +23,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from colar_core.procs import process_identity, stop_processes
+from bench.common import ROOT
+from bench.pipeline_run import clean_env
+from colar_core.procs import (ancestors, group_processes, identity_alive, marked_processes, process_identity,
+                              session_id, stop_processes)
 from colar_core.training.config import LauncherConfig
 from colar_core.training.launch import LAUNCHER_RECORD, LauncherAliveError, launch, launch_processes, live_launcher
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 TWO = LauncherConfig(num_gpus=2, launcher="torchrun")
 
 
@@ -41,13 +43,6 @@ def long_job(tmp_path: Path, out: Path) -> Path:
     path = tmp_path / "job.json"
     path.write_text(json.dumps(spec))
     return path
-
-
-def clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def alive(pid: int) -> bool:
@@ -77,6 +72,61 @@ def workers_up(out: Path) -> list[int]:
     """The live processes of the recorded launch once torchrun and both workers run, else []."""
     found = recorded_processes(out)
     return found if len(found) >= 3 else []
+
+
+def kernel_start_ticks(pid: int) -> str:
+    """The start time of ``pid`` in clock ticks, as the kernel reports it (field 22 of /proc/<pid>/stat)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+def test_a_process_identity_is_host_pid_and_the_kernels_start_time():
+    """The identity format stays what launcher.json files and run tags already hold (start in ticks), and
+    it tells a live process from a dead one and from another process with the same pid."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        identity = process_identity(proc.pid)
+        assert identity == f"{socket.gethostname()}:{proc.pid}:{kernel_start_ticks(proc.pid)}"
+        assert process_identity() == f"{socket.gethostname()}:{os.getpid()}:{kernel_start_ticks(os.getpid())}"
+        assert identity_alive(identity)
+        host, pid, start = identity.split(":")
+        assert not identity_alive(f"{host}:{pid}:{int(start) + 1}")  # the pid of another process
+        assert not identity_alive(f"other-{host}:{pid}:{start}")
+        proc.kill()
+        wait_for(lambda: not alive(proc.pid), 10, "the process to die")
+        assert not identity_alive(identity)  # a zombie is dead
+        assert process_identity(proc.pid).endswith(":?")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not identity_alive(identity) and process_identity(proc.pid).endswith(":?")
+
+
+def test_processes_are_found_by_marker_and_by_group_and_stopped_with_sigkill_when_they_ignore_sigterm():
+    marker = os.urandom(8).hex()
+    env = {**os.environ, "COLAR_TEST_MARK": marker}
+    # the shell and its child both ignore SIGTERM: only SIGKILL stops them
+    group = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60 & wait"], env=env, start_new_session=True)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        wait_for(lambda: len(group_processes(group.pid)) == 2, 10, "the shell's child")
+        members = group_processes(group.pid)
+        assert group.pid in members and other.pid not in members
+        assert sorted(marked_processes("COLAR_TEST_MARK", marker)) == sorted(members)
+        assert marked_processes("COLAR_TEST_MARK", "another") == []
+        assert session_id(group.pid) == group.pid and session_id(other.pid) == os.getsid(0)
+        assert os.getpid() in ancestors() and os.getppid() in ancestors() and group.pid not in ancestors()
+        t0 = time.monotonic()
+        assert stop_processes(lambda: group_processes(group.pid), grace_s=0.5, reap=group.poll)
+        assert time.monotonic() - t0 >= 0.5  # SIGTERM was ignored for the grace period
+        assert group.returncode == -signal.SIGKILL and not [pid for pid in members if alive(pid)]
+        assert marked_processes("COLAR_TEST_MARK", marker) == [] and session_id(group.pid) is None
+        assert alive(other.pid)  # not in the group: untouched
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group.pid, signal.SIGKILL)
+        for proc in (group, other):
+            proc.kill()
+            proc.wait()
 
 
 def _raise_runtime_error(signum, frame):
@@ -123,7 +173,7 @@ launch(sys.argv[1], LauncherConfig(num_gpus=2, launcher="torchrun"), record_dir=
 
 @pytest.mark.slow
 def test_a_launcher_left_by_a_killed_parent_blocks_retry_until_it_is_gone(tmp_path):
-    from colar.flows.pipeline import PROCESS_TAG, _stage_lock, still_running
+    from flows.pipeline import PROCESS_TAG, _stage_lock, still_running
 
     root = tmp_path / "runs"
     out = root / "sft-colar-0123456789ab"

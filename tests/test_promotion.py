@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from colar.tasks.promotion import decide
+from tasks.promotion import decide
 
 OLD = {"accuracy/c2": 0.40, "accuracy_ci95/c2": 0.02, "mean_latents/c2": 8.0}
 
@@ -43,7 +43,7 @@ def test_the_gate_reads_the_run_of_the_version_that_holds_candidate(mlflow_serve
     """Against a real registry: the candidate's numbers come from the run that registered it."""
     from mlflow import MlflowClient
 
-    from colar.tasks.report import _promotion_decision
+    from tasks.report import _promotion_decision
 
     client = MlflowClient()
     exp = client.create_experiment(f"promotion-{tmp_path.name}")
@@ -68,7 +68,7 @@ def test_the_gate_reads_the_run_of_the_version_that_holds_candidate(mlflow_serve
 
 
 def test_the_gate_metric_defaults_to_c2_or_the_smallest_factor_and_an_unevaluated_one_is_refused():
-    from colar.flows.config import ConfigError, load_config
+    from flows.config import ConfigError, load_config
 
     cfg = load_config(None, [])
     assert cfg.tracking.promotion.metric_for(cfg.eval.compression_factors) == "accuracy/c2"

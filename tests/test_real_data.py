@@ -239,7 +239,7 @@ def test_hf_columns_of_no_known_layout_are_named():
 # --------------------------------------------------------------------------- prepare, CLI, config
 
 def test_cli_prepares_the_bundled_gsm8k_train_set(tmp_path, capsys):
-    from colar.flows.cli import main
+    from flows.cli import main
 
     out = tmp_path / "prepared"
     assert main(["data", "prepare", "--input", "gsm8k-train", "--out", str(out)]) == 0
@@ -271,7 +271,7 @@ def test_prepare_refuses_to_overwrite_a_bundled_file(tmp_path, monkeypatch):
 
 
 def test_config_accepts_bundled_sources_and_formats():
-    from colar.flows.config import ConfigError, load_config, preflight
+    from flows.config import ConfigError, load_config, preflight
 
     for name in COUNTS:
         preflight(load_config(overrides=[f"data.source={name}"]))
@@ -282,10 +282,10 @@ def test_config_accepts_bundled_sources_and_formats():
 
 def test_training_loss_tolerates_records_without_steps():
     torch = pytest.importorskip("torch")
+    from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
     from colar_core.collate import collate
     from colar_core.config import ObjectiveConfig
     from colar_core.data import Record
-    from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     model, enc = tiny_model(tok), encoder_for(tok)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import TINY
-from tests.test_reliability_faults import ROOT, cli_env, colar_cmd
+from bench.common import ROOT
+from bench.pipeline_run import TINY, cli_env, colar_cmd
 
 pytestmark = pytest.mark.slow
 

@@ -7,20 +7,20 @@ import time
 
 import pytest
 
-from colar.flows.config import ConfigError, load_config, preflight
+from flows.config import ConfigError, load_config, preflight
 
 
 @pytest.fixture
 def no_servers(monkeypatch, tmp_path):
     """Fail the test if the CLI tries to reach or start a server; servers would go to tmp_path/home."""
-    import colar.flows.servers
+    import colar_infra.servers
 
     def refuse(*args, **kwargs):
         raise AssertionError("a server was asked for before the config was validated")
 
-    monkeypatch.setattr(colar.flows.servers, "ensure_servers", refuse)
-    monkeypatch.setattr(colar.flows.servers, "ensure_mlflow", refuse)
-    monkeypatch.setattr(colar.flows.servers, "ensure_prefect", refuse)
+    monkeypatch.setattr(colar_infra.servers, "ensure_servers", refuse)
+    monkeypatch.setattr(colar_infra.servers, "ensure_mlflow", refuse)
+    monkeypatch.setattr(colar_infra.servers, "ensure_prefect", refuse)
     monkeypatch.setenv("COLAR_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
 
@@ -39,7 +39,7 @@ def no_servers(monkeypatch, tmp_path):
     ("data.source=no-such-org-colar/no-such-dataset", "data.source", "not 'builtin', an existing path"),
 ])
 def test_bad_config_stops_colar_run_before_anything_starts(override, field, reason, tmp_path, capsys, no_servers):
-    from colar.flows.cli import main
+    from flows.cli import main
 
     out = tmp_path / "out"
     t0 = time.monotonic()

@@ -8,30 +8,21 @@ and the path through the pipeline's prepare stage (its ``records/skipped`` metri
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from colar_core.config import ModelConfig
 from colar_core.data import DataError, read_records
 from colar_core.data.readers import MAX_LINE_BYTES
-from colar.flows.config import DataConfig
-
-GOOD = {"question": "Tom has 3 bags of 4 apples. He eats 2. How many are left?", "steps": ["3*4=12", "12-2=10"],
-        "answer": "10"}
-TEN_MB = 10 * 1024 * 1024
-
-
-def _huge_row() -> bytes:
-    """A syntactically valid JSON record of 10 MB: only its size is wrong."""
-    return json.dumps({**GOOD, "question": "Why? " + "x" * TEN_MB}).encode()
+from flows.config import DataConfig
+from tests.helpers import GOOD_ROW, TEN_MB, huge_row, mixed_file
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "gsm8k-aug"])
 def test_ten_megabyte_line_is_refused_with_file_line_field_or_counted(tmp_path, fmt):
     path = tmp_path / ("big.jsonl" if fmt == "jsonl" else "big.txt")
-    good = json.dumps(GOOD).encode() if fmt == "jsonl" else b"Fine?||<<1+1=2>> #### 2"
-    huge = _huge_row() if fmt == "jsonl" else b"Q " + b"y" * TEN_MB + b"?||<<1+1=2>> #### 2"
+    good = json.dumps(GOOD_ROW).encode() if fmt == "jsonl" else b"Fine?||<<1+1=2>> #### 2"
+    huge = huge_row() if fmt == "jsonl" else b"Q " + b"y" * TEN_MB + b"?||<<1+1=2>> #### 2"
     assert len(huge) > MAX_LINE_BYTES
     path.write_bytes(good + b"\n" + huge + b"\n" + good + b"\n")
 
@@ -47,35 +38,15 @@ def test_ten_megabyte_line_is_refused_with_file_line_field_or_counted(tmp_path, 
     assert skipped.errors[0].startswith(f"{path}:2: field 'record'")
 
 
-def _mixed_file(path: Path) -> tuple[str, int, int]:
-    """20 good rows and one of every kind of bad row; returns (path, n_good, n_bad)."""
-    good = [json.dumps({"question": f"Q{i}: {i}+{i}?", "steps": [f"{i}+{i}={2 * i}"], "answer": str(2 * i)}).encode()
-            for i in range(20)]
-    bad = [
-        b'{"question": "Q", "steps": [',  # unparsable JSON
-        json.dumps({"question": "Q", "answer": "1"}).encode(),  # missing field (steps)
-        json.dumps({"question": "  ", "steps": [], "answer": "1"}).encode(),  # empty question
-        json.dumps({"question": "Q", "steps": [], "answer": ""}).encode(),  # empty answer
-        json.dumps({"question": "Q", "steps": ["2*=4"], "answer": "4"}).encode(),  # equation does not evaluate
-        json.dumps({"question": "Q", "steps": ["2+2=5"], "answer": "5"}).encode(),  # wrong value
-        json.dumps({"question": "Q", "steps": [], "answer": "twelve"}).encode(),  # non-numeric answer
-        b'{"question": "caf\xff", "steps": [], "answer": "1"}',  # invalid UTF-8
-        _huge_row(),  # 10 MB line
-    ]
-    lines = good[:10] + bad + good[10:]
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return str(path), len(good), len(bad)
-
-
 def test_prepare_stage_logs_the_exact_skipped_count_to_mlflow(tmp_path, mlflow_server):
-    """colar.tasks.prepare.prepare_stage (the task body) under a real parent run: skip counts, fail names."""
+    """tasks.prepare.prepare_stage (the task body) under a real parent run: skip counts, fail names."""
     from mlflow import MlflowClient
     from prefect.logging import disable_run_logger
 
-    from colar.tasks.prepare import prepare_stage
-    from colar.tasks.runs import end_run, start_parent_run
+    from tasks.prepare import prepare_stage
+    from colar_infra.tracking.runs import end_run, start_parent_run
 
-    source, n_good, n_bad = _mixed_file(tmp_path / "mixed.jsonl")
+    source, n_good, n_bad = mixed_file(tmp_path / "mixed.jsonl")
     model = ModelConfig(tiny=dict(hidden_size=32, num_layers=1, num_heads=2)).model_dump(mode="json")
     client = MlflowClient()
     parent = start_parent_run("colar-reliability", "bad-data", tags={}, params={})
@@ -84,10 +55,10 @@ def test_prepare_stage_logs_the_exact_skipped_count_to_mlflow(tmp_path, mlflow_s
     with disable_run_logger():
         result = prepare_stage.fn(data=data, model=model, out_dir=str(tmp_path / "skip"), parent_run_id=parent,
                                   key="k-skip")
-    child = client.get_run(result["mlflow_run_id"])
+    child = client.get_run(result.mlflow_run_id)
     assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent
     assert child.data.metrics["records/skipped"] == n_bad == 9
-    assert sum(result["counts"].values()) == n_good
+    assert sum(result.counts.values()) == n_good
     manifest = json.loads((tmp_path / "skip" / "data" / "manifest.json").read_text())
     assert manifest["skipped"] == n_bad and len(manifest["skipped_examples"]) == n_bad
 

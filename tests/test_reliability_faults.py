@@ -19,44 +19,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
-from colar_core.training.checkpoint import COMPLETE, CheckpointError, CheckpointManager, latest_checkpoint
-from colar_core.training.config import TrainConfig
-from colar_core.training.engines import TorchEngine
-from colar_core.training.loop import LoopPlan, StepBatch, train_loop
+from bench.common import ROOT
+from bench.pipeline_run import TINY, cli_env, colar_cmd
 from colar_core.evaluation import without_timings
-from tests.test_pipeline import TINY
+from colar_core.net import free_port
+from colar_core.training.checkpoint import COMPLETE, CheckpointError, latest_checkpoint
+from tests.helpers import child_runs, toy_loop
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 #: Evaluation metrics of a killed-and-retried run vs an uninterrupted one. Training resumes exactly
 #: (weights, optimizer, RNG and data position are checkpointed) and evaluation sampling is seeded,
 #: so they are expected to be equal; the tolerance only absorbs float formatting.
 METRIC_TOL = 1e-9
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli_env(**extra) -> dict:
-    """Environment of a `colar` subprocess: no launcher variables inherited from in-process training
-    in this pytest process (its MASTER_PORT is taken), one torch thread like the in-process runs."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(OMP_NUM_THREADS="1", CI="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p), **extra)
-    return env
-
-
-def colar_cmd(*args: str, overrides=()) -> list[str]:
-    cmd = [sys.executable, "-m", "colar.flows.cli", *args]
-    for o in overrides:
-        cmd += ["--set", o]
-    return cmd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,9 +38,9 @@ def colar_cmd(*args: str, overrides=()) -> list[str]:
 
 
 def test_colar_run_with_dead_mlflow_fails_fast_naming_the_uri(tmp_path, monkeypatch, capsys):
-    from colar.flows.cli import main
+    from flows.cli import main
 
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # it must not start a Prefect server meanwhile
     monkeypatch.setenv("COLAR_HOME", str(tmp_path / "home"))
@@ -81,7 +55,7 @@ def test_colar_run_with_dead_mlflow_fails_fast_naming_the_uri(tmp_path, monkeypa
         assert not (tmp_path / "home" / "servers.json").exists()  # no server started
         assert not (tmp_path / "out").exists()
     finally:
-        from colar.flows.servers import stop_servers
+        from colar_infra.servers import stop_servers
 
         stop_servers(tmp_path / "home")
 
@@ -90,42 +64,16 @@ def test_colar_run_with_dead_mlflow_fails_fast_naming_the_uri(tmp_path, monkeypa
 # MLflow lost mid-training
 
 
-class _Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 1)
-
-
-def _toy_loop(out, max_steps=30, callbacks=(), checkpoint_every=10):
-    """A real training loop (torch engine, checkpoints) on a toy regression: the SFT/RL loop's code path."""
-    torch.manual_seed(0)
-    model = _Toy()
-    cfg = TrainConfig(backend="torch", lr=0.1, grad_clip=0.0, max_steps=max_steps, checkpoint_every=checkpoint_every)
-    engine = TorchEngine(model, cfg)
-    x, w = torch.randn(64, 4), torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
-
-    def batches(step):
-        idx = [(step * 8 + i) % 64 for i in range(8)]
-        return StepBatch([(x[idx], x[idx] @ w)])
-
-    def loss_fn(m, b):
-        return {"loss": ((m.lin(b[0]) - b[1]) ** 2).mean()}
-
-    manager = CheckpointManager(out, keep=2)
-    return train_loop(engine, batches, loss_fn, LoopPlan(max_steps=max_steps, checkpoint_every=checkpoint_every),
-                      checkpoints=manager, callbacks=list(callbacks))
-
-
 @pytest.mark.slow
 def test_mlflow_lost_mid_training_training_goes_on_and_metrics_are_flushed_when_it_returns(tmp_path):
     """A real MLflow server is stopped at step 10 and restarted on the same port (same store) at step 20."""
     from mlflow import MlflowClient
 
-    from colar.flows.servers import ensure_mlflow, stop_servers
-    from colar.tasks.metrics_sender import MlflowMetricsCallback
-    from colar.tasks.runs import end_run, start_parent_run
+    from colar_infra.servers import ensure_mlflow, stop_servers
+    from colar_infra.tracking.metrics_sender import MlflowMetricsCallback
+    from colar_infra.tracking.runs import end_run, start_parent_run
 
-    state_dir, port = tmp_path / "mlflow", _free_port()
+    state_dir, port = tmp_path / "mlflow", free_port()
     uri = ensure_mlflow(state_dir, port=port)
     try:
         client = MlflowClient(uri)
@@ -148,7 +96,7 @@ def test_mlflow_lost_mid_training_training_goes_on_and_metrics_are_flushed_when_
                     seen["steps_11_20_s"] = time.monotonic() - seen["down_at"]
                     assert ensure_mlflow(state_dir, port=port) == uri  # back, same port and store
 
-        state = _toy_loop(tmp_path / "run", callbacks=[metrics_cb, Outage()])
+        state = toy_loop(tmp_path / "run", callbacks=[metrics_cb, Outage()])
         assert state.step == 30 and state.finished  # training went on through the outage
         assert seen["pending"] >= 5 * 2  # loss + lr of steps 11-15 at least, held in memory
         assert seen["steps_11_20_s"] < 40  # no step waited for the server (the flush at 15 is bounded)
@@ -204,7 +152,7 @@ def test_unwritable_checkpoint_directory_is_a_clear_error_and_the_previous_check
                     stack.enter_context(unwritable(root))
 
         with pytest.raises(CheckpointError) as info:
-            _toy_loop(out, callbacks=[LockAfterFirst()])
+            toy_loop(out, callbacks=[LockAfterFirst()])
     msg = str(info.value)
     assert f"cannot write checkpoint step 20 under {root}" in msg
     assert "step_00000010 is intact" in msg and "run the stage again" in msg
@@ -212,7 +160,7 @@ def test_unwritable_checkpoint_directory_is_a_clear_error_and_the_previous_check
     assert latest_checkpoint(out).name == "step_00000010" and (root / "step_00000010" / COMPLETE).is_file()
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
 
-    resumed = _toy_loop(out)  # writable again: the same run resumes from step 10 and finishes
+    resumed = toy_loop(out)  # writable again: the same run resumes from step 10 and finishes
     assert resumed.resumed_from == 10 and resumed.step == 30
     assert latest_checkpoint(out).name == "step_00000030"
 
@@ -224,7 +172,7 @@ def test_unwritable_checkpoint_directory_is_a_clear_error_and_the_previous_check
 def test_still_running_tells_a_live_pipeline_process_from_a_dead_one():
     from types import SimpleNamespace
 
-    from colar.flows.pipeline import PROCESS_TAG, _process_identity, still_running
+    from flows.pipeline import PROCESS_TAG, _process_identity, still_running
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -246,21 +194,16 @@ def test_still_running_tells_a_live_pipeline_process_from_a_dead_one():
     assert still_running(run) is None  # killed: an orphan that retry may take over
 
 
-def _children(client, parent_id):
-    exp = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-
-
 @pytest.mark.slow
 def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrupted_run(
         tmp_path, mlflow_server, prefect_server, one_thread):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
-    from colar.flows.config import load_config
+    from flows.config import load_config
     from colar_core.training.sft import SFTResult
-    from colar.flows.cli import main
-    from colar.flows.pipeline import run_pipeline
+    from flows.cli import main
+    from flows.pipeline import run_pipeline
 
     overrides = TINY + ["tracking.registered_model_name=null", "sft_colar.max_steps=40",
                         "sft_colar.checkpoint_every=4"]
@@ -288,14 +231,14 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
     parent_id, flow_run_id = parent.info.run_id, parent.data.tags["prefect.flow_run_id"]
     # What SIGKILL leaves behind: everything RUNNING.
     assert parent.info.status == "RUNNING"
-    orphan = {r.data.tags["colar.stage"]: r for r in _children(client, parent_id)}["sft-colar"]
+    orphan = {r.data.tags["colar.stage"]: r for r in child_runs(client, parent_id)}["sft-colar"]
     assert orphan.info.status == "RUNNING"
     with get_client(sync_client=True) as pc:
         assert pc.read_flow_run(flow_run_id).state.is_running()
 
     assert main(["retry", parent_id]) == 0
 
-    stages = sorted((r.data.tags["colar.stage"], r.info.status) for r in _children(client, parent_id))
+    stages = sorted((r.data.tags["colar.stage"], r.info.status) for r in child_runs(client, parent_id))
     assert stages == [("evaluate", "FINISHED"), ("prepare", "FINISHED"), ("sft-colar", "FINISHED"),
                       ("sft-colar", "KILLED"), ("sft-cot", "FINISHED")]
     orphan = client.get_run(orphan.info.run_id)
@@ -311,7 +254,7 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
                              return_state=True)
     assert reference.is_completed(), reference.message
     expected = without_timings(reference.result()["metrics"])  # decoding wall times differ run to run
-    evaluate = next(r for r in _children(client, parent_id)
+    evaluate = next(r for r in child_runs(client, parent_id)
                     if r.data.tags["colar.stage"] == "evaluate" and r.info.status == "FINISHED")
     got = {k: v for k, v in evaluate.data.metrics.items() if k in expected}
     assert set(got) == set(expected) and any(k.startswith("accuracy/c") for k in got)
@@ -320,7 +263,7 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
     # The tiny model's evaluation metrics are nearly degenerate, so compare what they come from too:
     # the resumed CoLaR model is bit-identical to the uninterrupted one, and so is its last loss.
     from colar_core.training.callbacks import read_metrics
-    from colar.tasks.artifacts import directory_digest
+    from colar_core.files import content_digest
 
     ref_colar = next((tmp_path / "ref").glob("sft-colar-*"))
     # The keys differ (the output folder is part of every key), the data they were trained on does not.
@@ -328,6 +271,6 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
     data = [json.loads(next(root.glob("prepare-*/stage_result.json")).read_text())["digest"]
             for root in (colar_dir.parent, ref_colar.parent)]
     assert data[0] == data[1]
-    assert directory_digest(colar_dir / "model") == directory_digest(ref_colar / "model")
+    assert content_digest(colar_dir / "model") == content_digest(ref_colar / "model")
     last = [read_metrics(d / "metrics.jsonl", "step")[-1] for d in (colar_dir, ref_colar)]
     assert last[0]["step"] == last[1]["step"] == 40 and last[0]["loss"] == last[1]["loss"]

@@ -17,16 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import TINY
-from tests.test_reliability_faults import _free_port
+from bench.pipeline_run import TINY
+from colar_core.net import free_port
+from tests.helpers import child_runs
 
 MAX_STEPS = 8
 OUTAGE_AT = 3  # steps 1..3 reach the server; 4..8 and everything after the stage do not
-
-
-def _children(client, parent_id):
-    exp = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
 @pytest.mark.slow
@@ -36,14 +32,15 @@ def test_mlflow_lost_mid_training_until_the_stage_ends_loses_nothing_and_retry_s
 
     from colar_core.training.callbacks import read_metrics
     from colar_core.training.sft import SFTResult
-    from colar.flows.cli import main
-    from colar.flows.config import load_config
-    from colar.flows.pipeline import run_pipeline
-    from colar.flows.servers import ensure_mlflow, stop_servers
-    from colar.tasks.metrics_sender import MlflowMetricsCallback
-    from colar.tasks.runs import ORPHAN_TAG, pending_dir
+    from flows.cli import main
+    from flows.config import load_config
+    from flows.pipeline import run_pipeline
+    from colar_infra.servers import ensure_mlflow, stop_servers
+    from colar_infra.tracking.metrics_sender import MlflowMetricsCallback
+    from colar_infra.tracking.pending import pending_dir
+    from colar_infra.tracking.runs import ORPHAN_TAG
 
-    state_dir, port = tmp_path / "mlflow", _free_port()
+    state_dir, port = tmp_path / "mlflow", free_port()
     uri = ensure_mlflow(state_dir, port=port)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("COLAR_HOME", str(tmp_path / "home"))  # this test's own pending files
@@ -98,7 +95,7 @@ def test_mlflow_lost_mid_training_until_the_stage_ends_loses_nothing_and_retry_s
 
         assert main(["retry", parent_id]) == 0
 
-        stages = sorted((r.data.tags["colar.stage"], r.info.status) for r in _children(client, parent_id))
+        stages = sorted((r.data.tags["colar.stage"], r.info.status) for r in child_runs(client, parent_id))
         assert stages == [("evaluate", "FINISHED"), ("prepare", "FINISHED"), ("sft-colar", "FINISHED")]
         child = client.get_run(child_id)
         assert ORPHAN_TAG not in child.data.tags  # ended as it ended, not taken for a dead attempt
@@ -124,21 +121,22 @@ def test_what_a_run_does_while_the_server_is_away_waits_in_its_pending_file_unti
     ``end_orphaned_children`` (what ``colar retry`` calls) sends them instead of marking the runs KILLED."""
     from mlflow import MlflowClient
 
-    from colar.tasks.runs import (ending_run, end_orphaned_children, log_metrics, log_or_defer, pending_path,
-                                  start_child_run, start_parent_run)
+    from colar_infra.tracking.pending import ArtifactRecord, pending_path
+    from colar_infra.tracking.runs import (ending_run, end_orphaned_children, log_metrics, log_or_defer,
+                                           start_child_run, start_parent_run)
 
     monkeypatch.setenv("COLAR_HOME", str(tmp_path / "home"))
     client = MlflowClient()
     parent = start_parent_run("colar-reliability", "away", client=client)
     done, failed = start_child_run(parent, "sft-colar", client=client), start_child_run(parent, "rl", client=client)
-    gone = MlflowClient(f"http://127.0.0.1:{_free_port()}")
+    gone = MlflowClient(f"http://127.0.0.1:{free_port()}")
     plot = tmp_path / "curves.png"
     plot.write_bytes(b"png")
 
     t0 = time.monotonic()
     with pytest.warns(RuntimeWarning, match="MLflow server away"):
         log_metrics(done, {"loss": 0.5}, step=7, client=gone)
-        assert log_or_defer(done, {"artifact": str(plot), "artifact_path": "plots"}, client=gone) is False
+        assert log_or_defer(ArtifactRecord(done, str(plot), "plots"), client=gone) is False
         with ending_run(done, client=gone):
             pass
         with pytest.raises(KeyError, match="the block's own"):  # not an MLflow error from ending the run

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from tests.test_pipeline import TINY
-from tests.test_reliability_data import _mixed_file
+from bench.pipeline_run import TINY
+from tests.helpers import mixed_file
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +24,11 @@ def test_prefect_retries_leave_one_failed_run_per_failed_attempt_and_count_skipp
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from colar_core.training.sft import SFTResult
-    from colar.flows.config import load_config
-    from colar.flows.pipeline import run_pipeline
-    from colar.tasks import prepare
+    from flows.config import load_config
+    from flows.pipeline import run_pipeline
+    from tasks import prepare
 
-    source, n_good, n_bad = _mixed_file(tmp_path / "mixed.jsonl")
+    source, n_good, n_bad = mixed_file(tmp_path / "mixed.jsonl")
     assert n_bad == 9
     # prepare: a transient failure after it counted and logged the skipped records (the first
     # dataset input it logs); sft-colar: a crash at step 3, after the step-2 checkpoint.

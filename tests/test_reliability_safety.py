@@ -14,11 +14,12 @@ import pickle
 import pytest
 import torch
 
+from bench.tiny import tiny_model, tiny_tokenizer
 from colar_core.config import ModelConfig
 from colar_core.model import ColarModel, load_backbone
-from colar.flows.config import PipelineConfig
 from colar_core.tokenizer import load_tokenizer
-from tests.tiny import tiny_model, tiny_tokenizer
+from flows.config import PipelineConfig
+from tests.helpers import Payload
 
 SECRET = "some-secret-value-123"
 
@@ -64,16 +65,6 @@ def test_remote_code_is_off_unless_the_config_says_so(saved_model, monkeypatch):
     assert [kw["trust_remote_code"] for _, kw in calls] == [True, True]
 
 
-class _Payload:
-    """Unpickling this creates a file: proof that a pickle was executed."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_model_directory_with_only_a_pickle_is_refused_unopened(saved_model, tmp_path, monkeypatch):
     import shutil
 
@@ -83,7 +74,7 @@ def test_a_model_directory_with_only_a_pickle_is_refused_unopened(saved_model, t
     (bad / "backbone" / "model.safetensors").unlink()
     marker = tmp_path / "pwned"
     with open(bad / "backbone" / "pytorch_model.bin", "wb") as fh:
-        pickle.dump({"model.embed_tokens.weight": _Payload(str(marker))}, fh)
+        pickle.dump({"model.embed_tokens.weight": Payload(str(marker))}, fh)
     loads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
@@ -103,8 +94,8 @@ def test_secrets_never_reach_params_tags_or_logs(tmp_path, mlflow_server, prefec
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
-    from colar.flows.pipeline import run_pipeline
-    from tests.test_pipeline import tiny_config
+    from flows.pipeline import run_pipeline
+    from tests.helpers import tiny_config
 
     class Recorder(logging.Handler):  # every log record, as the console would format it
         def __init__(self):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from colar.flows.config import PipelineConfig, load_config
-from colar.tasks import keys
-from colar.tasks.artifacts import content_digest
-from colar.tasks.stage_spec import StageSpec
+from flows.config import PipelineConfig, load_config
+from tasks import keys
+from colar_core.files import content_digest
+from tasks.stage_spec import StageSpec
 
 # ---------------------------------------------------------------------------------------------
 # keys and digests (no servers)
@@ -45,11 +45,11 @@ def test_content_digest_follows_the_bytes_of_a_file_or_folder_not_its_place(tmp_
 
 def test_code_version_covers_the_library_the_tasks_and_the_flows(tmp_path, monkeypatch):
     names = {name for name, _ in keys.code_files()}
-    assert {"colar_core/model.py", "colar.tasks/keys.py", "colar.tasks/prepare.py",
-            "colar.flows/pipeline.py", "colar.flows/config.py"} <= names
+    assert {"colar_core/model.py", "colar_infra/tracking/runs.py", "tasks/keys.py", "tasks/prepare.py",
+            "flows/pipeline.py", "flows/config.py"} <= names
     module = tmp_path / "pipeline.py"
     module.write_text("x = 1\n")
-    monkeypatch.setattr(keys, "code_files", lambda: [("colar.flows/pipeline.py", module)])
+    monkeypatch.setattr(keys, "code_files", lambda: [("flows/pipeline.py", module)])
     keys.code_version.cache_clear()
     try:
         before = keys.code_version()
@@ -113,7 +113,7 @@ def test_the_output_folder_is_part_of_the_key_and_holds_the_stage_folder(tmp_pat
 
 
 def test_evaluate_only_flow_keys_on_model_and_data_content_not_paths(tmp_path):
-    from colar.flows.single_stage import evaluate_only_spec
+    from flows.single_stage import evaluate_only_spec
 
     model, data = tmp_path / "model", tmp_path / "data"
     model.mkdir()
@@ -143,9 +143,9 @@ def test_a_run_holds_its_output_dir_absolute_while_defaults_stay_relative(tmp_pa
 
 
 def test_stage_tasks_persist_their_results_as_json():
-    from colar.tasks.evaluate import evaluate_stage
-    from colar.tasks.prepare import prepare_stage
-    from colar.tasks.training import rl_stage, sft_stage
+    from tasks.evaluate import evaluate_stage
+    from tasks.prepare import prepare_stage
+    from tasks.training import rl_stage, sft_stage
 
     for stage in (prepare_stage, sft_stage, rl_stage, evaluate_stage):
         assert stage.persist_result and stage.result_serializer == "json", stage.name
@@ -159,7 +159,7 @@ FAST = ["sft_cot=null", "eval.cot_baseline=false", "tracking.registered_model_na
 
 
 def _config(output_dir, *extra) -> PipelineConfig:
-    from tests.test_pipeline import TINY
+    from bench.pipeline_run import TINY
 
     return load_config(None, [*TINY, *FAST, f"output_dir={output_dir}", *extra])
 
@@ -176,7 +176,7 @@ def _stage_states(flow_run_id: str) -> dict:
 
 
 def _run(cfg: PipelineConfig) -> dict:
-    from colar.flows.pipeline import run_pipeline
+    from flows.pipeline import run_pipeline
 
     state = run_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
@@ -204,13 +204,15 @@ def test_editing_the_data_file_in_place_reruns_every_stage_and_nothing_else_does
     assert set(first) == {"prepare", "sft-colar", "evaluate"}
     assert all(state == "Completed" for state, _ in first.values()), first
 
-    # Prefect's stored result of a stage is JSON (no pickle), and it is the stage's result.
-    prepare_dir = Path(first["prepare"][1]["data_dir"]).parent
+    # Prefect's stored result of a stage is JSON (no pickle): the stage's typed result, which is
+    # also its stage_result.json.
+    prepare_dir = Path(first["prepare"][1].data_dir).parent
     storage = Path(get_current_settings().results.local_storage_path)
     (record_file,) = storage.glob(prepare_dir.name.removeprefix("prepare-") + "*")
     record = json.loads(record_file.read_bytes())
     assert record["metadata"]["serializer"]["type"] == "json"
-    assert json.loads(record["result"]) == json.loads((prepare_dir / "stage_result.json").read_text())
+    assert json.loads(record["result"]) == {"__class__": "tasks.prepare.PrepareResult",
+                                            "data": json.loads((prepare_dir / "stage_result.json").read_text())}
 
     again = _run(cfg)
     assert all(state == "Cached" for state, _ in again.values()), again
@@ -221,7 +223,7 @@ def test_editing_the_data_file_in_place_reruns_every_stage_and_nothing_else_does
     data.write_text("".join(lines))
     edited = _run(cfg)
     assert all(state == "Completed" for state, _ in edited.values()), edited
-    assert Path(edited["prepare"][1]["data_dir"]).parent != prepare_dir
+    assert Path(edited["prepare"][1].data_dir).parent != prepare_dir
 
 
 @pytest.mark.slow
@@ -232,7 +234,7 @@ def test_a_run_in_another_output_folder_never_gets_its_results(tmp_path, mlflow_
 
     def points_into(stages: dict, folder: Path) -> bool:
         """Every stage result holds paths, and all of them lie in ``folder``."""
-        paths = {name: [v for v in result.values() if isinstance(v, str) and v.startswith("/")]
+        paths = {name: [v for v in result.model_dump().values() if isinstance(v, str) and v.startswith("/")]
                  for name, (_, result) in stages.items()}
         return all(paths.values()) and all(Path(p).is_relative_to(folder) for ps in paths.values() for p in ps)
 
@@ -245,8 +247,8 @@ def test_a_run_in_another_output_folder_never_gets_its_results(tmp_path, mlflow_
     again_a = _run(_config(folder_a, "name=test-rerun-a"))
     assert all(state == "Cached" for state, _ in again_a.values()), again_a
     assert points_into(again_a, folder_a)
-    assert {n: r["mlflow_run_id"] for n, (_, r) in again_a.items()} == {n: r["mlflow_run_id"]
-                                                                        for n, (_, r) in first_a.items()}
+    assert {n: r.mlflow_run_id for n, (_, r) in again_a.items()} == {n: r.mlflow_run_id
+                                                                      for n, (_, r) in first_a.items()}
 
 
 @pytest.mark.slow
@@ -255,8 +257,8 @@ def test_colar_retry_from_another_directory_finds_the_finished_stages(tmp_path, 
     from mlflow.tracking import MlflowClient
 
     from colar_core.training.sft import SFTResult
-    from colar.flows.cli import main
-    from colar.flows.pipeline import run_pipeline
+    from flows.cli import main
+    from flows.pipeline import run_pipeline
 
     started, elsewhere = tmp_path / "started-here", tmp_path / "elsewhere"
     started.mkdir()

@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.common import ROOT
+from bench.pipeline_run import LAUNCH_VARS, clean_env
+from bench.tiny import PROBLEMS, encoder_for
+from bench.tiny_rl import sft_start
 from colar_core.config import GenerationConfig
 from colar_core.inference import generate
 from colar_core.model import ColarModel
 from colar_core.rl.trainer import RLJob, RLResult, run_rl_stage
 from colar_core.training.callbacks import read_metrics
 from colar_core.training.checkpoint import complete_checkpoints, latest_checkpoint
-from tests.test_rl_training import sft_start
-from tests.test_training_distributed import LAUNCH_VARS, ROOT, clean_env, sigkill_after_first_checkpoint
-from tests.tiny import PROBLEMS, encoder_for
+from tests.helpers import sigkill_after_first_checkpoint
 
-
-
-ONE_TORCH_THREAD = True  # see tests/conftest.py
+pytestmark = pytest.mark.one_torch_thread  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

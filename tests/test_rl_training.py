@@ -1,11 +1,12 @@
 """The RL stage end to end on CPU: GRPO lifts a partly-trained tiny model's accuracy, the length
 bonus shortens its chains, and an interrupted run resumes exactly.
 
-The start: a 2-layer Llama (hidden 64) trained with CoLaR SFT (r alternating 1, 2) for 100 steps
-on the four two-step problems of ``tests/tiny.py``, saved as a model directory with its tokenizer.
-Under sampling at c=2 (answers at top-p 0.9, the reference's) it is right about 75 % of the time.
-RL runs at lr 1e-3, far above the reference's 1e-6: a few dozen steps on a 100k-parameter model need
-it (1e-6 would move nothing in 60 steps). Accuracy is measured on those four questions, 64 samples each at two fixed seeds.
+The start and the measurement are bench/tiny_rl.py's: a 2-layer Llama (hidden 64) trained with CoLaR
+SFT (r alternating 1, 2) for 100 steps on the four two-step problems of ``bench/tiny.py``, saved as a
+model directory with its tokenizer. Under sampling at c=2 (answers at top-p 0.9, the reference's) it is
+right about 75 % of the time. RL runs at lr 1e-3, far above the reference's 1e-6: a few dozen steps on
+a 100k-parameter model need it (1e-6 would move nothing in 60 steps). Accuracy is measured on those
+four questions, 64 samples each at two fixed seeds.
 """
 
 from __future__ import annotations
@@ -13,66 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colar_core.collate import collate
-from colar_core.config import GenerationConfig, ObjectiveConfig
-from colar_core.inference import generate
+from bench.tiny_rl import rl_cfg, run_rl, sampled_accuracy, sft_start
 from colar_core.model import ColarModel
-from colar_core.rl.config import RLConfig
-from colar_core.rl.trainer import RLResult, train_rl
-from colar_core.scoring import answers_match
+from colar_core.rl.trainer import RLResult
 from colar_core.training.callbacks import read_metrics
 from colar_core.training.checkpoint import latest_checkpoint
-from tests.tiny import Crash, CrashAt
-from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
+from tests.helpers import Crash, CrashAt
 
-GEN = GenerationConfig(max_latents=16, max_answer_tokens=6)
-
-
-ONE_TORCH_THREAD = True  # see tests/conftest.py
-
-
-def sft_start(out_dir, seed: int = 0, steps: int = 100):
-    """Colar SFT on the four problems, briefly: right only part of the time under sampling."""
-    tok = tiny_tokenizer()
-    enc = encoder_for(tok)
-    torch.manual_seed(seed)
-    model = tiny_model(tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    examples, g = [enc.encode(r) for r in PROBLEMS], torch.Generator().manual_seed(seed)
-    objective = ObjectiveConfig(compression_factors=[1, 2])
-    for step in range(steps):
-        loss = model.sft_loss(collate(examples, enc, 1 + step % 2, generator=g), objective, g)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.state.trained_compression_factors = [1, 2]
-    return model.save_pretrained(out_dir, tok)
-
-
-def sampled_accuracy(model_dir, n: int = 64, seeds=(101, 202)) -> tuple[float, float]:
-    """(accuracy, mean #L) at c=2 over ``n`` samples per problem and seed, of a saved model dir."""
-    model, tok = ColarModel.load_dir(model_dir)
-    enc = encoder_for(tok)
-    right = lengths = total = 0
-    for seed in seeds:
-        gens = generate(model, enc, [p.question for p in PROBLEMS for _ in range(n)], "latent", 2, GEN, seed=seed)
-        golds = [p.answer for p in PROBLEMS for _ in range(n)]
-        right += sum(answers_match(g.answer, y) for g, y in zip(gens, golds))
-        lengths += sum(g.n_latents for g in gens)
-        total += len(gens)
-    return right / total, lengths / total
-
-
-def rl_cfg(**kw) -> RLConfig:
-    base = dict(max_steps=60, questions_per_step=4, group_size=8, compression_factor=2, lr=1e-3, backend="torch",
-                generation=GEN, checkpoint_every=0, seed=0)
-    base.update(kw)
-    return RLConfig(**base)
-
-
-def run(start_dir, out_dir, cfg: RLConfig, **kw) -> RLResult:
-    model, tok = ColarModel.load_dir(start_dir)
-    return train_rl(model, tok, PROBLEMS, (), cfg, out_dir, **kw)
+pytestmark = pytest.mark.one_torch_thread  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +36,7 @@ def plain_run(start, tmp_path_factory):
     """GRPO with the reference objective (correctness reward, latents' mean + answer's mean, no KL), 60 steps."""
     model_dir, _ = start
     out = tmp_path_factory.mktemp("rl-plain")
-    result = run(model_dir, out, rl_cfg())
+    result = run_rl(model_dir, out, rl_cfg())
     return result, sampled_accuracy(result.model_dir)
 
 
@@ -127,7 +76,7 @@ def test_length_bonus_shortens_chains_without_losing_accuracy(start, plain_run, 
     flipped between two float-rounding-different layouts of the same computation (#L 7.9 vs 15.9 at
     seed 0), so weight 1 is too weak against the correctness reward's pull toward the cap at this lr."""
     (_, (acc0, len0)), (_, (acc_plain, len_plain)) = start, plain_run
-    result = run(start[0], tmp_path, rl_cfg(rewards={"correct": 1.0, "length": 2.0}))
+    result = run_rl(start[0], tmp_path, rl_cfg(rewards={"correct": 1.0, "length": 2.0}))
     acc, length = sampled_accuracy(result.model_dir)
     msg = (f"start {acc0:.3f} / #L {len0:.2f}; plain RL {acc_plain:.3f} / {len_plain:.2f}; "
            f"with length bonus {acc:.3f} / {length:.2f}")
@@ -146,11 +95,11 @@ def test_interrupted_run_resumes_exactly(start, tmp_path):
     stopped (the rollout generator and the question order are in the checkpoint)."""
     cfg = rl_cfg(max_steps=6, update_epochs=2, checkpoint_every=2, questions_per_step=2, group_size=4,
                  micro_batch_size=4, kl_beta=0.05, continue_actions=True, lr=3e-4)
-    a = run(start[0], tmp_path / "a", cfg)
+    a = run_rl(start[0], tmp_path / "a", cfg)
     with pytest.raises(Crash):
-        run(start[0], tmp_path / "b", cfg, callbacks=[CrashAt(7)])
+        run_rl(start[0], tmp_path / "b", cfg, callbacks=[CrashAt(7)])
     assert latest_checkpoint(tmp_path / "b").name == "step_00000004"  # RL step 2 = update 4
-    b = run(start[0], tmp_path / "b", cfg)
+    b = run_rl(start[0], tmp_path / "b", cfg)
     assert b.resumed_from == 4 and b.final_step == 12 and b.rl_steps == 6
 
     sa, sb = read_metrics(a.metrics_path, "step"), read_metrics(b.metrics_path, "step")
@@ -163,5 +112,5 @@ def test_interrupted_run_resumes_exactly(start, tmp_path):
     wa = ColarModel.from_pretrained(a.model_dir).state_dict()
     wb = ColarModel.from_pretrained(b.model_dir).state_dict()
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
-    again = run(start[0], tmp_path / "b", cfg)  # a finished stage returns at once
+    again = run_rl(start[0], tmp_path / "b", cfg)  # a finished stage returns at once
     assert again.final_step == 12 and again.resumed_from == 12

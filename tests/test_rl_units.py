@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 from colar_core.collate import collate
 from colar_core.config import GenerationConfig, ObjectiveConfig
 from colar_core.inference import generate_latent
@@ -18,10 +19,9 @@ from colar_core.rl.grpo import (
     kl_k3, policy_log_probs, previous_real_position,
 )
 from colar_core.rl.rewards import combine, compute_rewards, correctness, length_bonus
-from tests.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
 
-ONE_TORCH_THREAD = True  # see tests/conftest.py
+pytestmark = pytest.mark.one_torch_thread  # see tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from colar.flows import cli
-from colar.tasks.params import flatten_params, mask_secrets, mask_url
+from flows import cli
+from colar_infra.secrets import mask_secrets, mask_url
+from colar_infra.tracking.params import flatten_params
 
 SECRET = "s3cretpw"
 DEAD_URI = f"http://user:{SECRET}@127.0.0.1:9"
@@ -65,7 +66,7 @@ def test_printed_server_and_run_urls_are_masked(capsys):
 
 def test_prepare_stage_masks_the_data_source_in_its_log_and_dataset_names(tmp_path, monkeypatch):
     """A ``data.source`` URL with a token reaches neither the Prefect log nor an MLflow dataset name."""
-    import colar.tasks.prepare as prepare
+    import tasks.prepare as prepare
 
     # A source string that is a URL with a token and also an existing path (Path collapses "//").
     source = f"https://{SECRET}@example.com/data.jsonl"
@@ -93,7 +94,7 @@ def test_prepare_stage_masks_the_data_source_in_its_log_and_dataset_names(tmp_pa
     data = {"source": source, "format": "jsonl", "policy": "fail", "val_fraction": 0.1, "test_fraction": 0.2,
             "seed": 0, "builtin": {}}
     result = prepare.prepare_stage.fn(data, {"name_or_path": "tiny"}, str(tmp_path / "stage"), "parent", "key")
-    assert result["counts"]["test"] == 4
+    assert result.counts["test"] == 4
     assert names == [f"https://***@example.com/data.jsonl:{s}" for s in ("train", "val", "test")]
     assert logged and SECRET not in "\n".join(logged)
     assert logged[-1].startswith("prepared https://***@example.com/data.jsonl: ")

@@ -1,11 +1,14 @@
-"""colar.flows.servers: local MLflow / Prefect servers start detached on 127.0.0.1, are reused, stop."""
+"""colar_infra.servers: local MLflow / Prefect servers start detached on 127.0.0.1, are reused, stop."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -13,14 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from flows import servers
-from colar.flows.servers import ServerError, ensure_mlflow, ensure_prefect, server_status, stop_servers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from colar_core.net import free_port
+from colar_core.procs import group_processes, process_identity
+from colar_infra import servers
+from colar_infra.servers import ServerError, ensure_mlflow, ensure_prefect, server_status, stop_servers
 
 
 def _listen_addresses(port: int) -> set[str]:
@@ -158,7 +157,7 @@ def test_server_that_dies_at_start_reports_its_log(tmp_path, monkeypatch, no_ext
 
 
 def test_dead_mlflow_tracking_uri_fails_fast_naming_it(monkeypatch, tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     t0 = time.monotonic()
     with pytest.raises(ServerError, match=re.escape(uri)):
@@ -168,7 +167,7 @@ def test_dead_mlflow_tracking_uri_fails_fast_naming_it(monkeypatch, tmp_path):
 
 
 def test_dead_prefect_api_url_fails_fast_naming_it(monkeypatch, tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}/api"
+    url = f"http://127.0.0.1:{free_port()}/api"
     monkeypatch.setenv("PREFECT_API_URL", url)
     t0 = time.monotonic()
     with pytest.raises(ServerError, match=re.escape(url)):
@@ -191,12 +190,72 @@ def test_dead_record_is_reported_and_dropped(tmp_path):
     assert not (tmp_path / "servers.json").exists()
 
 
-def test_default_state_dir_is_colar_home_or_dot_colar(monkeypatch, tmp_path):
+def test_the_state_dir_defaults_to_the_colar_home(monkeypatch, tmp_path):
+    record = {"mlflow": {"pid": 2**22 + 12345, "host": "127.0.0.1", "base_url": "http://127.0.0.1:1"}}
+    for home in (tmp_path / "home", tmp_path / ".colar"):
+        home.mkdir()
+        (home / "servers.json").write_text(json.dumps(record))
     monkeypatch.setenv("COLAR_HOME", str(tmp_path / "home"))
-    assert servers.default_state_dir() == tmp_path / "home"
+    assert list(server_status()) == ["mlflow"]
+    assert stop_servers() == [] and not (tmp_path / "home" / "servers.json").exists()
     monkeypatch.delenv("COLAR_HOME")
     monkeypatch.chdir(tmp_path)
-    assert servers.default_state_dir() == tmp_path / ".colar"
+    assert list(server_status()) == ["mlflow"]  # ./.colar
+    assert stop_servers() == [] and not (tmp_path / ".colar" / "servers.json").exists()
+
+
+@pytest.fixture
+def process_group():
+    """A stand-in server: a shell leading its own process group, with a child in that group."""
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(group_processes(proc.pid)) < 2:
+            assert time.monotonic() < deadline, "the child never started"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the shell and its child
+        proc.wait()
+
+
+def _record(proc: subprocess.Popen, **fields) -> dict:
+    return {"pid": proc.pid, "pgid": proc.pid, "host": "127.0.0.1", "port": 1, "base_url": "http://127.0.0.1:1",
+            "url": "http://127.0.0.1:1", "log": "x", **fields}
+
+
+def test_a_recorded_server_is_its_process_not_its_pid(tmp_path, process_group):
+    """The record's identity (host:pid:start) decides: the same pid with another start time is another
+    process (a recycled pid), which is neither reported alive nor stopped. The right one is stopped with
+    its whole process group."""
+    members = group_processes(process_group.pid)
+    host, pid, start = process_identity(process_group.pid).split(":")
+    recycled = _record(process_group, identity=f"{host}:{pid}:{int(start) - 1}")
+    (tmp_path / "servers.json").write_text(json.dumps({"mlflow": recycled}))
+    assert server_status(tmp_path)["mlflow"]["alive"] is False
+    assert stop_servers(tmp_path) == [] and not (tmp_path / "servers.json").exists()
+    assert sorted(group_processes(process_group.pid)) == sorted(members)  # left alone
+
+    ours = _record(process_group, identity=process_identity(process_group.pid))
+    (tmp_path / "servers.json").write_text(json.dumps({"mlflow": ours}))
+    status = server_status(tmp_path)["mlflow"]
+    assert status["alive"] is True and status["healthy"] is False  # nothing answers on port 1
+    assert stop_servers(tmp_path, timeout_s=5) == ["mlflow"]
+    assert group_processes(process_group.pid) == [] and all(_pid_gone(p) for p in members)
+
+
+def test_records_without_an_identity_are_recognised_by_their_start_time(tmp_path, process_group):
+    """Records written before identities were recorded: the pid's process is the server if it started
+    within the record's start-up window (``startup_s`` before ``started_at``); one that started later
+    is a recycled pid."""
+    now = time.time()
+    for answered, ours in ((now + 0.5, True), (now - 3600, False), (now + 3600, False)):
+        old = _record(process_group, started_at=answered, startup_s=1.0, cmd=["mlflow", "server"])
+        (tmp_path / "servers.json").write_text(json.dumps({"mlflow": old}))
+        assert server_status(tmp_path)["mlflow"]["alive"] is ours, answered - now
+    assert stop_servers(tmp_path, timeout_s=5) == []  # the last record is not it: left alone
+    assert group_processes(process_group.pid) != []
 
 
 def test_use_prefect_reaches_already_imported_prefect():

@@ -1,7 +1,7 @@
 """The registered model served over HTTP by MLflow's own server (issue 16, part 6).
 
 A tiny untrained CoLaR model is saved and logged exactly as the report stage logs the pipeline's
-final model (:func:`colar.tasks.report.log_colar_model`: the pyfunc from code, its signature and
+final model (:func:`tasks.report.log_colar_model`: the pyfunc from code, its signature and
 input example), registered, given the alias ``candidate``, and served with
 ``mlflow models serve -m models:/NAME@candidate --env-manager local`` (this environment, no
 conda/virtualenv) on a free loopback port. ``POST /invocations`` then answers each question with
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from colar_core.net import free_port
+
 pytestmark = pytest.mark.slow
 
 MODEL_NAME = "colar-serve-test"  # not the pipeline's colar-tiny: other tests register that one
 START_TIMEOUT_S = 240.0  # the server imports torch/transformers and loads the model before /ping answers
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, payload: dict, timeout: float = 60.0) -> tuple[int, dict]:
@@ -82,8 +77,8 @@ def candidate_model(tmp_path, mlflow_server, one_thread):
     import torch
     from mlflow import MlflowClient
 
-    from colar.tasks.report import log_colar_model
-    from tests.tiny import PROBLEMS, tiny_model, tiny_tokenizer
+    from tasks.report import log_colar_model
+    from bench.tiny import PROBLEMS, tiny_model, tiny_tokenizer
 
     torch.manual_seed(0)
     tok = tiny_tokenizer()
@@ -104,13 +99,13 @@ def test_mlflow_models_serve_answers_invocations_with_answer_and_latents_per_com
         candidate_model, mlflow_server, tmp_path):
     import mlflow
 
-    from tests.tiny import PROBLEMS
+    from bench.tiny import PROBLEMS
 
     uri, info = candidate_model
     # the logged model carries the serving payload MLflow derives from the input example
     example_path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "logged"))) / \
         "serving_input_example.json"
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,

@@ -82,8 +82,8 @@ def test_smollm2_lora_cot_then_colar_sft_generate_save_reload_pyfunc(tmp_path):
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from colar.flows.config import load_config, preflight
-    from colar.tasks.report import PYFUNC_CODE
+    from flows.config import load_config, preflight
+    from tasks.report import PYFUNC_CODE
 
     gguf, folder = _fetch_and_import()
     assert (folder / SOURCE_FILE).is_file() and (folder / "model.safetensors").is_file()

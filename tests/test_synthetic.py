@@ -41,7 +41,9 @@ def test_difficulty_sets_step_counts_and_number_ranges():
     hard_counts = Counter(len(r.steps) for r in hard)
     assert set(easy_counts) == {2, 3} and easy_counts[3] > easy_counts[2]
     assert set(hard_counts) == {3, 4, 5, 6}
-    numbers = lambda recs: [int(n) for r in recs for s in r.steps for n in re.findall(r"\d+", s)]
+    def numbers(recs):
+        return [int(n) for r in recs for s in r.steps for n in re.findall(r"\d+", s)]
+
     assert max(numbers(easy)) <= 200 and max(numbers(hard)) > 500
     assert {len(r.steps) for r in generate_problems(300, seed=0, difficulty=4)} <= {2, 3, 4}
     with pytest.raises(ValueError):

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from colar_core.config import EvalConfig
 from colar_core.evaluation import average_over_sets, for_set
-from colar.tasks.table1 import table1, table1_markdown, table1_png
+from tasks.table1 import table1, table1_markdown, table1_png
 
 
 def test_for_set_puts_the_set_name_after_the_metric():
@@ -72,7 +72,7 @@ def test_a_run_from_before_named_sets_gives_one_set_named_test():
 
 
 def test_preflight_checks_each_eval_set_and_the_test_split_only_when_evaluated(tmp_path):
-    from colar.flows.config import ConfigError, load_config, preflight
+    from flows.config import ConfigError, load_config, preflight
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"question": "q", "steps": ["1+1=2"], "answer": "2"}\n')
@@ -87,7 +87,7 @@ def test_preflight_checks_each_eval_set_and_the_test_split_only_when_evaluated(t
 def test_eval_set_sources_key_the_evaluate_stage_by_content(tmp_path):
     """An in-place edit of an evaluation set re-keys the evaluate stage; an unchanged one does not;
     a bundled name is keyed by its file's content, and the test split by the data digest (not here)."""
-    from colar.tasks.keys import eval_inputs
+    from tasks.keys import eval_inputs
 
     f = tmp_path / "extra.jsonl"
     f.write_text('{"question": "q", "steps": [], "answer": "2"}\n')

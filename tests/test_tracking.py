@@ -1,22 +1,31 @@
-"""The pipeline's MLflow helpers (colar.tasks.params, .runs, .artifacts, .metrics_sender) against a real
-MLflow server: params, runs, metrics callback, datasets, artifacts."""
+"""The pipeline's MLflow helpers (colar_infra.tracking.params, .runs, .pending, .metrics_sender, .system_metrics
+and colar_infra.tracking.artifacts) against a real MLflow server: params, runs, metrics callback, pending files, system
+metrics, datasets, artifacts."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import socket
 import threading
 import time
+import warnings
 
 import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from colar.tasks.artifacts import log_artifact_dir, log_dataset_input
-from colar.tasks.metrics_sender import MlflowMetricsCallback, replay_unflushed
-from colar.tasks.params import MASK, flatten_params
-from colar.tasks.runs import PARENT_TAG, STAGE_TAG, end_run, find_child_run, start_child_run, start_parent_run
+from colar_infra.tracking.artifacts import log_artifact_dir, log_dataset_input
+from colar_infra.secrets import MASK
+from colar_infra.tracking import metrics_sender, pending, runs
+from colar_infra.tracking.metrics_sender import MlflowMetricsCallback
+from colar_infra.tracking.params import flatten_params
+from colar_infra.tracking.pending import (ArtifactRecord, EndRecord, MetricRecord, TagRecord, append_records, from_json,
+                                          read_records, replay_pending)
+from colar_infra.tracking.runs import PARENT_TAG, STAGE_TAG, end_run, find_child_run, start_child_run, start_parent_run
+from colar_infra.tracking.system_metrics import system_metrics_monitor
 
 
 def _dead_uri() -> str:
@@ -234,7 +243,7 @@ def test_callback_survives_dead_server_and_writes_fallback_file(run_id, tmp_path
     cb.on_step(6, {"loss": 1.0})  # after close: ignored, still no exception
 
     # the file can be replayed once the server is back (here: the live session server)
-    assert replay_unflushed(fallback, MlflowClient()) == len(records)
+    assert replay_pending(fallback, MlflowClient()) == len(records)
     history = MlflowClient().get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(5))
 
@@ -329,3 +338,122 @@ def test_callback_memory_stays_bounded_during_a_long_outage(tmp_path):
         cb.close()
     steps = [json.loads(x)["step"] for x in fallback.read_text().splitlines()]
     assert steps == list(range(1500))  # oldest first, nothing lost
+
+
+# ---- the pending file ---------------------------------------------------------------------
+
+
+def test_pending_records_round_trip_through_their_json_line(tmp_path):
+    records = [MetricRecord("r1", "loss", 0.25, 7, 1_700_000_000_000),
+               MetricRecord("r1", "grad_norm", float("inf"), 8, 1_700_000_000_001),
+               MetricRecord("r1", "neg", float("-inf"), 8, 1_700_000_000_001),
+               TagRecord("r1", "colar.checkpoint.step", "10"),
+               ArtifactRecord("r1", "/abs/model", "model"), ArtifactRecord("r1", "/abs/notes.txt"),
+               EndRecord("r1", "FINISHED", 1_700_000_000_002)]
+    for record in records:
+        assert from_json(record.to_json()) == record
+    nan = from_json(MetricRecord("r1", "x", float("nan"), 1, 2).to_json())
+    assert isinstance(nan.value, float) and math.isnan(nan.value)
+    path = append_records(tmp_path / "sub" / "r1.jsonl", records[:3])
+    append_records(path, records[3:])
+    assert read_records(path) == records  # one reader, typed records, in the order written
+    # the file's lines are what the docs show (and what tests/test_reliability_outage.py reads)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"run_id": "r1", "key": "loss", "value": 0.25, "step": 7, "timestamp": 1_700_000_000_000}
+    assert lines[3] == {"run_id": "r1", "tag": "colar.checkpoint.step", "value": "10"}
+    assert lines[4] == {"run_id": "r1", "artifact": "/abs/model", "artifact_path": "model"}
+    assert lines[6] == {"run_id": "r1", "end": "FINISHED", "end_time": 1_700_000_000_002}
+    assert '"value": Infinity' in path.read_text() and '"inf"' not in path.read_text()
+
+
+def test_a_line_cut_short_by_a_crash_costs_only_itself_and_a_bad_record_is_named(tmp_path):
+    path = tmp_path / "r1.jsonl"
+    append_records(path, [MetricRecord("r1", "loss", 1.0, 1, 5)])
+    with open(path, "a") as fh:
+        fh.write('{"run_id": "r1", "key": "loss", "val')  # the process died here
+    append_records(path, [EndRecord("r1", "FAILED", 9)])
+    with pytest.warns(RuntimeWarning, match=r"r1.jsonl:2: cut short"):
+        assert read_records(path) == [MetricRecord("r1", "loss", 1.0, 1, 5), EndRecord("r1", "FAILED", 9)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(MetricRecord("r1", "loss", 1.0, 1, 5).to_json() + '\n{"run_id": "r1", "key": "loss", "value": "0.5",'
+                   ' "step": 1, "timestamp": 5}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'value' of a metric record must be int or float"):
+        read_records(bad)
+    with pytest.raises(ValueError, match="not a pending record"):
+        from_json('{"run_id": "r1", "what": 1}')
+
+
+def test_both_writers_are_the_one_fsynced_writer(tmp_path, monkeypatch):
+    """The training callback's fallback and the run helpers (metrics, artifacts, ends) append through
+    ``pending.append_records``, which fsyncs every write."""
+    assert metrics_sender.append_records is pending.append_records and runs.append_records is pending.append_records
+    monkeypatch.setenv("COLAR_HOME", str(tmp_path / "home"))
+    synced = []  # the files fsynced
+    real_fsync = pending.os.fsync
+    monkeypatch.setattr(pending.os, "fsync", lambda fd: (synced.append(pending.os.readlink(f"/proc/self/fd/{fd}")),
+                                                         real_fsync(fd))[1])
+    dead = MlflowClient(_dead_uri())
+    cb = MlflowMetricsCallback(dead, "a" * 32, max_retries=0)
+    cb.on_step(1, {"loss": 1.0})
+    with pytest.warns(RuntimeWarning, match="could not be sent"):
+        cb.close()
+    assert synced == [str(pending.pending_path("a" * 32))]
+    with pytest.warns(RuntimeWarning, match="MLflow server away"):
+        runs.log_metrics("a" * 32, {"acc": 0.5}, step=2, client=dead)
+        runs.log_or_defer(EndRecord("a" * 32, "FINISHED", 3), client=dead)
+    assert synced == [str(pending.pending_path("a" * 32))] * 3
+    assert [type(r) for r in read_records(pending.pending_path("a" * 32))] == [MetricRecord, MetricRecord, EndRecord]
+
+
+def test_a_nan_metric_the_sender_could_not_send_is_replayed_as_nan(run_id, tmp_path):
+    fallback = tmp_path / "f.jsonl"
+    cb = MlflowMetricsCallback(MlflowClient(_dead_uri()), run_id, max_retries=0, fallback_path=fallback)
+    cb.on_step(3, {"grad_norm": float("nan"), "r": float("inf"), "loss": 0.5})
+    with pytest.warns(RuntimeWarning, match="could not be sent"):
+        cb.close()
+    assert '"nan"' not in fallback.read_text() and '"value": NaN' in fallback.read_text()
+    values = {r.key: r.value for r in read_records(fallback)}
+    assert isinstance(values["grad_norm"], float) and math.isnan(values["grad_norm"])
+    assert values["r"] == float("inf") and values["loss"] == 0.5
+    assert replay_pending(fallback, MlflowClient()) == 3
+    history = MlflowClient().get_metric_history(run_id, "grad_norm")
+    assert [(m.step, math.isnan(m.value)) for m in history] == [(3, True)]
+    assert MlflowClient().get_run(run_id).data.metrics["r"] >= 1.7e308  # MLflow stores inf as the largest float
+
+
+# ---- MLflow's system metrics ----------------------------------------------------------------
+
+
+def test_mlflow_system_metrics_internals_are_still_there(run_id):
+    """``system_metrics.start_mlflow_monitor`` relies on MLflow's non-public ``SystemMetricsMonitor``:
+    this fails when an MLflow upgrade changes what it uses (the names, and a short run getting its
+    ``system/...`` metrics from the last sample)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    params = inspect.signature(SystemMetricsMonitor).parameters
+    assert list(params)[0] == "run_id" and "tracking_uri" in params
+    for method, args in {"start": [], "finish": [], "collect_metrics": [], "aggregate_metrics": [],
+                         "publish_metrics": ["metrics"]}.items():
+        assert list(inspect.signature(getattr(SystemMetricsMonitor, method)).parameters)[1:] == args, method
+    assert callable(SystemMetricsMonitor(run_id, tracking_uri=MlflowClient().tracking_uri).mlflow_logger.flush)
+
+    with warnings.catch_warnings(record=True) as caught:  # a failed start or last sample is only a warning
+        warnings.simplefilter("always")
+        with system_metrics_monitor(run_id) as running:
+            assert running is True
+    assert not [w for w in caught if "system metrics" in str(w.message)], [str(w.message) for w in caught]
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    expected = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+    assert expected <= set(metrics), sorted(metrics)
+
+
+def test_a_pending_file_from_the_old_sender_reads_its_string_nan_as_a_float():
+    """Before one writer held every pending record, the sender's fallback wrote non-finite values as strings."""
+    import math
+
+    from colar_infra.tracking.pending import from_json
+
+    for text, check in (('"NaN"', math.isnan), ('"Infinity"', lambda v: v == math.inf),
+                        ('"-Infinity"', lambda v: v == -math.inf)):
+        record = from_json('{"run_id": "r", "key": "loss", "value": %s, "step": 3, "timestamp": 7}' % text)
+        assert check(record.value) and isinstance(record.value, float)

@@ -13,27 +13,24 @@ CI runs them too.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.common import ROOT
+from bench.pipeline_run import clean_env
 from colar_core.model import ColarModel
 from colar_core.training.callbacks import read_metrics
 from colar_core.training.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
 from colar_core.training.config import LauncherConfig
 from colar_core.training.launch import launch
 from colar_core.training.sft import SFTResult
+from tests.helpers import sigkill_after_first_checkpoint
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
 def job_file(tmp_path: Path, out: Path, **train) -> Path:
@@ -47,27 +44,6 @@ def job_file(tmp_path: Path, out: Path, **train) -> Path:
     path = tmp_path / f"{out.name}.json"
     path.write_text(json.dumps(spec))
     return path
-
-
-def clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"  # tiny models; two spinning threads per process thrash a 2-core runner
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def sigkill_after_first_checkpoint(cmd: list, env: dict, out: Path, log_path: Path) -> None:
-    """Start a job's command, SIGKILL it as soon as its first complete checkpoint exists in ``out``."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.time() + 240
-        while not list((out / "checkpoints").glob(f"step_*/{COMPLETE}")):
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("launcher,zero_stage", [("torchrun", 2), ("deepspeed", 3)])

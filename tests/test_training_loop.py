@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
+from bench.pipeline_run import LAUNCH_VARS
 from colar_core.collate import IGNORE
 from colar_core.config import GenerationConfig, ModelConfig, ObjectiveConfig
 from colar_core.data import builtin_splits
@@ -31,13 +31,11 @@ from colar_core.training.launch import build_launch_command
 from colar_core.training.loop import LoopPlan, StepBatch, Validation, train_loop
 from colar_core.training.schedule import lr_factor
 from colar_core.training.sft import SFTBatches, SFTJob, SFTResult, run_sft_stage, train_sft
-from tests.tiny import Crash, CrashAt
+from tests.helpers import Crash, CrashAt, Toy
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TINY = dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4)
 
-
-ONE_TORCH_THREAD = True  # see tests/conftest.py
+pytestmark = pytest.mark.one_torch_thread  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +132,9 @@ def test_torch_backend_refuses_several_processes():
 # ----------------------------------------------------------------------------------------------
 # the generic loop (what RL reuses): a toy regression on the torch engine
 # ----------------------------------------------------------------------------------------------
-class _Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 1)
-
-
 def _toy_run(out, evaluate=None, **loop_kw):
     torch.manual_seed(0)
-    model = _Toy()
+    model = Toy()
     engine = TorchEngine(model, cfg(backend="torch", lr=0.1, grad_clip=0.0, max_steps=30, grad_accum=2))
     x, w = torch.randn(64, 4), torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
 
@@ -304,10 +296,10 @@ def test_data_order_is_a_seeded_permutation_per_epoch_split_across_ranks(data):
     r0, r1 = SFTBatches(ex, enc, c, rank=0, world_size=2), SFTBatches(ex, enc, c, rank=1, world_size=2)
     seen = []
     for _ in range(3):  # 48 examples, 16 per micro-step: exactly one epoch
-        seen += r0._next_indices() + r1._next_indices()
-    assert sorted(seen) == list(range(48)) and r0.epoch == 0
-    r0._next_indices()
-    assert r0.epoch == 1 and r0.index == 16
+        seen += r0.order.next_indices() + r1.order.next_indices()
+    assert sorted(seen) == list(range(48)) and r0.order.epoch == 0
+    r0.order.next_indices()
+    assert r0.order.epoch == 1 and r0.order.index == 16
 
 
 def test_length_grouping_cuts_padding_and_stays_a_seeded_resumable_permutation(data):
@@ -329,9 +321,9 @@ def test_length_grouping_cuts_padding_and_stays_a_seeded_resumable_permutation(d
 
     c = cfg(batch_size=4, objective=obj, length_grouping=4)
     a = SFTBatches(ex, enc, c)
-    first_epoch = [i for _ in range(12) for i in a._next_indices()]
+    first_epoch = [i for _ in range(12) for i in a.order.next_indices()]
     assert sorted(first_epoch) == list(range(48))  # still every example once per epoch
-    assert first_epoch != SFTBatches(ex, enc, cfg(batch_size=4, objective=obj))._permutation()
+    assert first_epoch != SFTBatches(ex, enc, cfg(batch_size=4, objective=obj)).order.permutation()
     for _ in range(3):
         a(0)
     b = SFTBatches(ex, enc, c)

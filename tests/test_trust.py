@@ -13,13 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bench.tiny import tiny_model, tiny_tokenizer
 from colar_core.config import LoraConfig, ModelConfig
 from colar_core.model import CONFIG_FILE, ColarModel, UntrustedModelError
 from colar_core.training.sft import SFTJob, load_model_and_tokenizer
-from tests.test_reliability_safety import _Payload  # unpickling it would create a marker file
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.helpers import Payload  # unpickling it would create a marker file
 
-ONE_TORCH_THREAD = True
+pytestmark = pytest.mark.one_torch_thread  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_a_pickled_lora_adapter_is_refused_unopened(saved, tmp_path, monkeypatch
     (folder / "adapter" / "adapter_model.safetensors").unlink()
     marker = tmp_path / "pwned"
     with open(folder / "adapter" / "adapter_model.bin", "wb") as fh:
-        pickle.dump({"base_model.model.lm_head.weight": _Payload(str(marker))}, fh)
+        pickle.dump({"base_model.model.lm_head.weight": Payload(str(marker))}, fh)
     loads: list = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or pytest.fail("torch.load was called"))
     with pytest.raises(UntrustedModelError, match=r"adapter_model\.bin \(pickled weights, refused unopened\)"):
@@ -104,7 +104,7 @@ def test_a_pickled_lora_adapter_is_refused_unopened(saved, tmp_path, monkeypatch
 
 
 def test_the_callers_config_decides_for_init_from_and_the_pyfunc(saved, tmp_path):
-    from colar.tasks.pyfunc_model import ColarPyfunc
+    from tasks.pyfunc_model import ColarPyfunc
 
     folder = _copy_with_config(saved["full"], tmp_path / "asks", trust_remote_code=True)
     job = SFTJob(output_dir=str(tmp_path / "out"), init_from=str(folder))

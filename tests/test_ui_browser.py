@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import TINY
+from bench.pipeline_run import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_finished_pipeline_is_visible_in_the_mlflow_and_prefect_uis(chromium, tm
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from colar.flows.cli import main
+    from flows.cli import main
 
     sets = TINY + ["name=test-ui", f"tracking.registered_model_name={MODEL}", f"output_dir={tmp_path / 'runs'}"]
     assert main(["run", *[a for s in sets for a in ("--set", s)]]) == 0

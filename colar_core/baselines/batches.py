@@ -151,14 +151,16 @@ class CurriculumBatches(SFTBatches):
         return self._kept[key]
 
     def __call__(self, step: int) -> StepBatch:
-        micro, stage = [], 0
+        micro: list[ThoughtBatch | DistillBatch] = []
+        stage = 0
         for _ in range(self.cfg.grad_accum):
-            rows = self._next_indices()
-            epochs_done = self.epoch + (self.index - self.global_micro) / len(self.examples)
+            rows = self.order.next_indices()
+            epochs_done = self.order.epoch + (self.order.index - self.global_micro) / len(self.examples)
             stage = self.stage_of(epochs_done)
             examples = [self._example(i, stage) for i in rows]
             if isinstance(self.method, DistillConfig):
                 micro.append(distill_batch(examples, self.encoder, self.method))
             else:
                 micro.append(thought_batch(examples, self.encoder, thoughts_at(stage, self.method)))
-        return StepBatch(micro, {"stage": stage, "n_thoughts": thoughts_at(stage, self.method), "epoch": self.epoch})
+        return StepBatch(micro, {"stage": stage, "n_thoughts": thoughts_at(stage, self.method),
+                                 "epoch": self.order.epoch})

@@ -31,6 +31,7 @@ from colar_core.model import ColarModel
 from colar_core.text import PromptEncoder
 from colar_core.training.callbacks import Callback
 from colar_core.training.checkpoint import CheckpointManager
+from colar_core.training.config import TrainConfig
 from colar_core.training.engines import build_engine
 from colar_core.training.launch import run_job
 from colar_core.training.sft import SFTResult, load_model_and_tokenizer
@@ -95,7 +96,7 @@ def train_baseline(model: ColarModel, tokenizer, train_records: Sequence, val_re
     state, model_dir, best_dir = run_stage_loop(engine, batches, loss_fn, cfg, model=model, encoder=encoder,
                                                 tokenizer=tokenizer, val_records=val_records, manager=manager,
                                                 out=out, callbacks=callbacks, eval_mode=method.method)
-    final_stage = batches.stage_of(batches.epoch + batches.index / len(batches.examples))
+    final_stage = batches.stage_of(batches.order.epoch + batches.order.index / len(batches.examples))
     result = BaselineResult(model_dir=model_dir, final_step=state.step, best_val_accuracy=state.best_score,
                             metrics_path=out / METRICS_FILE, best_model_dir=best_dir, best_step=state.best_step,
                             stopped_early=state.stopped_early, resumed_from=state.resumed_from, output_dir=out,
@@ -112,7 +113,7 @@ class BaselineJob(StageJob):
     data: StageData = Field(default_factory=StageData)
 
     @property
-    def train(self):
+    def train(self) -> TrainConfig:
         """The stage's TrainConfig (what the launcher and the SFT loader read)."""
         return self.method.train
 

@@ -68,7 +68,7 @@ def evaluate(expr: str) -> float:
 
 
 def _walk(node: ast.AST, expr: str) -> float:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         try:
             value = float(node.value)
         except OverflowError:
@@ -125,8 +125,9 @@ def check_equation(eq: str) -> None:
         raise ValueError(f"equation '{eq}' evaluates to {_fmt(left)}, not {_fmt(right)}")
 
 
-def _number_text(s: str) -> str | None:
-    """An answer string reduced to a plain number (commas, spaces and one trailing ``.`` dropped)."""
+def _number_text(s: object) -> str | None:
+    """An answer string reduced to a plain number (commas, spaces and one trailing ``.`` dropped);
+    None for anything else, a non-string included."""
     if not isinstance(s, str):
         return None
     text = s.replace(",", "").replace(" ", "").strip()

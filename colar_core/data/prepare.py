@@ -7,21 +7,23 @@ generates (see :mod:`.synthetic`) records, splits them reproducibly, and writes
 * ``out_dir/manifest.json`` — source, resolved format, counts, skipped records, and sha256
   digests per split plus one overall digest (what a run logs as its data lineage).
 
-Same input and seed give byte-identical files and digests. Files are written atomically (temp
-file, then ``os.replace``) so an interrupted run never leaves a half-written split behind.
+Same input and seed give byte-identical files and digests. Files are written atomically
+(:func:`colar_core.files.atomic_write_bytes`: temp file, fsync, rename) so an interrupted run never
+leaves a half-written split behind.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from colar_core.files import atomic_write_bytes
+from colar_core.hub import is_saved_dataset
+
 from .bundled import resolve_bundled
-from .readers import HF_MARKERS, ReadResult, hf_split_names, read_records, resolve_format
+from .readers import ReadResult, hf_split_names, read_records, resolve_format
 from .records import DataError, Record
 from .synthetic import builtin_splits
 
@@ -35,27 +37,11 @@ _BUILTIN_DEFAULTS = {"n_train": 8000, "n_val": 500, "n_test": 500, "difficulty":
 # --------------------------------------------------------------------------- file helpers
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_split(records: Iterable[Record], path: str | Path) -> str:
     """Write records as JSONL (sorted keys, UTF-8) atomically; return the sha256 of the bytes."""
     lines = [json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for r in records]
     data = "".join(lines).encode("utf-8")
-    _atomic_write(Path(path), data)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -184,6 +170,7 @@ def prepare_data(input: str, out_dir: str | Path, format: str = "auto", policy: 
     out = Path(out_dir)
     _check_output(source, out)
     extra: dict = {}
+    fmt: str | dict[str, str]  # one format, or each split file's when a folder's files differ
     if source == "builtin":
         kwargs = {**_BUILTIN_DEFAULTS, "seed": seed, **(builtin or {})}
         unknown = set(kwargs) - {"n_train", "n_val", "n_test", "seed", "difficulty"}
@@ -214,14 +201,14 @@ def prepare_data(input: str, out_dir: str | Path, format: str = "auto", policy: 
         "digest": overall,
         **extra,
     }
-    _atomic_write(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest
 
 
-def _read_source(source: str, format: str, policy: str) -> tuple[dict[str, ReadResult], str | dict]:
+def _read_source(source: str, format: str, policy: str) -> tuple[dict[str, ReadResult], str | dict[str, str]]:
     """ReadResults keyed by split name (only ``train`` for a single unsplit source) and the format."""
     path = Path(source)
-    if path.is_dir() and not any((path / m).exists() for m in HF_MARKERS):
+    if path.is_dir() and not is_saved_dataset(path):
         files = _split_files(path)
         results, formats = {}, {}
         for split, file in files.items():
@@ -239,12 +226,12 @@ def _read_source(source: str, format: str, policy: str) -> tuple[dict[str, ReadR
         return {"train": read_records(source, "hf", policy, split=names[0])}, fmt
     results = {}
     for name in names:
-        split = _SPLIT_NAMES.get(name.lower())
-        if split is None:
+        ours = _SPLIT_NAMES.get(name.lower())
+        if ours is None:
             continue  # e.g. "train_no_aug": not one of ours
-        if split in results:
-            raise ValueError(f"dataset {source} has two splits mapping to '{split}'")
-        results[split] = read_records(source, "hf", policy, split=name)
+        if ours in results:
+            raise ValueError(f"dataset {source} has two splits mapping to '{ours}'")
+        results[ours] = read_records(source, "hf", policy, split=name)
     if not results:
         raise ValueError(f"dataset {source} has no train/validation/test splits (has: {', '.join(names)})")
     return results, fmt

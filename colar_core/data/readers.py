@@ -22,6 +22,12 @@ Formats (``format=``):
   ``question``/``final_ans`` (MultiArith, ``ChilleD/MultiArith``).
 * ``auto`` — decided from the path (extension, directory contents) and the first record's fields.
 
+Each record format is one :class:`DataFormat` entry of :data:`DATA_FORMATS` (name, aliases, how it is
+recognised in a file's first record and among a dataset's columns, and how a raw record becomes a
+:class:`Record`); the readers, the ``auto`` detection, the Hugging Face layouts and the ``--format``
+choices all read that table, so a new data set is one entry. Whether a missing name is a local path
+or a hub id is :func:`colar_core.hub.looks_like_path`'s rule.
+
 ``source`` may also name a bundled set (:mod:`.bundled`: ``gsm8k-train``, ``svamp``, ...); an
 existing local path of that name wins. GSM-Hard, SVAMP and MultiArith are evaluation sets: their
 records have no equation steps (``steps=()``), as a GSM8k-Aug line without equations has none.
@@ -43,23 +49,22 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from decimal import Decimal
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+from colar_core.hub import DATA_SUFFIXES, is_saved_dataset, looks_like_path
 
 from .bundled import resolve_bundled
 from .equations import answer_value, check_equation
 from .records import DataError, Record
 
-__all__ = ["ReadResult", "read_records", "resolve_format", "hf_split_names", "hf_layout", "validate_record",
-           "plain_number", "FORMATS", "JSON_FORMATS"]
+__all__ = ["DataFormat", "DATA_FORMATS", "FORMATS", "ALIASES", "ReadResult", "read_records", "resolve_format",
+           "hf_split_names", "hf_layout", "validate_record", "plain_number"]
 
-FORMATS = ("auto", "gsm8k-aug", "jsonl", "gsm8k", "gsm-hard", "svamp", "multiarith", "hf")
-_ALIASES = {"aug": "gsm8k-aug", "icot": "gsm8k-aug", "txt": "gsm8k-aug", "json": "jsonl",
-            "gsmhard": "gsm-hard", "gsm_hard": "gsm-hard"}
-#: Formats read from JSON lines or a ``.json`` list, one object a record.
-JSON_FORMATS = ("jsonl", "gsm8k", "gsm-hard", "svamp", "multiarith")
+#: ``format=`` values beside the table's names: detect the format, or read a Hugging Face dataset.
+AUTO, HF = "auto", "hf"
+#: The format ``auto`` falls back to when no entry recognises a file: its reader names the missing field.
+FALLBACK = "jsonl"
 _EQUATION = re.compile(r"<<(.*?)>>")
-#: Files that mark a directory written by ``datasets``' ``save_to_disk``.
-HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 #: A line (one record) longer than this is refused: a reasoning problem is a few KB, and a runaway
 #: line (a binary blob, a file without newlines) would otherwise reach the tokenizer and the GPU.
 MAX_LINE_BYTES = 1 << 20
@@ -140,54 +145,209 @@ def _split_steps_text(text: str) -> list[str]:
     return text.split()
 
 
+# --------------------------------------------------------------------------- one raw record -> Record
+# Each takes the raw record (a text line, or a JSON object / dataset row), the id it gets unless it
+# names its own, and where it is (file, line or row) for errors.
+
+
+def _parse_aug_line(line: str, rid: str, source: str, loc: int | str) -> Record:
+    """One ``question||<<eq>> <<eq>> #### answer`` line → Record."""
+    if "||" not in line:
+        raise DataError(source, loc, "question", "missing '||' between question and steps")
+    question, rest = line.rsplit("||", 1)
+    if "####" not in rest:
+        raise DataError(source, loc, "answer", "missing '#### answer' after the steps")
+    steps_text, answer = rest.rsplit("####", 1)
+    leftover = _EQUATION.sub(" ", steps_text).strip()
+    if leftover and "<<" in steps_text:
+        raise DataError(source, loc, "steps", f"text outside <<...>> in steps: '{leftover[:40]}'")
+    return validate_record(rid, question, _split_steps_text(steps_text), answer, source, loc)
+
+
+def _require(item: dict, names: Iterable[str], source: str, loc: int | str) -> None:
+    for name in names:
+        if name not in item:
+            raise DataError(source, loc, name, f"missing field '{name}'")
+
+
+def _text_field(item: dict, name: str, source: str, loc: int | str) -> str:
+    """``item[name]`` as it is; a DataError naming the field unless it is a non-empty string."""
+    value = item[name]
+    if not isinstance(value, str):
+        raise DataError(source, loc, name, f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(source, loc, name, f"{name} is empty")
+    return value
+
+
+def _own_id(item: dict, rid: str) -> str:
+    """The record's own ``id`` when it has a non-empty one, else ``rid``."""
+    return str(item["id"]) if item.get("id") not in (None, "") else rid
+
+
+def _jsonl_record(item: dict, rid: str, source: str, loc: int | str) -> Record:
+    """``{"question", "steps" (or "cot"), "answer", "id"?}``."""
+    for name in ("question", "steps", "answer"):
+        if name not in item and not (name == "steps" and "cot" in item):
+            raise DataError(source, loc, name, f"missing field '{name}'")
+    steps = item["steps"] if "steps" in item else item["cot"]
+    return validate_record(_own_id(item, rid), item["question"], steps, item["answer"], source, loc)
+
+
+def _gsm8k_record(item: dict, rid: str, source: str, loc: int | str) -> Record:
+    """GSM8K: ``question`` and a free-text ``answer``; its ``<<expr=value>>`` annotations are the steps."""
+    _require(item, ("question", "answer"), source, loc)
+    solution = item["answer"]
+    if not isinstance(solution, str) or "####" not in solution:
+        raise DataError(source, loc, "answer", "GSM8K answer has no final '#### answer'")
+    body, final = solution.rsplit("####", 1)
+    return validate_record(_own_id(item, rid), item["question"], _EQUATION.findall(body), final, source, loc)
+
+
+# GSM-Hard / SVAMP / MultiArith rows become records without steps, the question built as the reference
+# implementation (xiaomi-research/colar, ``data_preprocessing/*.py``) builds it.
+
+
+def _without_steps(rid: str, question: str, answer: Any, answer_field: str, source: str, loc: int | str) -> Record:
+    """An evaluation-set record; an answer error names the set's own field (``target``, ``Answer``, ...)."""
+    try:
+        return validate_record(rid, question, [], answer, source, loc)
+    except DataError as err:
+        if err.field != "answer":
+            raise
+        raise DataError(source, loc, answer_field, err.reason.replace("answer ", f"{answer_field} ", 1)) from None
+
+
+def _gsm_hard_record(item: dict, rid: str, source: str, loc: int | str) -> Record:
+    _require(item, ("input", "target"), source, loc)
+    return _without_steps(rid, _text_field(item, "input", source, loc), item["target"], "target", source, loc)
+
+
+def _svamp_record(item: dict, rid: str, source: str, loc: int | str) -> Record:
+    _require(item, ("Body", "Question", "Answer"), source, loc)
+    body, ask = _text_field(item, "Body", source, loc), _text_field(item, "Question", source, loc)
+    return _without_steps(rid, body.strip(". ") + ". " + ask.strip(), item["Answer"], "Answer", source, loc)
+
+
+def _multiarith_record(item: dict, rid: str, source: str, loc: int | str) -> Record:
+    if "sQuestion" in item or "lSolutions" in item or "final_ans" not in item:  # MultiArith (original)
+        _require(item, ("sQuestion", "lSolutions"), source, loc)
+        solutions = item["lSolutions"]
+        if not isinstance(solutions, (list, tuple)) or not solutions:
+            raise DataError(source, loc, "lSolutions", "lSolutions must be a non-empty list of numbers, got "
+                            + (f"{type(solutions).__name__}" if not isinstance(solutions, (list, tuple)) else "[]"))
+        question = _text_field(item, "sQuestion", source, loc).strip()
+        return _without_steps(rid, question, solutions[0], "lSolutions[0]", source, loc)
+    _require(item, ("question", "final_ans"), source, loc)  # MultiArith as on the hub (ChilleD/MultiArith)
+    question = _text_field(item, "question", source, loc).strip()
+    return _without_steps(rid, question, item["final_ans"], "final_ans", source, loc)
+
+
+# --------------------------------------------------------------------------- the table of formats
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """One record format: everything the readers know of it.
+
+    ``convert(item, rid, source, loc)`` turns one raw record (a text line, or a JSON object when
+    ``json``) into a :class:`Record` or raises :class:`DataError` naming the field. ``auto`` picks the
+    format from a file's suffix (``suffixes``), else from its first record (``detect``); a Hugging
+    Face dataset is read in the first format one of whose ``hf_columns`` sets it has. ``title`` names
+    the format in messages.
+    """
+
+    name: str
+    title: str
+    convert: Callable[[Any, str, str, int | str], Record]
+    detect: Callable[[Any], bool]
+    aliases: tuple[str, ...] = ()
+    json: bool = True
+    suffixes: tuple[str, ...] = ()
+    hf_columns: tuple[tuple[str, ...], ...] = ()
+
+
+def _fields(test: Callable[[dict], bool]) -> Callable[[Any], bool]:
+    """``detect`` of a JSON format: the first record is an object and ``test`` holds for it."""
+    return lambda first: isinstance(first, dict) and test(first)
+
+
+def _table(*formats: DataFormat) -> dict[str, DataFormat]:
+    """The formats by name, refusing a name or alias given twice (or one of ``auto``, ``hf``)."""
+    names = [n for f in formats for n in (f.name, *f.aliases)]
+    clash = {n for n in names if names.count(n) > 1} | ({AUTO, HF} & set(names))
+    if clash:
+        raise ValueError(f"format names or aliases used twice: {sorted(clash)}")
+    return {f.name: f for f in formats}
+
+
+#: Every record format, in the order ``auto`` tries them (and ``--format`` lists them). The functions
+#: here read it when called; :data:`FORMATS` and :data:`ALIASES` are taken from it at import.
+DATA_FORMATS: dict[str, DataFormat] = _table(
+    DataFormat("gsm8k-aug", "GSM8k-Aug", _parse_aug_line, lambda first: isinstance(first, str) and "||" in first,
+               aliases=("aug", "icot", "txt"), json=False, suffixes=(".txt",)),
+    DataFormat("jsonl", "jsonl style", _jsonl_record, _fields(lambda r: "steps" in r or "cot" in r), aliases=("json",),
+               hf_columns=(("question", "answer", "steps"), ("question", "answer", "cot"))),
+    DataFormat("gsm8k", "GSM8K", _gsm8k_record,
+               _fields(lambda r: isinstance(r.get("answer"), str) and "####" in r["answer"]),
+               hf_columns=(("question", "answer"),)),
+    DataFormat("gsm-hard", "GSM-Hard", _gsm_hard_record, _fields(lambda r: "input" in r and "target" in r),
+               aliases=("gsmhard", "gsm_hard"), hf_columns=(("input", "target"),)),
+    DataFormat("svamp", "SVAMP", _svamp_record, _fields(lambda r: "Body" in r and "Question" in r),
+               hf_columns=(("Body", "Question", "Answer"),)),
+    DataFormat("multiarith", "MultiArith", _multiarith_record,
+               _fields(lambda r: "sQuestion" in r or "lSolutions" in r or ("question" in r and "final_ans" in r)),
+               hf_columns=(("sQuestion", "lSolutions"), ("question", "final_ans"))),
+)
+
+
+def _format_names() -> tuple[str, ...]:
+    return (AUTO, *DATA_FORMATS, HF)
+
+
+def _aliases() -> dict[str, str]:
+    return {alias: f.name for f in DATA_FORMATS.values() for alias in f.aliases}
+
+
+#: Every ``format=`` value (``--format`` choices): ``auto``, the table's names, ``hf``.
+FORMATS = _format_names()
+#: Other names of the table's formats (``aug`` -> ``gsm8k-aug``, ...).
+ALIASES = _aliases()
+
+
 # --------------------------------------------------------------------------- format resolution
 
 
-def resolve_format(source: str, format: str = "auto") -> str:
+def resolve_format(source: str, format: str = AUTO) -> str:
     """The concrete format for ``source`` (any of :data:`FORMATS` but ``auto``); a bundled set's
     name resolves to that set's format."""
-    fmt = _ALIASES.get(format, format)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
-    if fmt != "auto":
+    fmt = _aliases().get(format, format)
+    if fmt not in _format_names():
+        raise ValueError(f"unknown format '{format}'; expected one of {', '.join(_format_names())}")
+    if fmt != AUTO:
         return fmt
     source = str(source)
     if (bundled := resolve_bundled(source)) is not None:
         return bundled[1]
     path = Path(source)
     if path.is_dir():
-        if any((path / m).exists() for m in HF_MARKERS):
-            return "hf"
+        if is_saved_dataset(path):
+            return HF
         raise DataError(source, None, None, "directory is not a saved Hugging Face dataset "
                         "(use prepare_data for a directory of split files)")
     if not path.exists():
-        if path.suffix.lower() in (".txt", ".jsonl", ".json") or str(source).startswith(("/", ".", "~")):
+        if looks_like_path(source, DATA_SUFFIXES):
             raise DataError(source, None, None, "file not found")
-        return "hf"  # otherwise it names a Hugging Face hub dataset
-    if path.suffix.lower() == ".txt":
-        return "gsm8k-aug"
+        return HF  # otherwise it names a Hugging Face hub dataset
+    suffix = path.suffix.lower()
+    for entry in DATA_FORMATS.values():
+        if suffix in entry.suffixes:
+            return entry.name
     first = _first_item(source)
-    if isinstance(first, dict):
-        return _json_format(first)
-    if isinstance(first, str) and "||" in first:
-        return "gsm8k-aug"
-    return "jsonl"
-
-
-def _json_format(first: dict) -> str:
-    """The JSON format whose fields the first record has (``jsonl`` when none fits: its reader then
-    names the missing field)."""
-    if "steps" in first or "cot" in first:
-        return "jsonl"
-    if isinstance(first.get("answer"), str) and "####" in first["answer"]:
-        return "gsm8k"
-    if "input" in first and "target" in first:
-        return "gsm-hard"
-    if "Body" in first and "Question" in first:
-        return "svamp"
-    if "sQuestion" in first or "lSolutions" in first or ("question" in first and "final_ans" in first):
-        return "multiarith"
-    return "jsonl"
+    for entry in DATA_FORMATS.values():
+        if entry.detect(first):
+            return entry.name
+    return FALLBACK
 
 
 def _first_item(source: str) -> Any:
@@ -210,8 +370,27 @@ def _first_item(source: str) -> Any:
     return line
 
 
+def hf_layout(source: str, columns: Iterable[str]) -> str:
+    """The format whose ``hf_columns`` a Hugging Face dataset's columns hold (``DataError`` naming them
+    if none).
+
+    Column sets as the hub's copies of the sets have them (as far as known offline: the reference
+    implementation loads ``openai/gsm8k`` this way; the others follow the sets' original files and
+    the hub cards): ``openai/gsm8k`` question/answer, ``reasoning-machines/gsm-hard``
+    input/code/target, ``ChilleD/SVAMP`` ID/Body/Question/Equation/Answer/Type (+question_concat),
+    ``ChilleD/MultiArith`` question/final_ans.
+    """
+    cols = set(columns)
+    for entry in DATA_FORMATS.values():
+        if any(cols.issuperset(needed) for needed in entry.hf_columns):
+            return entry.name
+    expected = ", ".join(" or ".join("+".join(needed) for needed in entry.hf_columns) + f" ({entry.title})"
+                         for entry in DATA_FORMATS.values() if entry.hf_columns)
+    raise DataError(source, None, "columns", f"no known layout in columns {sorted(cols)}: expected {expected}")
+
+
 # --------------------------------------------------------------------------- file readers
-# Each yields either a Record or a DataError (so the policy decides); structural errors raise.
+# They yield either a Record or a DataError (so the policy decides); structural errors raise.
 
 
 def _text_lines(source: str) -> Iterator[tuple[int, str | DataError]]:
@@ -239,32 +418,6 @@ def _text_lines(source: str) -> Iterator[tuple[int, str | DataError]]:
                                     f"invalid UTF-8 byte 0x{raw[err.start]:02x} at column {err.start + 1}")
     if not any_line:
         raise DataError(source, None, None, "file is empty: no records")
-
-
-def _read_gsm8k_aug(source: str, label: str | None = None) -> Iterator[Record | DataError]:
-    base = label or os.path.basename(source)
-    for number, line in _text_lines(source):
-        if isinstance(line, DataError):
-            yield line
-            continue
-        try:
-            yield _parse_aug_line(line, f"{base}:{number}", source, number)
-        except DataError as err:
-            yield err
-
-
-def _parse_aug_line(line: str, rid: str, source: str, loc: int | str) -> Record:
-    """One ``question||<<eq>> <<eq>> #### answer`` line → Record."""
-    if "||" not in line:
-        raise DataError(source, loc, "question", "missing '||' between question and steps")
-    question, rest = line.rsplit("||", 1)
-    if "####" not in rest:
-        raise DataError(source, loc, "answer", "missing '#### answer' after the steps")
-    steps_text, answer = rest.rsplit("####", 1)
-    leftover = _EQUATION.sub(" ", steps_text).strip()
-    if leftover and "<<" in steps_text:
-        raise DataError(source, loc, "steps", f"text outside <<...>> in steps: '{leftover[:40]}'")
-    return validate_record(rid, question, _split_steps_text(steps_text), answer, source, loc)
 
 
 def _json_items(source: str) -> Iterator[tuple[int | str, dict | DataError]]:
@@ -304,82 +457,25 @@ def _json_items(source: str) -> Iterator[tuple[int | str, dict | DataError]]:
             yield number, DataError(source, number, "json", _TOO_DEEP)
 
 
-def _read_json(source: str, fmt: str, label: str | None = None) -> Iterator[Record | DataError]:
+def _read_file(source: str, fmt: DataFormat, label: str | None = None) -> Iterator[Record | DataError]:
+    """The records of one file in format ``fmt``; ids are ``<label or file name>:<line or row>``."""
     base = label or os.path.basename(source)
-    for loc, item in _json_items(source):
+    items = _json_items(source) if fmt.json else _text_lines(source)
+    for loc, item in items:
         if isinstance(item, DataError):
             yield item
             continue
         tag = loc.replace(" ", "") if isinstance(loc, str) else loc
         try:
-            yield _from_mapping(item, f"{base}:{tag}", source, loc, fmt)
+            yield _convert(fmt, item, f"{base}:{tag}", source, loc)
         except DataError as err:
             yield err
 
 
-def _require(item: dict, names: Iterable[str], source: str, loc: int | str) -> None:
-    for name in names:
-        if name not in item:
-            raise DataError(source, loc, name, f"missing field '{name}'")
-
-
-def _text_field(item: dict, name: str, source: str, loc: int | str) -> str:
-    """``item[name]`` as it is; a DataError naming the field unless it is a non-empty string."""
-    value = item[name]
-    if not isinstance(value, str):
-        raise DataError(source, loc, name, f"{name} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(source, loc, name, f"{name} is empty")
-    return value
-
-
-def _eval_set_record(item: dict, rid: str, source: str, loc: int | str, fmt: str) -> Record:
-    """GSM-Hard / SVAMP / MultiArith row → Record without steps, with the question built as the
-    reference implementation (xiaomi-research/colar, ``data_preprocessing/*.py``) builds it."""
-    if fmt == "gsm-hard":
-        _require(item, ("input", "target"), source, loc)
-        question, answer, answer_field = _text_field(item, "input", source, loc), item["target"], "target"
-    elif fmt == "svamp":
-        _require(item, ("Body", "Question", "Answer"), source, loc)
-        body, ask = _text_field(item, "Body", source, loc), _text_field(item, "Question", source, loc)
-        question, answer, answer_field = body.strip(". ") + ". " + ask.strip(), item["Answer"], "Answer"
-    elif "sQuestion" in item or "lSolutions" in item or "final_ans" not in item:  # MultiArith (original)
-        _require(item, ("sQuestion", "lSolutions"), source, loc)
-        solutions = item["lSolutions"]
-        if not isinstance(solutions, (list, tuple)) or not solutions:
-            raise DataError(source, loc, "lSolutions", "lSolutions must be a non-empty list of numbers, got "
-                            + (f"{type(solutions).__name__}" if not isinstance(solutions, (list, tuple)) else "[]"))
-        question, answer, answer_field = _text_field(item, "sQuestion", source, loc).strip(), solutions[0], "lSolutions[0]"
-    else:  # MultiArith as on the hub (ChilleD/MultiArith): question, final_ans
-        _require(item, ("question", "final_ans"), source, loc)
-        question, answer, answer_field = _text_field(item, "question", source, loc).strip(), item["final_ans"], "final_ans"
-    try:
-        return validate_record(rid, question, [], answer, source, loc)
-    except DataError as err:
-        if err.field != "answer":
-            raise
-        raise DataError(source, loc, answer_field, err.reason.replace("answer ", f"{answer_field} ", 1)) from None
-
-
-def _from_mapping(item: Any, rid: str, source: str, loc: int | str, fmt: str) -> Record:
-    """A JSON object / dataset row → Record in the layout of ``fmt`` (one of :data:`JSON_FORMATS`)."""
-    if not isinstance(item, dict):
+def _convert(fmt: DataFormat, item: Any, rid: str, source: str, loc: int | str) -> Record:
+    if fmt.json and not isinstance(item, dict):
         raise DataError(source, loc, "json", f"expected a JSON object, got {type(item).__name__}")
-    if fmt not in ("jsonl", "gsm8k"):
-        return _eval_set_record(item, rid, source, loc, fmt)
-    gsm8k = fmt == "gsm8k"
-    for name in ("question", "answer") if gsm8k else ("question", "steps", "answer"):
-        if name not in item and not (name == "steps" and "cot" in item):
-            raise DataError(source, loc, name, f"missing field '{name}'")
-    rid = str(item["id"]) if item.get("id") not in (None, "") else rid
-    if gsm8k:
-        solution = item["answer"]
-        if not isinstance(solution, str) or "####" not in solution:
-            raise DataError(source, loc, "answer", "GSM8K answer has no final '#### answer'")
-        body, final = solution.rsplit("####", 1)
-        return validate_record(rid, item["question"], _EQUATION.findall(body), final, source, loc)
-    steps = item["steps"] if "steps" in item else item["cot"]
-    return validate_record(rid, item["question"], steps, item["answer"], source, loc)
+    return fmt.convert(item, rid, source, loc)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -415,45 +511,22 @@ def _read_hf(source: str, split: str | None) -> Iterator[Record | DataError]:
         if split not in names:
             raise DataError(source, None, "split", f"choose a split with split=...; available: {', '.join(names)}")
         ds = ds[split]
-    fmt = hf_layout(source, ds.column_names)
+    fmt = DATA_FORMATS[hf_layout(source, ds.column_names)]
     name = os.path.basename(os.path.normpath(source)) if Path(source).is_dir() else source
     prefix = f"{name}:{split}" if split else name
     if len(ds) == 0:
         raise DataError(source, None, None, "dataset is empty: no records")
     for index, row in enumerate(ds):
         try:
-            yield _from_mapping(row, f"{prefix}:{index}", source, f"row {index}", fmt)
+            yield _convert(fmt, row, f"{prefix}:{index}", source, f"row {index}")
         except DataError as err:
             yield err
-
-
-def hf_layout(source: str, columns: Iterable[str]) -> str:
-    """The JSON format a Hugging Face dataset's columns match (``DataError`` naming them if none).
-
-    Column sets as the hub's copies of the sets have them (as far as known offline: the reference
-    implementation loads ``openai/gsm8k`` this way; the others follow the sets' original files and
-    the hub cards): ``openai/gsm8k`` question/answer, ``reasoning-machines/gsm-hard``
-    input/code/target, ``ChilleD/SVAMP`` ID/Body/Question/Equation/Answer/Type (+question_concat),
-    ``ChilleD/MultiArith`` question/final_ans.
-    """
-    cols = set(columns)
-    if "question" in cols and "answer" in cols:
-        return "jsonl" if "steps" in cols or "cot" in cols else "gsm8k"
-    if {"input", "target"} <= cols:
-        return "gsm-hard"
-    if {"Body", "Question", "Answer"} <= cols:
-        return "svamp"
-    if {"sQuestion", "lSolutions"} <= cols or {"question", "final_ans"} <= cols:
-        return "multiarith"
-    raise DataError(source, None, "columns", f"no known layout in columns {sorted(cols)}: expected question+answer "
-                    "(GSM8K; with steps or cot: jsonl style), input+target (GSM-Hard), Body+Question+Answer "
-                    "(SVAMP), sQuestion+lSolutions or question+final_ans (MultiArith)")
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def read_records(source: str, format: str = "auto", policy: str = "fail", split: str | None = None) -> ReadResult:
+def read_records(source: str, format: str = AUTO, policy: str = "fail", split: str | None = None) -> ReadResult:
     """Read and validate every record of ``source`` (a path, a hub id or a bundled set's name such
     as ``"svamp"``); see the module docstring for formats."""
     if policy not in ("fail", "skip"):
@@ -463,13 +536,7 @@ def read_records(source: str, format: str = "auto", policy: str = "fail", split:
     label = None
     if (bundled := resolve_bundled(source)) is not None:
         label, source = source, bundled[0]  # ids say the set's name ("svamp:row0"), errors the file
-    items: Iterable[Record | DataError]
-    if fmt == "gsm8k-aug":
-        items = _read_gsm8k_aug(source, label)
-    elif fmt in JSON_FORMATS:
-        items = _read_json(source, fmt, label)
-    else:
-        items = _read_hf(source, split)
+    items = _read_hf(source, split) if fmt == HF else _read_file(source, DATA_FORMATS[fmt], label)
     result = ReadResult(records=[])
     for item in items:
         if isinstance(item, DataError):

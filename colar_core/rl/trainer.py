@@ -46,7 +46,7 @@ from pydantic import Field
 from torch import nn
 
 from colar_core.config import ModelConfig
-from colar_core.inference import generate_latent
+from colar_core.inference import Generation, LatentTrace, generate_latent
 from colar_core.model import ColarModel
 from colar_core.rl.config import RLConfig
 from colar_core.rl.grpo import Trajectories, concat_traces, group_advantages, grpo_loss, policy_log_probs
@@ -57,8 +57,9 @@ from colar_core.training.checkpoint import CheckpointManager
 from colar_core.training.engines import Engine, build_engine
 from colar_core.training.launch import run_job
 from colar_core.training.loop import StepBatch
+from colar_core.training.sampler import EpochSampler
 from colar_core.training.stage import (
-    METRICS_FILE, StageData, StageJob, StageResultMixin, finish_stage, run_stage_loop, start_stage,
+    METRICS_FILE, JobResultMixin, StageData, StageJob, finish_stage, run_stage_loop, start_stage,
 )
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,9 @@ def disable_dropout(model: nn.Module) -> int:
         if isinstance(m, nn.Dropout) and m.p:
             m.p, changed = 0.0, changed + 1
         p = getattr(m, "attention_dropout", None)
-        if isinstance(p, float) and p:
-            m.attention_dropout, changed = 0.0, changed + 1
+        if isinstance(p, float) and p:  # a plain float attribute of an HF attention module
+            setattr(m, "attention_dropout", 0.0)
+            changed += 1
     return changed
 
 
@@ -87,11 +89,11 @@ class RLBatches:
     """``batches_fn`` of the shared loop: rolls out every ``update_epochs`` optimizer steps and hands
     the micro-batches of trajectories (with advantages and old log-probs) to the loss.
 
-    State (checkpointed): position in the seeded question order (epoch, index), the number of
-    rollouts, and the rollout sampling generator (per process).
+    State (checkpointed): position in the seeded question order (an :class:`EpochSampler`, as SFT's),
+    the number of rollouts, and the rollout sampling generator (per process).
     """
 
-    def __init__(self, records: Sequence, encoder: PromptEncoder, cfg: RLConfig, engine: Engine,
+    def __init__(self, records: Sequence, encoder: PromptEncoder, cfg: RLConfig, engine: Engine[ColarModel],
                  ref_model: Optional[nn.Module] = None):
         self.records, self.encoder, self.cfg, self.engine = list(records), encoder, cfg, engine
         self.ref_model = ref_model
@@ -100,39 +102,23 @@ class RLBatches:
         if len(self.records) < self.global_q:
             raise ValueError(f"{len(self.records)} training questions cannot fill one RL step of "
                              f"questions_per_step {cfg.questions_per_step} x {self.world_size} process(es)")
-        self.epoch, self.index, self.rollouts = 0, 0, 0
-        self._perm: Optional[list[int]] = None
-        self._perm_epoch = -1
+        self.order = EpochSampler(len(self.records), cfg.questions_per_step, self.rank, self.world_size, cfg.seed)
+        self.rollouts = 0
         self.gen_rng = torch.Generator(device=engine.device).manual_seed(cfg.seed * 7919 + 104729 * (self.rank + 1))
         self._cache: Optional[tuple[list, dict]] = None
         self.latent_actions = cfg.generation.sample_latents and not engine.model.state.deterministic_latents
         self.temperature = cfg.generation.temperature if cfg.generation.do_sample else 1.0
         self.think_id = encoder.think_id if cfg.continue_actions else None
 
-    # ----- question order (as SFTBatches: a seeded permutation per epoch, rank k takes slice k) ----
-    def _permutation(self) -> list[int]:
-        if self._perm_epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
-            self._perm = torch.randperm(len(self.records), generator=g).tolist()
-            self._perm_epoch = self.epoch
-        return self._perm
-
-    def _next_indices(self) -> list[int]:
-        if self.index + self.global_q > len(self.records):
-            self.epoch, self.index = self.epoch + 1, 0
-        perm = self._permutation()
-        lo = self.index + self.rank * self.cfg.questions_per_step
-        self.index += self.global_q
-        return perm[lo: lo + self.cfg.questions_per_step]
-
     # ----- one rollout ----------------------------------------------------------------------------
     def rollout(self) -> tuple[list[Trajectories], dict]:
         cfg, gen, g = self.cfg, self.cfg.generation, self.cfg.group_size
         t0 = time.perf_counter()
-        records = [self.records[i] for i in self._next_indices()]
+        records = [self.records[i] for i in self.order.next_indices()]
         questions = [r.question for r in records for _ in range(g)]
         golds = [str(r.answer) for r in records for _ in range(g)]
-        gens, traces = [], []
+        gens: list[Generation] = []
+        traces: list[LatentTrace] = []
         with torch.no_grad(), self.engine.full_model() as model:
             was_training = model.training
             model.eval()
@@ -173,8 +159,8 @@ class RLBatches:
             (lengths * correct).sum(), torch.tensor(float(constant.sum())), torch.tensor(float(constant.numel())),
             answer_tokens.sum(), torch.tensor(rewards["length"], dtype=torch.float64).sum(), torch.tensor(t_rollout),
         ])
-        sums = self.engine.all_reduce_sum(sums).tolist()
-        r_sum, r2_sum, n, c_sum, l_sum, lc_sum, const, groups, ans_sum, len_sum, t_sum = sums
+        totals = self.engine.all_reduce_sum(sums).tolist()
+        r_sum, r2_sum, n, c_sum, l_sum, lc_sum, const, groups, ans_sum, len_sum, t_sum = totals
         mean = r_sum / n
         info = {
             "reward_mean": mean,
@@ -188,7 +174,7 @@ class RLBatches:
             "rollout_time_s": t_sum / self.world_size,
             "r": cfg.compression_factor,
             "rollout": self.rollouts,
-            "epoch": self.epoch,
+            "epoch": self.order.epoch,
         }
         return micro, info
 
@@ -212,11 +198,12 @@ class RLBatches:
                          self.latent_actions, self.think_id)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "rollouts": self.rollouts,
+        return {**self.order.state_dict(), "rollouts": self.rollouts,
                 "global_q": self.global_q, "gen_rng": self.gen_rng.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index, self.rollouts = int(state["epoch"]), int(state["index"]), int(state["rollouts"])
+        self.order.load_state_dict(state)
+        self.rollouts = int(state["rollouts"])
         if int(state.get("global_q", self.global_q)) != self.global_q:
             log.warning("questions per step changed (%s -> %s): question order continues from the same index",
                         state.get("global_q"), self.global_q)
@@ -228,7 +215,7 @@ class RLBatches:
 # The stage
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class RLResult(StageResultMixin):
+class RLResult(JobResultMixin):
     """What a finished RL stage hands on (also written to ``output_dir/result.json``)."""
 
     model_dir: Path

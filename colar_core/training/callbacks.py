@@ -146,7 +146,7 @@ class JsonlLogger(CallbackBase):
 
 def read_metrics(path, event: Optional[str] = None) -> list[dict]:
     """Records of a ``metrics.jsonl`` (only those of ``event`` if given); cut lines are skipped."""
-    out = []
+    out: list[dict] = []
     p = Path(path)
     if not p.exists():
         return out

@@ -40,7 +40,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, TypedDict
 
 import torch
 from safetensors import SafetensorError
@@ -66,6 +66,16 @@ _WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 class CheckpointError(OSError):
     """A checkpoint could not be written (unwritable directory, disk full...). The previous complete
     checkpoint, if any, is untouched: fix the cause and run the stage again to resume from it."""
+
+
+class RankState(TypedDict):
+    """One process's ``rank_NNNNN.pt`` in a checkpoint: its random streams and its stateful objects."""
+
+    step: int
+    rank: int
+    world_size: int
+    rng: dict  # capture_rng()
+    stateful: dict[str, dict]  # each stateful object's state_dict()
 
 
 def step_dir_name(step: int) -> str:
@@ -152,7 +162,9 @@ def capture_rng() -> dict:
     try:
         import numpy as np  # optional: its RNG is saved only where numpy is installed
 
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        legacy = np.random.get_state(legacy=True)  # (the default; numpy's stub types the default call as a dict)
+        assert isinstance(legacy, tuple)  # the global generator is MT19937, which has the legacy form
+        kind, keys, pos, has_gauss, cached = legacy
         state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
                           "has_gauss": int(has_gauss), "cached": float(cached)}
     except ImportError:  # pragma: no cover
@@ -245,7 +257,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         engine.barrier()
         engine.save_checkpoint(tmp / "engine")
-        rank_state = {
+        rank_state: RankState = {
             "step": state.step,
             "rank": engine.rank,
             "world_size": engine.world_size,
@@ -313,6 +325,7 @@ class CheckpointManager:
                 self._quarantine(path, f"it failed to load ({error!r})" if error else "it failed to load on a rank")
             load_failed = True
             engine.barrier()
+        assert loaded is not None  # no process failed to load, this one included
         rank_state, state = loaded
         restore_rng(rank_state["rng"])
         for key, obj in stateful.items():
@@ -326,7 +339,7 @@ class CheckpointManager:
         log.info("resumed from %s (step %d)", path, state.step)
         return state
 
-    def _load(self, engine: Engine, path: Path) -> tuple[dict, LoopState]:
+    def _load(self, engine: Engine, path: Path) -> tuple[RankState, LoopState]:
         """Read this rank's state and the loop state of ``path`` and load the engine from it."""
         own = path / f"rank_{engine.rank:05d}.pt"
         if not own.is_file():

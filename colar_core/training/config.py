@@ -7,7 +7,7 @@ recipe. Unknown keys are refused so that a typo is an error.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -20,6 +20,10 @@ class StageChecks(StrictModel):
     DeepSpeed ZeRO stage 0-3 or None (the DeepSpeed config file's stage, else 2), and
     ``eval_compression_factors`` is None or a non-empty list of factors >= 1 (sorted, unique); the
     ``torch`` backend runs in one process."""
+
+    if TYPE_CHECKING:  # fields every subclass declares (in its own order, which its dumps keep)
+        backend: Literal["deepspeed", "torch"]
+        launcher: LauncherConfig
 
     @field_validator("zero_stage", check_fields=False)
     @classmethod

@@ -10,10 +10,11 @@ single-process DeepSpeed run opens no port reachable from the network.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
+
+from colar_core.net import free_port
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (for a single-process rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def dist_env(set_defaults: bool = True) -> DistEnv:

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Generic, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -36,8 +36,11 @@ from colar_core.training.schedule import LRSchedule, build_optimizer
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=nn.Module)  # the model an engine wraps (e.g. a ColarModel)
+M_co = TypeVar("M_co", bound=nn.Module, covariant=True)
 
-class Engine(Protocol):
+
+class Engine(Protocol[M_co]):
     """What :func:`~colar_core.training.loop.train_loop`, checkpointing and evaluation need from an engine.
 
     ``forward``/``backward``/``step`` train; ``lr`` is the current learning rate; ``save_checkpoint``
@@ -45,14 +48,18 @@ class Engine(Protocol):
     are collective (every process calls them).
     """
 
-    model: nn.Module  # the wrapped model itself (e.g. a ColarModel), not a DeepSpeed wrapper
     device: torch.device
     env: DistEnv
     grad_accum: int
-    rank: int
-    world_size: int
-    is_main: bool
 
+    @property
+    def model(self) -> M_co: ...  # the wrapped model itself (e.g. a ColarModel), not a DeepSpeed wrapper
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def is_main(self) -> bool: ...
     def forward(self, fn: Callable, *args, **kwargs) -> Any: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> Optional[float]: ...
@@ -60,7 +67,7 @@ class Engine(Protocol):
     def lr(self) -> float: ...
     def save_checkpoint(self, directory: Path) -> None: ...
     def load_checkpoint(self, directory: Path) -> None: ...
-    def full_model(self) -> contextlib.AbstractContextManager: ...
+    def full_model(self) -> contextlib.AbstractContextManager[M_co]: ...
     def barrier(self) -> None: ...
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor: ...
     def broadcast_object(self, obj: Any) -> Any: ...
@@ -122,10 +129,10 @@ class _EngineBase:
         return torch.device("cpu")
 
 
-class TorchEngine(_EngineBase):
+class TorchEngine(_EngineBase, Generic[M]):
     """Plain PyTorch, one process: AdamW, optional bf16 autocast, clipping, accumulation, schedule."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: Optional[torch.device] = None,
+    def __init__(self, model: M, cfg: TrainConfig, device: Optional[torch.device] = None,
                  params: Optional[Sequence[nn.Parameter]] = None):
         self.env = dist_env(set_defaults=False)
         if self.env.world_size > 1:
@@ -155,11 +162,12 @@ class TorchEngine(_EngineBase):
     def step(self) -> Optional[float]:
         if self._micro == 0:
             raise RuntimeError("step() before any backward()")
-        grads = [p for p in self.params if p.grad is not None]
+        with_grad = [p for p in self.params if p.grad is not None]
         if self.cfg.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.grad_clip))
+            norm = float(torch.nn.utils.clip_grad_norm_(with_grad, self.cfg.grad_clip))
         else:
-            norm = float(torch.nn.utils.get_total_norm([p.grad for p in grads])) if grads else 0.0
+            grads = [p.grad for p in with_grad if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -185,11 +193,11 @@ class TorchEngine(_EngineBase):
         self.scheduler.load_state_dict(state["scheduler"])
 
     @contextlib.contextmanager
-    def full_model(self) -> Iterator[nn.Module]:
+    def full_model(self) -> Iterator[M]:
         yield self.model
 
 
-class DeepSpeedEngine(_EngineBase):
+class DeepSpeedEngine(_EngineBase, Generic[M]):
     """A ``deepspeed.initialize`` engine (ZeRO 0-3, fp32 or bf16) around any ``nn.Module``.
 
     The client optimizer is torch AdamW (no op build on CPU; fused kernels on CUDA) unless the
@@ -197,7 +205,7 @@ class DeepSpeedEngine(_EngineBase):
     on CUDA nccl.
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: Optional[torch.device] = None,
+    def __init__(self, model: M, cfg: TrainConfig, device: Optional[torch.device] = None,
                  params: Optional[Sequence[nn.Parameter]] = None):
         import deepspeed  # heavy: only when this backend is used
 
@@ -280,7 +288,7 @@ class DeepSpeedEngine(_EngineBase):
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 
     @contextlib.contextmanager
-    def full_model(self) -> Iterator[nn.Module]:
+    def full_model(self) -> Iterator[M]:
         """The model with every parameter present: as is for ZeRO 0-2; gathered (and ZeRO-3's
         fetch hooks lifted, so processes may run different numbers of forwards) for ZeRO-3.
         Every process must enter it."""
@@ -301,12 +309,12 @@ def _quiet_deepspeed() -> None:
         from deepspeed.utils import logger as ds_logger  # heavy: only for the DeepSpeed engine
 
         ds_logger.setLevel(logging.WARNING)
-    except Exception:  # pragma: no cover - logging only
+    except Exception:  # noqa: BLE001 - logging only: a DeepSpeed that cannot be quietened still trains
         pass
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, device: Optional[torch.device] = None,
-                 params: Optional[Sequence[nn.Parameter]] = None) -> Engine:
+def build_engine(model: M, cfg: TrainConfig, device: Optional[torch.device] = None,
+                 params: Optional[Sequence[nn.Parameter]] = None) -> Engine[M]:
     """The engine ``cfg.backend`` names, around ``model`` (trainable ``params`` by default)."""
     if cfg.backend == "torch":
         return TorchEngine(model, cfg, device, params)

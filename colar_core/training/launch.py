@@ -43,12 +43,13 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
+from colar_core.files import atomic_write_json
+from colar_core.net import free_port
 from colar_core.procs import identity_alive, marked_processes, process_identity, stop_processes
 from colar_core.training.callbacks import PROGRESS_ENV
 from colar_core.training.config import LauncherConfig
-from colar_core.training.distributed import free_port
 
 ENTRY_MODULE = "colar_core.training.sft_main"
 LAUNCHER_RECORD = "launcher.json"
@@ -208,10 +209,11 @@ def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: s
 
     Any exception in this process while it runs (``KeyboardInterrupt``, an error in ``on_line``, a
     cancellation; SIGTERM in the main thread) stops the launcher and all its workers (SIGTERM,
-    SIGKILL after ``grace_s``) before it propagates; so does its end (no straggler is left). With ``record_dir`` the group is recorded in
-    ``record_dir/launcher.json`` while it lives (:func:`live_launcher`); a live record already there
-    raises :class:`LauncherAliveError`. With ``on_line`` the job prints its progress lines although
-    its output is a pipe (``COLAR_PROGRESS=1`` unless set)."""
+    SIGKILL after ``grace_s``) before it propagates; so does its end (no straggler is left). With
+    ``record_dir`` the group is recorded in ``record_dir/launcher.json`` while it lives
+    (:func:`live_launcher`); a live record already there raises :class:`LauncherAliveError`. With
+    ``on_line`` the job prints its progress lines although its output is a pipe (``COLAR_PROGRESS=1``
+    unless set)."""
     cmd = build_launch_command(config_path, launcher, module)
     run_env = dict(os.environ if env is None else env)
     # the job's processes must import this checkout of colar_core
@@ -257,14 +259,11 @@ def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: s
 def _write_record(folder: Union[str, Path], proc: subprocess.Popen, launch_id: str, cmd: Sequence[str]) -> Path:
     """Write ``folder/launcher.json`` for the launcher ``proc`` (leader of its own group) of ``launch_id``."""
     path = Path(folder) / LAUNCHER_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
     identity = process_identity(proc.pid)
     rec = {"pid": proc.pid, "pgid": proc.pid, "launch_id": launch_id, "host": identity.split(":")[0],
            "identity": identity,
            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "caller": process_identity(), "cmd": list(cmd)}
-    tmp = path.with_name(f".{LAUNCHER_RECORD}.tmp")
-    tmp.write_text(json.dumps(rec, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, rec)
     return path
 
 
@@ -274,8 +273,8 @@ def run_job(job, launcher: LauncherConfig, run_in_process: Callable, result_cls,
     """Run a stage's job (anything with ``output_dir`` and ``model_dump_json``): ``run_in_process(job,
     callbacks)`` when ``launcher`` asks for one process, else through :func:`launch` of ``module``
     (the job is written to ``config_path``, default ``output_dir/job.json``; the launcher is recorded
-    in ``output_dir/launcher.json`` while it runs) and ``result_cls.load`` of the output directory. ``callbacks`` only run in-process; a launched job's metrics are in
-    ``metrics.jsonl``."""
+    in ``output_dir/launcher.json`` while it runs) and ``result_cls.load`` of the output directory.
+    ``callbacks`` only run in-process; a launched job's metrics are in ``metrics.jsonl``."""
     if not launcher.multi_process:
         return run_in_process(job, callbacks)
     out = Path(job.output_dir)
@@ -286,7 +285,13 @@ def run_job(job, launcher: LauncherConfig, run_in_process: Callable, result_cls,
     return result_cls.load(out)
 
 
-def job_entry_main(argv, *, prog: str, description: str, job_name: str, run_file: Callable[[str], object]) -> int:
+class JobResult(Protocol):
+    """What an entry point prints of a finished job (e.g. :class:`~colar_core.training.sft.SFTResult`)."""
+
+    def to_dict(self) -> dict: ...
+
+
+def job_entry_main(argv, *, prog: str, description: str, job_name: str, run_file: Callable[[str], JobResult]) -> int:
     """The body of a launcher entry point (``sft_main``, ``rl_main``): parse ``--config`` (and the
     ``--local_rank`` the deepspeed launcher adds), run the job file in this process, and print the
     result as one JSON line on rank 0."""

@@ -86,7 +86,7 @@ class BatchSource(Protocol):
 class LossFn(Protocol):
     """``loss_fn(model, micro_batch)``: a dict with a scalar ``loss`` and any scalar parts to log."""
 
-    def __call__(self, model: torch.nn.Module, micro_batch: Any) -> dict: ...
+    def __call__(self, model: torch.nn.Module, micro_batch: Any, /) -> dict: ...
 
 
 class Stateful(Protocol):
@@ -150,8 +150,8 @@ def train_loop(engine: Engine, batches: BatchSource, loss_fn: LossFn, plan: Loop
         step = state.step
 
         metrics = _step_metrics(engine, sums, sb, t0, lr_used, grad_norm)
-        for k, v in metrics.items():
-            window.setdefault(k, []).append(v)
+        for name, value in metrics.items():
+            window.setdefault(name, []).append(value)
         if step % plan.log_every == 0 or step == plan.max_steps:
             cbs.on_step(step, {k: (v[-1] if k in ("lr", "epoch") else sum(v) / len(v)) for k, v in window.items()})
             window = {}
@@ -199,11 +199,11 @@ def _step_metrics(engine: Engine, sums: dict[str, torch.Tensor], sb: StepBatch, 
     batch's numeric ``info``."""
     keys = sorted(sums)
     vec = torch.stack([sums[k] for k in keys]).to(torch.float64)
-    vec = engine.all_reduce_sum(vec).cpu().tolist()
+    totals = engine.all_reduce_sum(vec).cpu().tolist()
     dt = time.perf_counter() - t0
     n_micro = len(sb.micro_batches) * engine.world_size
     metrics: dict[str, float] = {}
-    for k, v in zip(keys, vec):
+    for k, v in zip(keys, totals):
         metrics[k] = v if k in _COUNT_KEYS else v / n_micro
     fed = metrics.get("n_positions", metrics.get("n_tokens"))  # positions the backbone processed
     if fed is not None:

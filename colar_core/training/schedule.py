@@ -8,7 +8,7 @@ stateful interface DeepSpeed expects from a client scheduler.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypedDict
 
 import torch
 from torch import nn
@@ -81,10 +81,18 @@ class LRSchedule:
         self._apply()
 
 
+class _AdamArgs(TypedDict):
+    """The hyperparameters every AdamW flavour of :func:`build_optimizer` takes."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+
+
 def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, device: torch.device, kind: Optional[str] = None):
     """AdamW over ``params``. ``kind`` overrides ``cfg.optimizer`` ('adamw', 'fused_adam', 'cpu_adam')."""
     kind = kind or ("adamw" if cfg.optimizer == "auto" else cfg.optimizer)
-    kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    kw = _AdamArgs(lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)  # a validated 2-tuple
     if kind == "adamw":
         fused = device.type == "cuda" and all(p.is_floating_point() for p in params)
         return torch.optim.AdamW(params, fused=fused or None, **kw)

@@ -11,10 +11,10 @@ Modes (``TrainConfig.objective.mode``):
 A fresh CoLaR run whose embedding scale was *measured* re-measures it first (the CoT warm-up has
 trained the embeddings); the scale is then part of the run's checkpoints, so a resumed run keeps it.
 
-Data order: each epoch is a seeded permutation of the training set; one micro-step consumes
-``batch_size * world_size`` consecutive entries and process ``k`` takes the ``k``-th slice. The
-data position (epoch, index) and every random stream are checkpointed, so a resumed run sees the
-same batches, factors and labels as an uninterrupted one.
+Data order (:class:`~colar_core.training.sampler.EpochSampler`): each epoch is a seeded permutation
+of the training set; one micro-step consumes ``batch_size * world_size`` consecutive entries and
+process ``k`` takes the ``k``-th slice. The data position (epoch, index) and every random stream
+are checkpointed, so a resumed run sees the same batches, factors and labels as an uninterrupted one.
 
 A whole stage from a job file: :class:`SFTJob`, run in this process by :func:`run_sft_job` or, when
 its launcher asks for several processes, through the launcher by :func:`run_sft_stage`.
@@ -26,7 +26,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 from pydantic import Field
@@ -42,8 +42,9 @@ from colar_core.training.config import TrainConfig
 from colar_core.training.engines import build_engine
 from colar_core.training.launch import run_job
 from colar_core.training.loop import StepBatch
+from colar_core.training.sampler import EpochSampler
 from colar_core.training.stage import (
-    METRICS_FILE, StageData, StageJob, StageResultMixin, finish_stage, run_stage_loop, start_stage,
+    METRICS_FILE, JobResultMixin, StageData, StageJob, finish_stage, run_stage_loop, start_stage,
 )
 
 log = logging.getLogger(__name__)
@@ -86,45 +87,31 @@ def group_by_length(order: list[int], lengths: Sequence[float], micro: int, pool
 class SFTBatches:
     """Micro-batches of each optimizer step, with the step's compression factor (stateful).
 
-    State: epoch and index into the epoch's seeded permutation, the r-sampling generator (same on
-    every process), the label-sampling generator and the latent-noise generator (per process).
+    State: the data position (:class:`EpochSampler`: epoch and index into the epoch's seeded
+    permutation), the r-sampling generator (same on every process), the label-sampling generator and
+    the latent-noise generator (per process).
     """
 
     def __init__(self, examples: Sequence, encoder: PromptEncoder, cfg: TrainConfig, rank: int = 0,
                  world_size: int = 1, device: Optional[torch.device] = None):
         self.examples, self.encoder, self.cfg = list(examples), encoder, cfg
-        self.rank, self.world_size = rank, world_size
         self.global_micro = cfg.batch_size * world_size
         if len(self.examples) < self.global_micro:
             raise ValueError(f"{len(self.examples)} training examples cannot fill one micro-step of "
                              f"batch_size {cfg.batch_size} x {world_size} process(es)")
-        self.epoch, self.index = 0, 0
-        self._perm: Optional[list[int]] = None
-        self._perm_epoch = -1
+        self.order = EpochSampler(len(self.examples), cfg.batch_size, rank, world_size, cfg.seed,
+                                  reorder=self._group_by_length if cfg.length_grouping else None)
         self.r_rng = random.Random(cfg.seed)
         self.label_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 104729 * (rank + 1))
         device = device or torch.device("cpu")
         self.loss_gen = torch.Generator(device=device).manual_seed(cfg.seed * 6151 + 15485863 * (rank + 1))
 
-    def _permutation(self) -> list[int]:
-        if self._perm_epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
-            self._perm = torch.randperm(len(self.examples), generator=g).tolist()
-            if self.cfg.length_grouping:
-                factors = sorted(self.cfg.objective.compression_factors) if self.cfg.objective.mode == "colar" else [1]
-                r_mid = factors[len(factors) // 2]
-                self._perm = group_by_length(self._perm, [example_length(ex, r_mid) for ex in self.examples],
-                                             self.global_micro, self.cfg.length_grouping, g)
-            self._perm_epoch = self.epoch
-        return self._perm
-
-    def _next_indices(self) -> list[int]:
-        if self.index + self.global_micro > len(self.examples):  # drop the ragged tail of an epoch
-            self.epoch, self.index = self.epoch + 1, 0
-        perm = self._permutation()
-        lo = self.index + self.rank * self.cfg.batch_size
-        self.index += self.global_micro
-        return perm[lo: lo + self.cfg.batch_size]
+    def _group_by_length(self, perm: list[int], generator: torch.Generator) -> list[int]:
+        """An epoch's permutation with ``length_grouping`` applied (the sampler's ``reorder``)."""
+        factors = sorted(self.cfg.objective.compression_factors) if self.cfg.objective.mode == "colar" else [1]
+        r_mid = factors[len(factors) // 2]
+        return group_by_length(perm, [example_length(ex, r_mid) for ex in self.examples], self.global_micro,
+                               self.cfg.length_grouping, generator)
 
     def draw_factor(self) -> tuple[int, Union[int, str]]:
         """The step's compression factor and what the prompt says (the factor, or 'auto')."""
@@ -141,17 +128,17 @@ class SFTBatches:
         r, speed = self.draw_factor()
         micro = []
         for _ in range(self.cfg.grad_accum):
-            rows = [self.examples[i] for i in self._next_indices()]
+            rows = [self.examples[i] for i in self.order.next_indices()]
             micro.append(collate(rows, self.encoder, r, speed, generator=self.label_gen))
-        return StepBatch(micro, {"r": r, "auto_prompt": int(speed == AUTO_SPEED), "epoch": self.epoch})
+        return StepBatch(micro, {"r": r, "auto_prompt": int(speed == AUTO_SPEED), "epoch": self.order.epoch})
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "global_micro": self.global_micro,
+        return {**self.order.state_dict(), "global_micro": self.global_micro,
                 "r_rng": self.r_rng.getstate(), "label_gen": self.label_gen.get_state(),
                 "loss_gen": self.loss_gen.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.order.load_state_dict(state)
         if int(state.get("global_micro", self.global_micro)) != self.global_micro:
             log.warning("global micro-batch changed (%s -> %s): data order continues from the same index",
                         state.get("global_micro"), self.global_micro)
@@ -164,7 +151,7 @@ class SFTBatches:
 # The stage
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class SFTResult(StageResultMixin):
+class SFTResult(JobResultMixin):
     """What a finished SFT stage hands on (also written to ``output_dir/result.json``)."""
 
     model_dir: Path
@@ -244,7 +231,19 @@ class SFTJob(StageJob):
     data: StageData = Field(default_factory=StageData)
 
 
-def load_model_and_tokenizer(job: SFTJob, train_records: Sequence, val_records: Sequence):
+class ModelSource(Protocol):
+    """What :func:`load_model_and_tokenizer` reads of a job: an :class:`SFTJob` or a
+    :class:`~colar_core.baselines.stage.BaselineJob`."""
+
+    @property
+    def init_from(self) -> Optional[str]: ...
+    @property
+    def model(self) -> ModelConfig: ...
+    @property
+    def train(self) -> TrainConfig: ...
+
+
+def load_model_and_tokenizer(job: ModelSource, train_records: Sequence, val_records: Sequence):
     """The model and tokenizer a job starts from (identical on every process: seeded build)."""
     if job.init_from:
         return ColarModel.load_dir(job.init_from, **ColarModel.load_options(job.model))  # the job's own config

@@ -2,11 +2,17 @@
 
 A stage is a job file (a :class:`StageJob` with its method's config and :class:`StageData`) that
 trains one model in ``output_dir`` and leaves there its config, ``metrics.jsonl``,
-``checkpoints/``, ``best/``, the final ``model/`` and ``result.json`` (a dataclass with
-:class:`StageResultMixin`). A method builds its engine, batches and loss, then calls
-:func:`run_stage_loop`: validation with best-k exports (:func:`make_evaluator`), the shared
-:func:`~colar_core.training.loop.train_loop` with checkpoints and resume (the model's own state kept
-by :class:`ModelStateKeeper`), and the final ``model/`` (the best validated model or the last).
+``checkpoints/``, ``best/``, the final ``model/`` and ``result.json`` (:data:`JOB_RESULT_FILE`: a
+dataclass with :class:`JobResultMixin`, written by rank 0 when training ends). That file is the job's
+own record: how a launcher that ran the job in other processes gets its result back
+(:func:`~colar_core.training.launch.run_job`), and what a job run by hand leaves. (The pipeline's
+record of the stage, ``stage_result.json`` beside it, is another file with another writer:
+:mod:`tasks.stage_spec`.) Resume does not read it: it reads ``checkpoints/``.
+
+A method builds its engine, batches and loss, then calls :func:`run_stage_loop`: validation with
+best-k exports (:func:`make_evaluator`), the shared :func:`~colar_core.training.loop.train_loop` with
+checkpoints and resume (the model's own state kept by :class:`ModelStateKeeper`), and the final
+``model/`` (the best validated model or the last).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple, Optional, Protocol, Sequence, TypeVar, Union
+from typing import Any, ClassVar, NamedTuple, Optional, Protocol, Sequence, TypeVar, Union
 
 import torch
 from pydantic import Field
@@ -23,6 +29,7 @@ from typing_extensions import Self
 
 from colar_core.config import StrictModel
 from colar_core.data import builtin_splits, load_split
+from colar_core.files import atomic_write_json
 from colar_core.inference import generate
 from colar_core.model import ColarModel
 from colar_core.scoring import accuracy
@@ -38,7 +45,7 @@ from colar_core.training.loop import (
 
 METRICS_FILE = "metrics.jsonl"
 MODEL_DIR = "model"
-RESULT_FILE = "result.json"
+JOB_RESULT_FILE = "result.json"
 _PATH_FIELDS = ("model_dir", "metrics_path", "best_model_dir", "output_dir")
 
 
@@ -83,9 +90,11 @@ class StageJob(StrictModel):
 # ----------------------------------------------------------------------------------------------
 # The result file
 # ----------------------------------------------------------------------------------------------
-class StageResultMixin:
-    """JSON round trip (``output_dir/result.json``) for a stage-result dataclass whose path fields
+class JobResultMixin:
+    """JSON round trip (``output_dir/result.json``) for a job-result dataclass whose path fields
     are ``Path`` objects."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # the dataclass it is mixed into has them
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -97,15 +106,16 @@ class StageResultMixin:
 
     @classmethod
     def load(cls, output_dir):
-        return cls.from_dict(json.loads((Path(output_dir) / RESULT_FILE).read_text()))
+        return cls.from_dict(json.loads((Path(output_dir) / JOB_RESULT_FILE).read_text()))
 
     def save(self, output_dir) -> Path:
-        path = Path(output_dir) / RESULT_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        """Write ``output_dir/result.json`` atomically (the old file or the new, never half of one)."""
+        path = Path(output_dir) / JOB_RESULT_FILE
+        atomic_write_json(path, self.to_dict(), sort_keys=False)
         return path
 
 
-R = TypeVar("R", bound=StageResultMixin)
+R = TypeVar("R", bound=JobResultMixin)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
-"""What a stage run records besides params and metrics: artifact folders, dataset inputs, and the
-content digest of a file or folder (a saved model's lineage id; what a cache key holds of an input)."""
+"""What a stage run records besides params and metrics: artifact folders and dataset inputs (with the
+pipeline's own content digest, :func:`colar_core.files.content_digest`)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -13,15 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag
+from mlflow.data.pandas_dataset import from_pandas
+from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
 
-from colar.tasks.runs import client_or_default
+from colar_infra.tracking.runs import client_or_default
 
-__all__ = ["content_digest", "directory_digest", "log_artifact_dir", "log_dataset_input"]
+__all__ = ["log_artifact_dir", "log_dataset_input"]
 
 log = logging.getLogger(__name__)
 
@@ -38,33 +37,6 @@ def log_artifact_dir(
         client.log_artifact(run_id, str(path), artifact_path)
     else:
         raise FileNotFoundError(f"log_artifact_dir: {path} does not exist")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def content_digest(path: Union[str, os.PathLike]) -> str:
-    """sha256 of what ``path`` holds: a file's bytes (as ``sha256sum``), or for a directory one line
-    ``<relative path>\0<file sha256>`` per file in path order (names and bytes; file times and the
-    folder's own location do not count). The lineage id of a model, the cache-key digest of an input.
-    Raises FileNotFoundError if ``path`` is neither."""
-    root = Path(path)
-    if root.is_file():
-        return _file_sha256(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"content_digest: {root} is not a file or directory")
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(root).as_posix()}\0{_file_sha256(f)}\n".encode())
-    return h.hexdigest()
-
-
-directory_digest = content_digest  # the older name, used by the training stages for model digests
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -109,11 +81,11 @@ def log_dataset_input(
     with warnings.catch_warnings():
         # "source can be interpreted in multiple ways" and integer-column schema hints are noise here
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            df, source=source or default_source, name=name or default_name, digest=digest
-        )
+        # source None is MLflow's own default (the running code), though its annotation leaves None out
+        dataset = from_pandas(df, source=source or default_source,  # type: ignore[arg-type]
+                              name=name or default_name, digest=digest)
         d = dataset.to_dict()  # schema/profile are inferred here
-    entity = mlflow.entities.Dataset(
+    entity = Dataset(
         name=d["name"],
         digest=d["digest"],
         source_type=d["source_type"],

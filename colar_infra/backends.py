@@ -1,6 +1,6 @@
 """Where the local servers keep their data, and whether MLflow asks for credentials.
 
-Two backends (:class:`ServerSettings`, read by :mod:`colar.flows.servers` when it starts a server):
+Two backends (:class:`ServerSettings`, read by :mod:`colar_infra.servers` when it starts a server):
 
 ``sqlite`` (the default, nothing to set up)
     MLflow's store is ``<COLAR_HOME>/mlflow.db``, Prefect's is the SQLite file in
@@ -50,9 +50,9 @@ from typing import Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from colar_core.config import StrictModel
-from colar.flows.config import ConfigError
-from colar.tasks.params import mask_url
+from colar_core.config import ConfigError, StrictModel
+from colar_core.files import atomic_write_bytes, atomic_write_text
+from colar_infra.secrets import mask_url
 
 __all__ = [
     "DatabaseError",
@@ -185,7 +185,8 @@ class PgServer:
         try:
             port = parts.port or 5432
         except ValueError:
-            raise ValueError("db_url has a bad port (a password with '/', '@' or ':' must be percent-encoded)") from None
+            raise ValueError("db_url has a bad port "
+                             "(a password with '/', '@' or ':' must be percent-encoded)") from None
         db = urllib.parse.unquote(parts.path.lstrip("/")) or "postgres"
         if "/" in db:
             raise ValueError("db_url: one database name at most after the host")
@@ -333,8 +334,8 @@ def mlflow_auth_setup(state_dir: Path, settings: ServerSettings) -> tuple[dict[s
     else:
         store = f"sqlite:///{state_dir / 'mlflow-auth.db'}"
     ini = state_dir / "mlflow-auth.ini"
-    ini.write_text("\n".join([
-        "# Written by colar (colar.flows.backends) at each start of the basic-auth MLflow server.",
+    atomic_write_text(ini, "\n".join([
+        "# Written by colar (colar_infra.backends) at each start of the basic-auth MLflow server.",
         "[mlflow]",
         f"default_permission = {DEFAULT_PERMISSION}",
         f"database_uri = {store}",
@@ -355,7 +356,5 @@ def mlflow_auth_setup(state_dir: Path, settings: ServerSettings) -> tuple[dict[s
 def _flask_secret(state_dir: Path) -> str:
     path = state_dir / "mlflow-auth-secret"
     if not path.exists():  # the caller holds the MLflow server's lock: no other writer
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
+        atomic_write_bytes(path, secrets.token_hex(32).encode(), mode=0o600)
     return path.read_text().strip()

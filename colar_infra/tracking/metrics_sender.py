@@ -1,14 +1,12 @@
 """Training-loop metrics to MLflow without ever disturbing the loop.
 
 :class:`MlflowMetricsCallback` buffers what a training loop reports and sends it from a background
-thread, retrying while the server is away; what never got through is written to a JSONL file that
-:func:`replay_unflushed` sends later. :func:`metric_key` makes a name acceptable to MLflow.
+thread, retrying while the server is away; what never got through is written to the run's pending file
+(:mod:`colar_infra.tracking.pending`), sent later. :func:`metric_key` makes a name acceptable to MLflow.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import threading
@@ -22,15 +20,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
-from colar.tasks.params import MAX_KEY, MAX_PARAM_VALUE, mask_secrets
-from colar.tasks.runs import (MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, client_or_default, health_url,
-                              pending_path, probe, replay_pending, tracking_uri_of)
+from colar_infra.health import health_url, probe
+from colar_infra.secrets import mask_secrets
+from colar_infra.tracking.params import (MAX_ENTITIES_PER_BATCH, MAX_KEY, MAX_METRICS_PER_BATCH, MAX_PARAM_VALUE,
+                                         MAX_PARAMS_PER_BATCH)
+from colar_infra.tracking.pending import MetricRecord, TagRecord, append_records, pending_path
+from colar_infra.tracking.runs import client_or_default, tracking_uri_of
 
-__all__ = ["MlflowMetricsCallback", "metric_key", "replay_unflushed"]
+__all__ = ["MlflowMetricsCallback", "metric_key"]
 
-# MLflow limits (mlflow.utils.validation) of one log_batch call: 1000 metrics, 1000 entities in all
-# (metrics + params + tags), 100 tags.
-MAX_ENTITIES_PER_BATCH = 1000
 # Error codes with which the server refuses a batch for good: retrying cannot help.
 _NOT_RETRYABLE = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
 _BAD_METRIC_CHARS = re.compile(r"[^/\w.\- :]")
@@ -44,9 +42,9 @@ class MlflowMetricsCallback:
     thread sends the buffer with ``client.log_batch`` in chunks, retrying ``max_retries`` times
     with exponential backoff. If the server is unreachable the buffer is kept and retried at the
     next flush. :meth:`close` makes a last attempt; what still could not be sent is written to a
-    JSONL file (``fallback_path``, default the run's pending file
-    ``$COLAR_HOME|./.colar/unflushed/<run_id>.jsonl``, :func:`colar.tasks.runs.pending_path`;
-    replayable with :func:`replay_unflushed`) and a warning is issued.
+    pending file (``fallback_path``, default the run's own
+    ``$COLAR_HOME|./.colar/unflushed/<run_id>.jsonl``, :func:`colar_infra.tracking.pending.pending_path`;
+    sent with :func:`colar_infra.tracking.pending.replay_pending`) and a warning is issued.
 
     For an http(s) tracking URI each attempt first probes ``/health`` with a short timeout:
     MLflow's own client retries a dead server for minutes, the probe fails in milliseconds.
@@ -110,7 +108,7 @@ class MlflowMetricsCallback:
             self._steps_since_flush += 1
             if self._steps_since_flush >= self.flush_every:
                 self.flush(wait=False)
-        except Exception as e:  # pragma: no cover - defensive: logging must not kill training
+        except Exception as e:  # noqa: BLE001 - defensive: logging must not kill training
             self.last_error = e
 
     def on_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -120,7 +118,7 @@ class MlflowMetricsCallback:
                 return
             self._add(step, metrics, prefix=self.eval_prefix)
             self.flush(wait=False)
-        except Exception as e:  # pragma: no cover
+        except Exception as e:  # noqa: BLE001 - as above: logging must not kill training
             self.last_error = e
 
     def on_train_start(self, info: Mapping[str, Any]) -> None:
@@ -133,7 +131,7 @@ class MlflowMetricsCallback:
         try:
             if not self._closed:
                 self.flush(wait=True, timeout_s=self.close_timeout_s)
-        except Exception as e:  # pragma: no cover
+        except Exception as e:  # noqa: BLE001 - as above: logging must not kill training
             self.last_error = e
 
     def on_checkpoint(self, step: int, path: Union[str, os.PathLike]) -> None:
@@ -146,7 +144,7 @@ class MlflowMetricsCallback:
                 self._tags["colar.checkpoint.latest"] = mask_secrets(path)
                 self._tags["colar.checkpoint.step"] = str(int(step))
             self.flush(wait=False)
-        except Exception as e:  # pragma: no cover
+        except Exception as e:  # noqa: BLE001 - as above: logging must not kill training
             self.last_error = e
 
     def flush(self, wait: bool = True, timeout_s: Optional[float] = None) -> bool:
@@ -188,7 +186,7 @@ class MlflowMetricsCallback:
             warnings.warn(
                 f"MLflow: {len(metrics)} metrics and {len(tags)} tags of run {self.run_id} could not be "
                 f"sent ({self.last_error!r}); written to {where}. The pipeline sends them when its next stage "
-                f"starts or on `colar retry` (or: colar.tasks.metrics_sender.replay_unflushed(path)).",
+                f"starts or on `colar retry` (or: colar_infra.tracking.pending.replay_pending(path, client)).",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -225,7 +223,7 @@ class MlflowMetricsCallback:
                 for k, v in info.items():
                     if v is not None:
                         self._tags[f"colar.train.{metric_key(str(k))}"] = mask_secrets(v)[:MAX_PARAM_VALUE]
-        except Exception as e:  # pragma: no cover
+        except Exception as e:  # noqa: BLE001 - as above: logging must not kill training
             self.last_error = e
 
     def _request(self) -> int:
@@ -328,18 +326,10 @@ class MlflowMetricsCallback:
                 self.flushed_metrics += len(metrics)
 
     def _write_fallback(self, metrics: list[Metric], tags: dict[str, str]) -> None:
-        self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.fallback_path, "a") as fh:
-            for m in metrics:
-                rec = {"run_id": self.run_id, "key": m.key, "value": _json_number(m.value), "step": m.step, "timestamp": m.timestamp}
-                fh.write(json.dumps(rec) + "\n")
-            for k, v in tags.items():
-                fh.write(json.dumps({"run_id": self.run_id, "tag": k, "value": v}) + "\n")
-
-
-#: Sends a fallback (pending) file: :func:`colar.tasks.runs.replay_pending`, which also sends the
-#: artifacts and run ends a stage could not log while the server was away.
-replay_unflushed = replay_pending
+        """Append ``metrics`` and ``tags`` to the pending file with the one writer, :func:`append_records`."""
+        append_records(self.fallback_path,
+                       [MetricRecord(self.run_id, m.key, m.value, m.step, m.timestamp) for m in metrics]
+                       + [TagRecord(self.run_id, k, v) for k, v in tags.items()])
 
 
 def metric_key(key: str) -> str:
@@ -366,7 +356,3 @@ def _as_float(value: Any) -> Optional[float]:
     if isinstance(value, (int, float)):
         return float(value)
     return None
-
-
-def _json_number(x: float) -> Union[float, str]:
-    return x if math.isfinite(x) else str(x)

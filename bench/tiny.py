@@ -1,4 +1,8 @@
-"""Tiny records, tokenizers and models that tests build locally (nothing is downloaded)."""
+"""Tiny records, tokenizers and models built locally (nothing is downloaded): the four two-step
+problems and a small model over them.
+
+Shared by the tests and the CPU benchmarks that start from them (bench/tiny_rl.py).
+"""
 
 from __future__ import annotations
 
@@ -28,31 +32,3 @@ def tiny_model(tokenizer, arch="llama", hidden=64, layers=2, heads=4, **kw) -> C
 
 def encoder_for(tokenizer) -> PromptEncoder:
     return PromptEncoder(tokenizer)
-
-
-class Crash(Exception):
-    """What :class:`CrashAt` raises."""
-
-
-class CrashAt:
-    """A training callback that raises after ``step``: a run dying between two checkpoints."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step(self, step: int, metrics: dict) -> None:
-        if step == self.step:
-            raise Crash(step)
-
-
-class AtStep:
-    """A training callback that calls ``action()`` once, when ``step`` is reached (a fault injected
-    at a chosen moment of a real run: a server stopped, a file removed)."""
-
-    def __init__(self, step: int, action):
-        self.step, self.action, self.done = step, action, False
-
-    def on_step(self, step: int, metrics: dict) -> None:
-        if step == self.step and not self.done:
-            self.done = True
-            self.action()

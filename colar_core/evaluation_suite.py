@@ -1,0 +1,116 @@
+"""The evaluation suite of a run: every model it trained, on every test set, in every setting -> one
+metrics dict and the prediction rows. The policy lives here (the pipeline's ``evaluate`` stage only
+loads the inputs, calls :func:`evaluate_suite` and logs what it returns):
+
+- models, in this order: CoLaR at each of ``eval.compression_factors``, the CoT and No-CoT models
+  decoded explicitly (when given), each latent-reasoning baseline decoded as its folder says
+  (iCoT, Coconut, Distill; a folder trained as another method is refused);
+- sets: ``eval.datasets`` (:meth:`~colar_core.config.EvalConfig.sets`, default the prepared test
+  split named 'test'), each cut to its first ``n_examples`` (:func:`load_eval_sets`);
+- names: each set's metrics carry its name (``accuracy/svamp/c2``: :func:`~colar_core.evaluation.for_set`);
+  the primary (first) set's also go without it (``accuracy/c2``: the names of runs before named sets,
+  which the promotion gate and older comparisons read), right after that set's named ones; with several
+  sets, the plain mean over them follows (``accuracy/avg/c2``: :func:`~colar_core.evaluation.average_over_sets`).
+
+Nothing here knows Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from colar_core.config import TEST_SPLIT, EvalConfig, EvalSet, ModelConfig
+from colar_core.data.prepare import load_split
+from colar_core.data.readers import read_records
+from colar_core.data.records import Record
+from colar_core.evaluation import average_over_sets, evaluate_baseline, evaluate_latent, evaluate_text, for_set
+from colar_core.model import ColarModel
+from colar_core.text import PromptEncoder
+
+__all__ = ["SuiteModels", "SuiteResult", "evaluate_suite", "load_eval_set", "load_eval_sets"]
+
+#: How one model is evaluated on one set's records: ``(metrics without the set name, prediction rows)``.
+_Evaluate = Callable[[ColarModel, PromptEncoder, Sequence[Record]], tuple[dict[str, float], list[dict]]]
+
+
+@dataclass(frozen=True)
+class SuiteModels:
+    """The model folders of a run: ``colar`` (the final CoLaR model, after RL when it ran), the CoT and
+    No-CoT models when trained, and ``baselines`` (method -> folder of sft-icot / sft-coconut / sft-distill)."""
+
+    colar: str
+    cot: Optional[str] = None
+    nocot: Optional[str] = None
+    baselines: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """What :func:`evaluate_suite` returns: the metrics (in the order the module docstring gives) and
+    one prediction row per setting, seed and question, its set's name in ``set``."""
+
+    metrics: dict[str, float]
+    rows: list[dict]
+
+
+def load_eval_set(spec: EvalSet, data_dir: Union[str, Path], n_examples: Optional[int]) -> list[Record]:
+    """The first ``spec.n_examples`` (else ``n_examples``; None = all) problems of one test set: the
+    prepared test split (``data_dir/test.jsonl``) for source 'test', else the set read with the data
+    readers (policy fail: a test set with a bad record is an error naming it, not a smaller test set)."""
+    if spec.source == TEST_SPLIT:
+        records = load_split(Path(data_dir) / "test.jsonl")
+    else:
+        records = read_records(spec.source, spec.format, policy="fail", split=spec.split).records
+    return records[: spec.n_examples or n_examples]
+
+
+def load_eval_sets(cfg: EvalConfig, data_dir: Union[str, Path]) -> dict[str, list[Record]]:
+    """``{set name: records}`` of every set of ``cfg``, the primary set first (:func:`load_eval_set`)."""
+    return {s.name: load_eval_set(s, data_dir, cfg.n_examples) for s in cfg.sets()}
+
+
+def _plan(models: SuiteModels, cfg: EvalConfig) -> list[tuple[str, Optional[str], _Evaluate]]:
+    """``(model folder, method it must have been trained as or None, how to evaluate it)`` in suite order."""
+    seeds, gen = cfg.seeds, cfg.generation
+    plan: list[tuple[str, Optional[str], _Evaluate]] = [
+        (models.colar, None, functools.partial(evaluate_latent, factors=cfg.compression_factors, seeds=seeds, gen=gen))]
+    for mode, folder in (("cot", models.cot), ("nocot", models.nocot)):
+        if folder:
+            plan.append((folder, None, functools.partial(evaluate_text, mode=mode, seeds=seeds, gen=gen)))
+    for method, folder in models.baselines.items():
+        plan.append((folder, method, functools.partial(evaluate_baseline, seeds=seeds, gen=gen)))
+    return plan
+
+
+def evaluate_suite(models: SuiteModels, sets: Mapping[str, Sequence[Record]], cfg: EvalConfig,
+                   model_cfg: Optional[ModelConfig] = None) -> SuiteResult:
+    """Evaluate every model of ``models`` on every set of ``sets`` (``{name: records}``, the primary
+    set first: :func:`load_eval_sets`) with ``cfg``'s factors, seeds and generation settings. The models
+    are loaded one at a time, for evaluation. ``model_cfg``: the pipeline's model config, the only thing
+    that may allow remote code or name a LoRA base when a folder is loaded
+    (:meth:`~colar_core.model.ColarModel.load_options`); None allows neither."""
+    if not sets:
+        raise ValueError("evaluate_suite needs at least one test set")
+    options = ColarModel.load_options(model_cfg) if model_cfg is not None else {}
+    primary = next(iter(sets))
+    metrics: dict[str, float] = {}
+    rows: list[dict] = []
+    for folder, method, evaluate in _plan(models, cfg):
+        model, tokenizer = ColarModel.load_dir(folder, is_trainable=False, **options)
+        if method is not None and model.state.method != method:
+            raise ValueError(f"{folder}: trained as {model.state.method!r}, evaluated as {method!r}")
+        encoder = PromptEncoder(tokenizer)
+        for name, records in sets.items():
+            m, r = evaluate(model, encoder, records)
+            metrics.update(for_set(m, name))
+            if name == primary:  # the primary set also under the names runs had before named sets
+                metrics.update(m)
+            rows.extend({"set": name, **row} for row in r)
+        del model
+    if len(sets) > 1:
+        metrics.update(average_over_sets(metrics, list(sets)))
+    return SuiteResult(metrics, rows)
