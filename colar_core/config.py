@@ -244,11 +244,9 @@ class EvalSet(StrictModel):
     @field_validator("format")
     @classmethod
     def _known_format(cls, v):
-        from colar_core.data.readers import ALIASES, FORMATS  # the readers import this module's neighbours
+        from colar_core.data.readers import known_format  # the readers import this module's neighbours
 
-        if v not in FORMATS and v not in ALIASES:
-            raise ValueError(f"unknown format {v!r}; one of {', '.join(FORMATS)}")
-        return v
+        return known_format(v)
 
     @field_validator("name")
     @classmethod

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from colar_core.baselines.config import CoconutConfig, DistillConfig, ICoTConfig
 from colar_core.config import TEST_SPLIT, ConfigError, EvalConfig, GenerationConfig, ModelConfig, ObjectiveConfig, StrictModel
 from colar_core.data.bundled import BUNDLED, resolve_bundled
+from colar_core.data.readers import known_format
 from colar_core.hub import DATA_SUFFIXES, RepoType, is_cached, is_saved_dataset, looks_like_path
 from colar_core.rl.config import RLConfig
 from colar_core.training.config import TrainConfig
@@ -38,12 +39,18 @@ class DataConfig(StrictModel):
     source: str = Field("builtin", description="'builtin', a bundled set (gsm8k-train, gsm8k-test, gsm8k-aug-valid, "
                         "gsm8k-aug-test, gsm-hard, svamp, multiarith; an existing path of that name wins), a file, a "
                         "directory of split files, or a HF dataset id / saved path.")
-    format: Literal["auto", "gsm8k-aug", "jsonl", "gsm8k", "gsm-hard", "svamp", "multiarith", "hf"] = "auto"
+    format: str = Field("auto", description="Reader format: auto (recognises every bundled set) or one of "
+                        "colar_core.data.readers.FORMATS / ALIASES (one table entry per format).")
     policy: Literal["fail", "skip"] = Field("fail", description="Bad records: fail (default) or skip and count.")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
     builtin: BuiltinDataConfig = Field(default_factory=BuiltinDataConfig)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        return known_format(v)
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self):

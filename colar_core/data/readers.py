@@ -57,7 +57,7 @@ from .bundled import resolve_bundled
 from .equations import answer_value, check_equation
 from .records import DataError, Record
 
-__all__ = ["DataFormat", "DATA_FORMATS", "FORMATS", "ALIASES", "ReadResult", "read_records", "resolve_format",
+__all__ = ["DataFormat", "DATA_FORMATS", "FORMATS", "ALIASES", "ReadResult", "known_format", "read_records", "resolve_format",
            "hf_split_names", "hf_layout", "validate_record", "plain_number"]
 
 #: ``format=`` values beside the table's names: detect the format, or read a Hugging Face dataset.
@@ -313,6 +313,14 @@ def _aliases() -> dict[str, str]:
 FORMATS = _format_names()
 #: Other names of the table's formats (``aug`` -> ``gsm8k-aug``, ...).
 ALIASES = _aliases()
+
+
+def known_format(name: str) -> str:
+    """``name`` if it is one of :data:`FORMATS` or :data:`ALIASES` (a config field's check), else ValueError
+    listing the formats."""
+    if name not in FORMATS and name not in ALIASES:
+        raise ValueError(f"unknown format {name!r}; one of {', '.join(FORMATS)}")
+    return name
 
 
 # --------------------------------------------------------------------------- format resolution
