@@ -44,9 +44,9 @@ from typing import Optional, Sequence
 from bench.common import RESULTS_DIR, ROOT, command_line, utc_now, versions, write_json
 from bench.pipeline_run import TINY, cli_env, colar_cmd
 from colar_core.evaluation import without_timings
+from colar_core.files import content_digest
 from colar_core.procs import ancestors, marked_processes, session_id
 from colar_core.training.checkpoint import COMPLETE
-from colar_core.files import content_digest
 
 #: Environment variable every process of the soak's runs inherits (value: a fresh id per soak).
 MARKER = "COLAR_CHAOS_ID"

@@ -64,13 +64,11 @@ def reevaluate(config_path: str, out_dir: Path, methods: Sequence[str]) -> dict:
     """Evaluate the finished run's models of ``methods`` (baselines) again with today's code, on the
     run's own test split, evaluation seeds and decoding; returns their metrics (primary set). For a
     fix to how a metric is counted, without training anything again."""
-    from flows.config import load_config  # pipeline package: only here
     from colar_core.data.prepare import load_split
-    from colar_core.evaluation import evaluate_baseline
+    from colar_core.evaluation import evaluate_baseline, for_set
     from colar_core.model import ColarModel
     from colar_core.text import PromptEncoder
-
-    from colar_core.evaluation import for_set
+    from flows.config import load_config  # pipeline package: only here
 
     cfg = load_config(config_path).eval
     records = load_split(next(out_dir.glob("prepare-*/data/test.jsonl")))[: cfg.n_examples]
@@ -86,8 +84,8 @@ def reevaluate(config_path: str, out_dir: Path, methods: Sequence[str]) -> dict:
 def aggregate(per_seed: dict[int, dict]) -> dict:
     """Per method (primary test set): accuracy of each seed, their mean and 95 % interval over
     seeds, mean #L, and the within-run interval over sampling seeds of each run."""
-    from tasks.table1 import method_label, per_set_values, setting_order  # pipeline package
     from colar_core.scoring import mean_ci95
+    from tasks.table1 import method_label, per_set_values, setting_order  # pipeline package
 
     rows: dict[str, dict] = {}
     for seed, metrics in sorted(per_seed.items()):

@@ -57,8 +57,15 @@ from typing import Any, ClassVar, Iterator, Optional
 from colar_core.files import atomic_write_json, exclusive_lock
 from colar_core.net import free_port
 from colar_core.procs import group_processes, identity_alive, process_identity, start_time, stop_processes
-from colar_infra.backends import (MLFLOW_PG_DRIVER, PREFECT_PG_DRIVER, DatabaseError, ServerSettings,
-                                  client_credentials, ensure_databases, mlflow_auth_setup)
+from colar_infra.backends import (
+    MLFLOW_PG_DRIVER,
+    PREFECT_PG_DRIVER,
+    DatabaseError,
+    ServerSettings,
+    client_credentials,
+    ensure_databases,
+    mlflow_auth_setup,
+)
 from colar_infra.health import health_url, probe
 from colar_infra.home import colar_home
 from colar_infra.secrets import mask_url

@@ -27,8 +27,8 @@ from colar_core.data.readers import FORMATS
 from colar_core.data.records import DataError
 from colar_infra import servers
 from colar_infra.backends import ServerSettings
-from flows.config import ConfigError, PipelineConfig, load_config, preflight
 from colar_infra.secrets import mask_secrets, mask_url
+from flows.config import ConfigError, PipelineConfig, load_config, preflight
 
 #: Exit codes: 0 done, 1 the pipeline failed, 2 bad config / usage, 3 a server could not be reached.
 EXIT_CONFIG, EXIT_SERVER = 2, 3
@@ -54,8 +54,8 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Opt
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from flows.pipeline import run_pipeline
     from colar_infra.tracking.runs import server_answers
+    from flows.pipeline import run_pipeline
 
     state = run_pipeline(cfg, parent_run_id=parent_run_id, return_state=True)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None

@@ -19,7 +19,15 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from colar_core.baselines.config import CoconutConfig, DistillConfig, ICoTConfig
-from colar_core.config import TEST_SPLIT, ConfigError, EvalConfig, GenerationConfig, ModelConfig, ObjectiveConfig, StrictModel
+from colar_core.config import (
+    TEST_SPLIT,
+    ConfigError,
+    EvalConfig,
+    GenerationConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    StrictModel,
+)
 from colar_core.data.bundled import BUNDLED, resolve_bundled
 from colar_core.data.readers import known_format
 from colar_core.hub import DATA_SUFFIXES, RepoType, is_cached, is_saved_dataset, looks_like_path

@@ -29,16 +29,16 @@ from prefect.runtime import flow_run
 from prefect.states import Crashed
 
 from colar_core.config import TEST_SPLIT
+from colar_core.files import exclusive_lock
 from colar_core.procs import identity_alive
 from colar_core.procs import process_identity as _process_identity
 from colar_core.training.launch import LAUNCHER_RECORD, check_no_live_launcher, describe_launcher, live_launcher
+from colar_infra.tracking.runs import end_orphaned_children, ending_run, log_metrics, start_parent_run
 from flows.config import PipelineConfig, preflight
-from colar_core.files import exclusive_lock
 from tasks.evaluate import EvaluateResult, evaluate_stage
 from tasks.keys import code_version, data_inputs, eval_inputs, model_inputs
 from tasks.prepare import PrepareResult, prepare_stage
 from tasks.report import report_stage
-from colar_infra.tracking.runs import end_orphaned_children, ending_run, log_metrics, start_parent_run
 from tasks.stage_spec import StageResult, StageSpec
 from tasks.training import TrainResult, baseline_stage, rl_stage, sft_stage
 

@@ -9,8 +9,8 @@ from prefect import flow
 
 from colar_core.config import EvalConfig
 from colar_core.files import content_digest
-from tasks.evaluate import EvaluateResult, evaluate_stage
 from colar_infra.tracking.runs import ending_run, start_parent_run
+from tasks.evaluate import EvaluateResult, evaluate_stage
 from tasks.stage_spec import StageSpec
 
 

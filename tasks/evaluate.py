@@ -7,7 +7,6 @@ Prefect UI as the table artifact ``colar-evaluation`` (:mod:`tasks.prefect_artif
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Optional
 
@@ -17,6 +16,7 @@ from prefect import get_run_logger, task
 
 from colar_core.config import EvalConfig, ModelConfig
 from colar_core.evaluation_suite import SuiteModels, evaluate_suite, load_eval_sets
+from colar_core.files import atomic_write_json
 from colar_infra.tracking.pending import ArtifactRecord
 from colar_infra.tracking.runs import child_run, log_metrics, log_or_defer
 from tasks.keys import CACHED_STAGE
@@ -59,7 +59,7 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
         work_s = time.perf_counter() - t0
         log_metrics(run_id, metrics, client=client)
         pd.DataFrame(suite.rows).to_csv(out / "predictions.csv", index=False)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        atomic_write_json(out / "metrics.json", metrics)
         for name in ("predictions.csv", "metrics.json"):
             log_or_defer(ArtifactRecord(run_id, str(out / name)), client=client)
         logger.info("evaluation: %s", {k: round(v, 3) for k, v in metrics.items()})

@@ -21,8 +21,8 @@ from typing import Any, Literal, Union
 
 from colar_core.config import TEST_SPLIT
 from colar_core.data.bundled import resolve_bundled
-from colar_core.hub import hub_cache
 from colar_core.files import content_digest
+from colar_core.hub import hub_cache
 
 #: The packages whose code runs a stage: a change in any of their sources re-keys every stage.
 CODE_PACKAGES = ("colar_core", "colar_infra", "tasks", "flows")

@@ -7,8 +7,8 @@ is drawn.
 
 from __future__ import annotations
 
-import re
 import os
+import re
 from pathlib import Path
 from typing import Any, Union
 

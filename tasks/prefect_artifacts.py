@@ -23,8 +23,12 @@ from collections.abc import Mapping
 from typing import Any, Callable, Optional, cast
 from uuid import UUID
 
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from colar_infra.secrets import mask_url
 from tasks.table1 import AVERAGE, method_label, per_set_values, setting_order

@@ -12,10 +12,10 @@ from prefect import get_run_logger, task
 from colar_core.config import ModelConfig
 from colar_core.data.prepare import load_split, prepare_data
 from colar_core.tokenizer import build_tokenizer
-from colar_infra.tracking.artifacts import log_dataset_input
-from tasks.keys import CACHED_STAGE
 from colar_infra.secrets import mask_secrets
+from colar_infra.tracking.artifacts import log_dataset_input
 from colar_infra.tracking.runs import child_run
+from tasks.keys import CACHED_STAGE
 from tasks.stage_spec import StageResult, stage_folder
 
 

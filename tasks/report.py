@@ -18,7 +18,6 @@ FINISHED (FAILED if logging raised), and the flow ends it for good right after t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -32,11 +31,12 @@ from mlflow.models.model import ModelInfo
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from colar_core.files import atomic_write_json, atomic_write_text
 from colar_infra.secrets import mask_url
+from colar_infra.tracking.runs import PARENT_TAG, STAGE_TAG, log_metrics, tracking_uri_of
 from tasks.plots import accuracy_vs_length_plot
 from tasks.prefect_artifacts import _best_effort, links_artifact, links_markdown, table1_artifact
 from tasks.promotion import Decision, decide
-from colar_infra.tracking.runs import PARENT_TAG, STAGE_TAG, log_metrics, tracking_uri_of
 from tasks.stage_spec import stage_folder
 from tasks.table1 import AVERAGE, method_label, per_set_values, setting_order, table1, table1_markdown, table1_png
 
@@ -172,10 +172,10 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
     log_metrics(parent_run_id, metrics, client=client)
     plot = accuracy_vs_length_plot(metrics, out / "accuracy_vs_length.png")
     client.log_artifact(parent_run_id, str(plot), "plots")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    atomic_write_json(out / "metrics.json", metrics)
     table = table1(metrics)
     table_md = table1_markdown(table, f"Table 1 (run {parent_run_id})")
-    (out / "table1.md").write_text(table_md)
+    atomic_write_text(out / "table1.md", table_md)
     table1_png(table, out / "table1.png", f"run {parent_run_id}")
     for name in ("table1.md", "table1.png"):
         client.log_artifact(parent_run_id, str(out / name))

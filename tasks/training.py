@@ -23,17 +23,17 @@ from mlflow import MlflowClient
 from prefect import get_run_logger, task
 
 from colar_core.baselines.stage import BaselineJob, run_baseline_stage
+from colar_core.files import content_digest
 from colar_core.rl.trainer import RLJob, RLResult, run_rl_stage
 from colar_core.training.callbacks import ConsoleLogger, read_metrics
 from colar_core.training.sft import SFTJob, SFTResult, run_sft_stage
 from colar_core.training.stage import StageData
-from colar_core.files import content_digest
-from tasks.keys import CACHED_STAGE
 from colar_infra.tracking.metrics_sender import MlflowMetricsCallback
-from tasks.plots import training_curves_plot
-from tasks.prefect_artifacts import TrainingProgress
 from colar_infra.tracking.pending import ArtifactRecord
 from colar_infra.tracking.runs import child_run, log_or_defer
+from tasks.keys import CACHED_STAGE
+from tasks.plots import training_curves_plot
+from tasks.prefect_artifacts import TrainingProgress
 from tasks.stage_spec import StageResult, stage_folder
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.exceptions import MlflowException
 
-from colar_infra.backends import (ENV_VARS, MLFLOW_PG_DRIVER, PgServer, ServerSettings, mlflow_auth_setup)
+from colar_infra.backends import ENV_VARS, MLFLOW_PG_DRIVER, PgServer, ServerSettings, mlflow_auth_setup
 from flows.cli import build_parser, server_settings
 from flows.config import ConfigError
 

@@ -11,7 +11,11 @@ import torch.nn.functional as F
 
 from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 from colar_core.baselines.batches import (
-    CurriculumBatches, curriculum_stage, distill_batch, remaining_steps, thought_batch,
+    CurriculumBatches,
+    curriculum_stage,
+    distill_batch,
+    remaining_steps,
+    thought_batch,
 )
 from colar_core.baselines.config import CoconutConfig, DistillConfig, ICoTConfig
 from colar_core.baselines.losses import coconut_loss, distill_loss, icot_loss

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
-from flows.config import ConfigError, PipelineConfig, load_config
-from tasks.table1 import table1
 from colar_core.baselines.config import ICoTConfig
 from colar_core.config import GenerationConfig
 from colar_core.evaluation import evaluate_baseline
+from flows.config import ConfigError, PipelineConfig, load_config
+from tasks.table1 import table1
 
 METRICS = {
     "accuracy/nocot": 0.1, "mean_tokens/nocot": 0.0, "accuracy/cot": 0.9, "mean_tokens/cot": 12.0,

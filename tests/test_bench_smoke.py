@@ -68,9 +68,10 @@ def test_cpu_and_tiny_runs_never_write_the_gpu_result_files():
 
 
 def test_flop_counts_match_the_model():
+    from transformers import AutoModelForCausalLM
+
     from bench.common import LLAMA_3_2_1B, TINY, attention_train_flops, latent_head_param_count
     from colar_core.latent_head import LatentHead
-    from transformers import AutoModelForCausalLM
 
     assert LLAMA_3_2_1B.param_count() == 1_235_814_400  # Llama-3.2-1B
     model = AutoModelForCausalLM.from_config(TINY.hf_config())

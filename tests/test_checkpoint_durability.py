@@ -24,8 +24,14 @@ import pytest
 import torch
 
 from bench.pipeline_run import LAUNCH_VARS
-from colar_core.training.checkpoint import (COMPLETE, CheckpointError, CheckpointManager, complete_checkpoints,
-                                            latest_checkpoint, verify_checkpoint)
+from colar_core.training.checkpoint import (
+    COMPLETE,
+    CheckpointError,
+    CheckpointManager,
+    complete_checkpoints,
+    latest_checkpoint,
+    verify_checkpoint,
+)
 from colar_core.training.config import TrainConfig
 from colar_core.training.engines import build_engine
 from colar_core.training.loop import LoopState

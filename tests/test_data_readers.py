@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from colar_core.data import readers
+from colar_core.data import DataError, Record, read_records, readers, resolve_format, validate_record
 from colar_core.data.bundled import SETS_DIR
-from colar_core.data import DataError, Record, read_records, resolve_format, validate_record
 from colar_core.data.readers import ALIASES, FORMATS, DataFormat
 
 REAL = SETS_DIR / "gsm8k_aug"  # the GSM8k-Aug files bundled with colar (colar_core/data/bundled.py)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
+from colar_core import inference
 from colar_core.collate import collate
 from colar_core.config import GenerationConfig, ObjectiveConfig
-from colar_core import inference
 from colar_core.inference import generate, generate_latent, generate_text, pick_tokens, top_p_filter
 from colar_core.scoring import accuracy
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import PipelineConfig
 from colar_core.files import LockTimeout, exclusive_lock
+from flows.config import PipelineConfig
 
 HOLD = """
 import sys, time

@@ -67,9 +67,9 @@ def test_entropy_weight_is_added_to_the_sft_loss_as_the_reference():
     """The reference's colar.py: ``total_loss += entropy * entropy_weight``. A positive weight
     therefore pushes the latent head's entropy down (its log-std gradient is positive); a negative
     weight is a bonus, and is accepted."""
+    from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
     from colar_core.collate import collate
     from colar_core.config import ObjectiveConfig
-    from bench.tiny import PROBLEMS, encoder_for, tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     enc = encoder_for(tok)

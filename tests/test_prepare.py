@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from colar_core.data.bundled import SETS_DIR
 from colar_core.data import DataError, Record, file_digest, load_split, prepare_data, write_split
+from colar_core.data.bundled import SETS_DIR
 
 REAL = SETS_DIR / "gsm8k_aug"  # the GSM8k-Aug files bundled with colar (colar_core/data/bundled.py)
 

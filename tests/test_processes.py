@@ -25,8 +25,15 @@ import pytest
 
 from bench.common import ROOT
 from bench.pipeline_run import clean_env
-from colar_core.procs import (ancestors, group_processes, identity_alive, marked_processes, process_identity,
-                              session_id, stop_processes)
+from colar_core.procs import (
+    ancestors,
+    group_processes,
+    identity_alive,
+    marked_processes,
+    process_identity,
+    session_id,
+    stop_processes,
+)
 from colar_core.training.config import LauncherConfig
 from colar_core.training.launch import LAUNCHER_RECORD, LauncherAliveError, launch, launch_processes, live_launcher
 

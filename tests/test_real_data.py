@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from colar_core.data import DataError, check_equation, parse_number, prepare_data, read_records, resolve_format
-from colar_core.data import bundled
+from colar_core.data import DataError, bundled, check_equation, parse_number, prepare_data, read_records, resolve_format
 from colar_core.data.bundled import BUNDLED, SETS_DIR, resolve_bundled
 from colar_core.data.prepare import load_split
 from colar_core.data.readers import hf_layout, plain_number

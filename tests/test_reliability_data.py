@@ -43,8 +43,8 @@ def test_prepare_stage_logs_the_exact_skipped_count_to_mlflow(tmp_path, mlflow_s
     from mlflow import MlflowClient
     from prefect.logging import disable_run_logger
 
-    from tasks.prepare import prepare_stage
     from colar_infra.tracking.runs import end_run, start_parent_run
+    from tasks.prepare import prepare_stage
 
     source, n_good, n_bad = mixed_file(tmp_path / "mixed.jsonl")
     model = ModelConfig(tiny=dict(hidden_size=32, num_layers=1, num_heads=2)).model_dump(mode="json")

@@ -200,9 +200,9 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
-    from flows.config import load_config
     from colar_core.training.sft import SFTResult
     from flows.cli import main
+    from flows.config import load_config
     from flows.pipeline import run_pipeline
 
     overrides = TINY + ["tracking.registered_model_name=null", "sft_colar.max_steps=40",
@@ -262,8 +262,8 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
         assert got[key] == pytest.approx(value, abs=METRIC_TOL), key
     # The tiny model's evaluation metrics are nearly degenerate, so compare what they come from too:
     # the resumed CoLaR model is bit-identical to the uninterrupted one, and so is its last loss.
-    from colar_core.training.callbacks import read_metrics
     from colar_core.files import content_digest
+    from colar_core.training.callbacks import read_metrics
 
     ref_colar = next((tmp_path / "ref").glob("sft-colar-*"))
     # The keys differ (the output folder is part of every key), the data they were trained on does not.

@@ -32,13 +32,13 @@ def test_mlflow_lost_mid_training_until_the_stage_ends_loses_nothing_and_retry_s
 
     from colar_core.training.callbacks import read_metrics
     from colar_core.training.sft import SFTResult
-    from flows.cli import main
-    from flows.config import load_config
-    from flows.pipeline import run_pipeline
     from colar_infra.servers import ensure_mlflow, stop_servers
     from colar_infra.tracking.metrics_sender import MlflowMetricsCallback
     from colar_infra.tracking.pending import pending_dir
     from colar_infra.tracking.runs import ORPHAN_TAG
+    from flows.cli import main
+    from flows.config import load_config
+    from flows.pipeline import run_pipeline
 
     state_dir, port = tmp_path / "mlflow", free_port()
     uri = ensure_mlflow(state_dir, port=port)
@@ -122,8 +122,14 @@ def test_what_a_run_does_while_the_server_is_away_waits_in_its_pending_file_unti
     from mlflow import MlflowClient
 
     from colar_infra.tracking.pending import ArtifactRecord, pending_path
-    from colar_infra.tracking.runs import (ending_run, end_orphaned_children, log_metrics, log_or_defer,
-                                           start_child_run, start_parent_run)
+    from colar_infra.tracking.runs import (
+        end_orphaned_children,
+        ending_run,
+        log_metrics,
+        log_or_defer,
+        start_child_run,
+        start_parent_run,
+    )
 
     monkeypatch.setenv("COLAR_HOME", str(tmp_path / "home"))
     client = MlflowClient()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from colar_core.files import content_digest
 from flows.config import PipelineConfig, load_config
 from tasks import keys
-from colar_core.files import content_digest
 from tasks.stage_spec import StageSpec
 
 # ---------------------------------------------------------------------------------------------

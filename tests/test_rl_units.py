@@ -15,11 +15,18 @@ from colar_core.inference import generate_latent
 from colar_core.losses import gaussian_log_prob
 from colar_core.rl.config import RewardConfig, RLConfig
 from colar_core.rl.grpo import (
-    Trajectories, aggregate, clipped_policy_loss, concat_traces, continue_mask, group_advantages, grpo_loss,
-    kl_k3, policy_log_probs, previous_real_position,
+    Trajectories,
+    aggregate,
+    clipped_policy_loss,
+    concat_traces,
+    continue_mask,
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    policy_log_probs,
+    previous_real_position,
 )
 from colar_core.rl.rewards import combine, compute_rewards, correctness, length_bonus
-
 
 pytestmark = pytest.mark.one_torch_thread  # see tests/conftest.py
 

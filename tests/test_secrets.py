@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from flows import cli
 from colar_infra.secrets import mask_secrets, mask_url
 from colar_infra.tracking.params import flatten_params
+from flows import cli
 
 SECRET = "s3cretpw"
 DEAD_URI = f"http://user:{SECRET}@127.0.0.1:9"

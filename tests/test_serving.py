@@ -77,8 +77,8 @@ def candidate_model(tmp_path, mlflow_server, one_thread):
     import torch
     from mlflow import MlflowClient
 
-    from tasks.report import log_colar_model
     from bench.tiny import PROBLEMS, tiny_model, tiny_tokenizer
+    from tasks.report import log_colar_model
 
     torch.manual_seed(0)
     tok = tiny_tokenizer()

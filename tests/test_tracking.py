@@ -17,13 +17,21 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from colar_infra.tracking.artifacts import log_artifact_dir, log_dataset_input
 from colar_infra.secrets import MASK
 from colar_infra.tracking import metrics_sender, pending, runs
+from colar_infra.tracking.artifacts import log_artifact_dir, log_dataset_input
 from colar_infra.tracking.metrics_sender import MlflowMetricsCallback
 from colar_infra.tracking.params import flatten_params
-from colar_infra.tracking.pending import (ArtifactRecord, EndRecord, MetricRecord, TagRecord, append_records, from_json,
-                                          read_records, replay_pending)
+from colar_infra.tracking.pending import (
+    ArtifactRecord,
+    EndRecord,
+    MetricRecord,
+    TagRecord,
+    append_records,
+    from_json,
+    read_records,
+    replay_pending,
+)
 from colar_infra.tracking.runs import PARENT_TAG, STAGE_TAG, end_run, find_child_run, start_child_run, start_parent_run
 from colar_infra.tracking.system_metrics import system_metrics_monitor
 

@@ -47,8 +47,8 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from colar_core.hub import DATA_SUFFIXES, is_saved_dataset, looks_like_path

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
+from colar_core.files import atomic_write_text
+
 PROGRESS_ENV = "COLAR_PROGRESS"  # "1": progress lines even without a terminal (a log, a launcher pipe); "0": none
 
 
@@ -128,7 +130,7 @@ class JsonlLogger(CallbackBase):
                 if rec.get("event") == "start" or rec.get("step", 0) <= resumed:
                     keep.append(json.dumps(rec))
         # a fresh run (no checkpoint to resume) starts a fresh history
-        self.path.write_text("".join(k + "\n" for k in keep))
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))  # a kill here keeps the old history
         self._write({"event": "start", **info})
 
     def on_step(self, step: int, metrics: dict) -> None:

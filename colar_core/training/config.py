@@ -14,7 +14,6 @@ from pydantic import Field, field_validator, model_validator
 from colar_core.config import GenerationConfig, ObjectiveConfig, StrictModel
 
 
-
 class StageChecks(StrictModel):
     """Field checks every training-stage config shares (TrainConfig, RLConfig): ``zero_stage`` is a
     DeepSpeed ZeRO stage 0-3 or None (the DeepSpeed config file's stage, else 2), and

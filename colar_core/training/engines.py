@@ -30,8 +30,7 @@ from torch import nn
 
 from colar_core.training.config import TrainConfig
 from colar_core.training.deepspeed_config import deepspeed_config
-from colar_core.training.distributed import (DistEnv, default_device, dist_env, dist_ready,
-                                                init_single_process_group)
+from colar_core.training.distributed import DistEnv, default_device, dist_env, dist_ready, init_single_process_group
 from colar_core.training.schedule import LRSchedule, build_optimizer
 
 log = logging.getLogger(__name__)

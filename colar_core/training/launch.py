@@ -45,7 +45,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, Union
 
-from colar_core.files import atomic_write_json
+from colar_core.files import atomic_write_json, atomic_write_text
 from colar_core.net import free_port
 from colar_core.procs import identity_alive, marked_processes, process_identity, stop_processes
 from colar_core.training.callbacks import PROGRESS_ENV
@@ -280,7 +280,7 @@ def run_job(job, launcher: LauncherConfig, run_in_process: Callable, result_cls,
     out = Path(job.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = Path(config_path) if config_path else out / "job.json"
-    path.write_text(job.model_dump_json(indent=2))
+    atomic_write_text(path, job.model_dump_json(indent=2))
     launch(path, launcher, module=module, on_line=on_line, record_dir=out)
     return result_cls.load(out)
 

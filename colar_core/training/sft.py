@@ -44,7 +44,13 @@ from colar_core.training.launch import run_job
 from colar_core.training.loop import StepBatch
 from colar_core.training.sampler import EpochSampler
 from colar_core.training.stage import (
-    METRICS_FILE, JobResultMixin, StageData, StageJob, finish_stage, run_stage_loop, start_stage,
+    METRICS_FILE,
+    JobResultMixin,
+    StageData,
+    StageJob,
+    finish_stage,
+    run_stage_loop,
+    start_stage,
 )
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from typing_extensions import Self
 
 from colar_core.config import StrictModel
 from colar_core.data import builtin_splits, load_split
-from colar_core.files import atomic_write_json
+from colar_core.files import atomic_write_json, atomic_write_text
 from colar_core.inference import generate
 from colar_core.model import ColarModel
 from colar_core.scoring import accuracy
@@ -40,7 +40,13 @@ from colar_core.training.config import TrainConfig
 from colar_core.training.distributed import DistEnv, dist_env
 from colar_core.training.engines import Engine
 from colar_core.training.loop import (
-    BatchSource, LoopPlan, LoopState, LossFn, Stateful, Validation, train_loop,
+    BatchSource,
+    LoopPlan,
+    LoopState,
+    LossFn,
+    Stateful,
+    Validation,
+    train_loop,
 )
 
 METRICS_FILE = "metrics.jsonl"
@@ -127,7 +133,7 @@ def start_stage(out: Path, config_file: str, config: StrictModel, backend: str) 
     env = dist_env(set_defaults=backend == "deepspeed")
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / config_file).write_text(config.model_dump_json(indent=2))
+        atomic_write_text(out / config_file, config.model_dump_json(indent=2))
     return env
 
 

@@ -22,8 +22,13 @@ from mlflow.exceptions import MlflowException
 
 from colar_infra.health import health_url, probe
 from colar_infra.secrets import mask_secrets
-from colar_infra.tracking.params import (MAX_ENTITIES_PER_BATCH, MAX_KEY, MAX_METRICS_PER_BATCH, MAX_PARAM_VALUE,
-                                         MAX_PARAMS_PER_BATCH)
+from colar_infra.tracking.params import (
+    MAX_ENTITIES_PER_BATCH,
+    MAX_KEY,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VALUE,
+    MAX_PARAMS_PER_BATCH,
+)
 from colar_infra.tracking.pending import MetricRecord, TagRecord, append_records, pending_path
 from colar_infra.tracking.runs import client_or_default, tracking_uri_of
 

@@ -44,8 +44,16 @@ from mlflow.exceptions import MlflowException
 from colar_infra.health import PROBE_TIMEOUT_S, health_url, probe
 from colar_infra.secrets import mask_secrets, mask_url, masked_tags
 from colar_infra.tracking.params import MAX_PARAMS_PER_BATCH, flatten_params
-from colar_infra.tracking.pending import (ArtifactRecord, EndRecord, MetricRecord, append_records, apply_record,
-                                          pending_dir, pending_path, replay_pending)
+from colar_infra.tracking.pending import (
+    ArtifactRecord,
+    EndRecord,
+    MetricRecord,
+    append_records,
+    apply_record,
+    pending_dir,
+    pending_path,
+    replay_pending,
+)
 
 __all__ = [
     "STAGE_TAG",
