@@ -197,7 +197,7 @@ def test_the_evaluate_task_defers_its_artifacts_as_the_training_stages_do(tmp_pa
     with pytest.warns(RuntimeWarning, match="MLflow server away"):
         result = evaluate.evaluate_stage.fn({}, "/models/colar", None, None, str(tmp_path), str(out), "parent", "k")
     assert result == EvaluateResult.load(out) and result.metrics == metrics and result.example_question == "q?"
-    records = read_records(pending_path("run-e"))
+    records = read_records(pending_path("run-e")).records
     assert {r.key: r.value for r in records if isinstance(r, MetricRecord)} == metrics
     assert [r for r in records if isinstance(r, ArtifactRecord)] == [
         ArtifactRecord("run-e", str(out / "predictions.csv")), ArtifactRecord("run-e", str(out / "metrics.json"))]

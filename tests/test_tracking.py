@@ -364,7 +364,7 @@ def test_pending_records_round_trip_through_their_json_line(tmp_path):
     assert isinstance(nan.value, float) and math.isnan(nan.value)
     path = append_records(tmp_path / "sub" / "r1.jsonl", records[:3])
     append_records(path, records[3:])
-    assert read_records(path) == records  # one reader, typed records, in the order written
+    assert read_records(path).records == records  # one reader, typed records, in the order written
     # the file's lines are what the docs show (and what tests/test_reliability_outage.py reads)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0] == {"run_id": "r1", "key": "loss", "value": 0.25, "step": 7, "timestamp": 1_700_000_000_000}
@@ -380,13 +380,17 @@ def test_a_line_cut_short_by_a_crash_costs_only_itself_and_a_bad_record_is_named
     with open(path, "a") as fh:
         fh.write('{"run_id": "r1", "key": "loss", "val')  # the process died here
     append_records(path, [EndRecord("r1", "FAILED", 9)])
-    with pytest.warns(RuntimeWarning, match=r"r1.jsonl:2: cut short"):
-        assert read_records(path) == [MetricRecord("r1", "loss", 1.0, 1, 5), EndRecord("r1", "FAILED", 9)]
+    found = read_records(path)
+    assert found.records == [MetricRecord("r1", "loss", 1.0, 1, 5), EndRecord("r1", "FAILED", 9)]
+    assert [(u.line, u.text) for u in found.unreadable] == [(2, '{"run_id": "r1", "key": "loss", "val')]
+    assert "cut short" in found.unreadable[0].reason
     bad = tmp_path / "bad.jsonl"
     bad.write_text(MetricRecord("r1", "loss", 1.0, 1, 5).to_json() + '\n{"run_id": "r1", "key": "loss", "value": "0.5",'
                    ' "step": 1, "timestamp": 5}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'value' of a metric record must be int or float"):
-        read_records(bad)
+    found = read_records(bad)
+    assert found.records == [MetricRecord("r1", "loss", 1.0, 1, 5)]
+    assert found.unreadable[0].line == 2
+    assert "field 'value' of a metric record must be int or float" in found.unreadable[0].reason
     with pytest.raises(ValueError, match="not a pending record"):
         from_json('{"run_id": "r1", "what": 1}')
 
@@ -410,7 +414,8 @@ def test_both_writers_are_the_one_fsynced_writer(tmp_path, monkeypatch):
         runs.log_metrics("a" * 32, {"acc": 0.5}, step=2, client=dead)
         runs.log_or_defer(EndRecord("a" * 32, "FINISHED", 3), client=dead)
     assert synced == [str(pending.pending_path("a" * 32))] * 3
-    assert [type(r) for r in read_records(pending.pending_path("a" * 32))] == [MetricRecord, MetricRecord, EndRecord]
+    assert [type(r) for r in read_records(pending.pending_path("a" * 32)).records] == [MetricRecord, MetricRecord,
+                                                                                    EndRecord]
 
 
 def test_a_nan_metric_the_sender_could_not_send_is_replayed_as_nan(run_id, tmp_path):
@@ -420,7 +425,7 @@ def test_a_nan_metric_the_sender_could_not_send_is_replayed_as_nan(run_id, tmp_p
     with pytest.warns(RuntimeWarning, match="could not be sent"):
         cb.close()
     assert '"nan"' not in fallback.read_text() and '"value": NaN' in fallback.read_text()
-    values = {r.key: r.value for r in read_records(fallback)}
+    values = {r.key: r.value for r in read_records(fallback).records if isinstance(r, MetricRecord)}
     assert isinstance(values["grad_norm"], float) and math.isnan(values["grad_norm"])
     assert values["r"] == float("inf") and values["loss"] == 0.5
     assert replay_pending(fallback, MlflowClient()) == 3
@@ -465,3 +470,57 @@ def test_a_pending_file_from_the_old_sender_reads_its_string_nan_as_a_float():
                         ('"-Infinity"', lambda v: v == -math.inf)):
         record = from_json('{"run_id": "r", "key": "loss", "value": %s, "step": 3, "timestamp": 7}' % text)
         assert check(record.value) and isinstance(record.value, float)
+
+
+class _RecordingClient:
+    """What replay_pending asks of an MLflow client, recorded (a unit test needs no server)."""
+
+    def __init__(self):
+        self.metrics, self.tags, self.artifacts, self.ends = [], [], [], []
+
+    def log_batch(self, run_id, metrics=(), tags=(), synchronous=True):
+        self.metrics += [(run_id, m.key, m.step) for m in metrics]
+        self.tags += [(run_id, t.key) for t in tags]
+
+    def log_artifact(self, run_id, local, artifact_path=None):
+        self.artifacts.append((run_id, local))
+
+    log_artifacts = log_artifact
+
+    def set_terminated(self, run_id, status, end_time=None):
+        self.ends.append((run_id, status))
+
+
+def test_a_bad_record_is_set_aside_and_counted_the_others_are_sent_and_the_end_applied(tmp_path):
+    """Issue 22 item 2: one record without a timestamp used to stop the whole file on every retry."""
+    path = tmp_path / "r1.jsonl"
+    append_records(path, [MetricRecord("r1", "loss", 0.1 * i, i, 1_000 + i) for i in range(5)])
+    with open(path, "a") as fh:
+        fh.write('{"run_id": "r1", "key": "loss", "value": 0.5, "step": 99}\n')
+    append_records(path, [EndRecord("r1", "FINISHED", 2_000)])
+    client = _RecordingClient()
+    with pytest.warns(RuntimeWarning, match=r"1 line\(s\) hold no record.*line 6: field 'timestamp'.*6 other record"):
+        assert replay_pending(path, client) == 6
+    assert [step for _, _, step in client.metrics] == [0, 1, 2, 3, 4]
+    assert client.ends == [("r1", "FINISHED")]
+    assert pending.rejected_path(path).read_text() == '{"run_id": "r1", "key": "loss", "value": 0.5, "step": 99}\n'
+    assert not path.exists() and path.with_name(path.name + ".replayed").is_file()
+
+
+def test_a_cut_line_with_a_record_appended_onto_it_is_counted_and_kept_as_written(tmp_path):
+    """Issue 22 item 3: a line cut by a crash and the record a later writer appended onto it were both
+    dropped silently. The one writer now starts on a fresh line; a file written otherwise still reports
+    the merged line and keeps its text in the rejected file, where the appended record can be recovered."""
+    path = tmp_path / "r2.jsonl"
+    merged = '{"run_id": "r2", "key": "loss", "va' + MetricRecord("r2", "loss", 0.5, 2, 7).to_json()
+    path.write_text(MetricRecord("r2", "loss", 1.0, 1, 5).to_json() + "\n" + merged + "\n")
+    client = _RecordingClient()
+    with pytest.warns(RuntimeWarning, match=r"1 line\(s\) hold no record.*line 2: not JSON"):
+        assert replay_pending(path, client) == 1
+    assert pending.rejected_path(path).read_text() == merged + "\n"
+    append_records(tmp_path / "r3.jsonl", [])  # nothing to write: no file
+    cut = tmp_path / "r3.jsonl"
+    cut.write_text('{"run_id": "r3", "key": "loss", "va')
+    append_records(cut, [MetricRecord("r3", "loss", 0.5, 2, 7)])
+    assert read_records(cut).records == [MetricRecord("r3", "loss", 0.5, 2, 7)]
+    assert [u.line for u in read_records(cut).unreadable] == [1]

@@ -46,7 +46,10 @@ __all__ = [
     "from_json",
     "pending_dir",
     "pending_path",
+    "PendingRead",
+    "Unreadable",
     "read_records",
+    "rejected_path",
     "replay_pending",
 ]
 
@@ -213,23 +216,48 @@ def append_records(path: Union[str, os.PathLike], records: Iterable[PendingRecor
     return target
 
 
-def read_records(path: Union[str, os.PathLike]) -> list[PendingRecord]:
-    """The records of the pending file ``path``, in the order written. A line cut short by a crash while
-    it was written is skipped with a warning; a line that is JSON but not a record raises ValueError
-    naming the file, the line and the field."""
+@dataclass(frozen=True)
+class Unreadable:
+    """A line of a pending file that holds no record: cut short by a crash (perhaps with another record
+    appended onto it) or a record with a bad field. ``line`` counts from 1; ``text`` is the line as written."""
+
+    line: int
+    text: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PendingRead:
+    """What :func:`read_records` found in a pending file: its records in the order written, and the lines
+    that hold none."""
+
+    records: list[PendingRecord]
+    unreadable: list[Unreadable]
+
+
+def read_records(path: Union[str, os.PathLike]) -> PendingRead:
+    """The records of the pending file ``path``, in the order written, and the lines that hold none (cut
+    short, or a record with a bad field: each named by its line and reason). A bad line costs only itself:
+    the records around it are read."""
     path = Path(path)
     records: list[PendingRecord] = []
+    unreadable: list[Unreadable] = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             records.append(from_json(line))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number}: cut short (a crash while it was written), skipped: {line[:80]!r}",
-                          RuntimeWarning, stacklevel=2)
+        except json.JSONDecodeError as err:
+            unreadable.append(Unreadable(number, line, f"not JSON (cut short by a crash?): {err.msg}"))
         except ValueError as err:
-            raise ValueError(f"{path}:{number}: {err}") from None
-    return records
+            unreadable.append(Unreadable(number, line, str(err)))
+    return PendingRead(records, unreadable)
+
+
+def rejected_path(path: Union[str, os.PathLike]) -> Path:
+    """Where :func:`replay_pending` sets aside the unreadable lines of the pending file ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".rejected")
 
 
 # ---- sending -----------------------------------------------------------------------------------
@@ -282,10 +310,25 @@ def replay_pending(path: Union[str, os.PathLike], client: MlflowClient) -> int:
     """Send what the pending file ``path`` holds with ``client``: per run, metrics, then tags, then
     artifacts, then the last end recorded, so a run is ended only once everything else is there. Returns
     the number of records sent; the file is renamed ``*.replayed`` afterwards. Sending twice is harmless
-    (MLflow keeps one copy of an identical metric; artifacts are overwritten)."""
+    (MLflow keeps one copy of an identical metric; artifacts are overwritten).
+
+    Lines that hold no record (:func:`read_records`) do not stop the rest: they are appended, as written,
+    to :func:`rejected_path` and counted in a warning naming each line and why."""
     path = Path(path)
+    found = read_records(path)
+    if found.unreadable:
+        rejected = rejected_path(path)
+        with open(rejected, "a") as fh:
+            fh.write("".join(u.text + "\n" for u in found.unreadable))
+            fh.flush()
+            os.fsync(fh.fileno())
+        detail = "; ".join(f"line {u.line}: {u.reason}" for u in found.unreadable[:5])
+        more = f" (and {len(found.unreadable) - 5} more)" if len(found.unreadable) > 5 else ""
+        warnings.warn(f"pending file {path}: {len(found.unreadable)} line(s) hold no record and were set aside in "
+                      f"{rejected}: {detail}{more}; the {len(found.records)} other record(s) are sent",
+                      RuntimeWarning, stacklevel=2)
     sent = 0
-    for run_id, run in _by_run(read_records(path)).items():
+    for run_id, run in _by_run(found.records).items():
         metrics = [Metric(m.key, m.value, m.timestamp, m.step) for m in run.metrics]
         for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             metric_chunk = metrics[i : i + MAX_METRICS_PER_BATCH]
