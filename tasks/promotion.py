@@ -8,12 +8,17 @@ Every run registers its model as a new version; the alias moves only under ``tra
   more than the candidate's 95% interval (``accuracy_ci95/...``), and its chain at that setting is
   no longer (``mean_latents/...``, or ``mean_tokens/...`` for a text mode).
 
+A non-finite accuracy never takes the alias (under either rule), and under ``better`` a comparison that
+lacks one of its numbers or holds a non-finite one (the candidate's accuracy or interval, either chain
+length) is a refusal naming what is missing: the alias never moves by default.
+
 :func:`decide` is pure (metrics in, decision out), so the rule is tested without servers; the report
 stage records the decision on the parent run (tags ``colar.promotion.*``) and in Prefect.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Mapping, Optional
 
@@ -61,24 +66,41 @@ def _length(metrics: Mapping[str, float], metric: str) -> Optional[float]:
     return None
 
 
+def _finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def decide(new: Mapping[str, float], current: Optional[Mapping[str, float]], *,
            rule: Literal["always", "better"] = "better", metric: str = "accuracy/c2",
            current_version: Optional[str] = None) -> Decision:
     """Whether the run whose metrics are ``new`` takes the alias from the candidate whose run's
-    metrics are ``current`` (None: there is no candidate). See the module docstring for the rule."""
+    metrics are ``current`` (None: there is no candidate). See the module docstring for the rule.
+
+    A non-finite accuracy (NaN, inf) never takes the alias, whatever the rule; under ``better``, a
+    comparison that lacks a number (the candidate's accuracy, its interval, either chain length) or
+    holds a non-finite one is a refusal that says which, never a silent pass."""
     who = f"version {current_version}" if current_version else "the current candidate"
+    value = new.get(metric)
+    if value is not None and not math.isfinite(float(value)):
+        return Decision(False, f"this run's {metric} is {float(value)}, not a finite accuracy: {who} stays", metric)
     if rule == "always":
-        return Decision(True, "rule 'always': every run takes the alias", metric, new.get(metric))
+        return Decision(True, "rule 'always': every run takes the alias", metric, value)
     if current is None:
-        return Decision(True, "no candidate yet", metric, new.get(metric))
-    if metric not in new:
+        return Decision(True, "no candidate yet", metric, value)
+    if value is None:
         return Decision(False, f"this run has no {metric}: {who} stays", metric)
-    acc_new = float(new[metric])
-    if metric not in current:
-        return Decision(True, f"{who} has no {metric} to compare with", metric, acc_new)
-    acc_old = float(current[metric])
-    ci_old = float(current.get(metric.replace("accuracy/", "accuracy_ci95/", 1), 0.0))
+    acc_new = float(value)
+    ci_name = metric.replace("accuracy/", "accuracy_ci95/", 1)
+    acc_old = float(current[metric]) if metric in current else None
+    ci_old = float(current[ci_name]) if ci_name in current else None
     len_new, len_old = _length(new, metric), _length(current, metric)
+    missing = [what for what, v in ((f"{who}'s {metric}", acc_old), (f"{who}'s {ci_name}", ci_old),
+                                    (f"this run's chain length at {metric}", len_new),
+                                    (f"{who}'s chain length at {metric}", len_old)) if not _finite(v)]
+    if missing:
+        return Decision(False, f"not comparable: {', '.join(missing)} missing or not finite; {who} stays "
+                        "(rule 'always' moves the alias regardless)", metric, acc_new, acc_old, ci_old, len_new, len_old)
+    assert acc_old is not None and ci_old is not None and len_new is not None and len_old is not None
 
     def decision(promote: bool, reason: str) -> Decision:
         return Decision(promote, reason, metric, acc_new, acc_old, ci_old, len_new, len_old)
@@ -86,7 +108,7 @@ def decide(new: Mapping[str, float], current: Optional[Mapping[str, float]], *,
     if acc_new <= acc_old + ci_old:
         return decision(False, f"{metric} {acc_new:.4f} does not beat {who}'s {acc_old:.4f} by more than its "
                         f"95% interval ({ci_old:.4f})")
-    if len_new is not None and len_old is not None and len_new > len_old + LENGTH_SLACK:
+    if len_new > len_old + LENGTH_SLACK:
         return decision(False, f"{metric} {acc_new:.4f} beats {who}'s {acc_old:.4f} (+-{ci_old:.4f}) but its chain is "
                         f"longer ({len_new:.2f} against {len_old:.2f})")
     return decision(True, f"{metric} {acc_new:.4f} beats {who}'s {acc_old:.4f} by more than its 95% interval "

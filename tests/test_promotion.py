@@ -76,3 +76,28 @@ def test_the_gate_metric_defaults_to_c2_or_the_smallest_factor_and_an_unevaluate
     assert cfg.tracking.promotion.metric_for(cfg.eval.compression_factors) == "accuracy/c1"
     with pytest.raises(ConfigError, match=r"field 'tracking\.promotion\.metric': accuracy/c3 is not evaluated"):
         load_config(None, ["eval.compression_factors=[1,2]", "tracking.promotion.metric=accuracy/c3"])
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("new, current, rule, why", [
+    ({"accuracy/c2": NAN, "mean_latents/c2": 8.0}, OLD, "better", "not a finite accuracy"),
+    ({"accuracy/c2": INF, "mean_latents/c2": 8.0}, OLD, "better", "not a finite accuracy"),
+    ({"accuracy/c2": NAN}, None, "better", "not a finite accuracy"),                 # no candidate yet
+    ({"accuracy/c2": INF}, OLD, "always", "not a finite accuracy"),                  # whatever the rule
+    ({"accuracy/c2": 0.05, "mean_latents/c2": 1.0}, {**OLD, "accuracy/c2": 0.95, "accuracy_ci95/c2": NAN},
+     "better", "accuracy_ci95/c2 missing or not finite"),                           # NaN interval
+    ({"accuracy/c2": 0.90, "mean_latents/c2": 8.0}, {"accuracy/c2": 0.40, "mean_latents/c2": 8.0},
+     "better", "accuracy_ci95/c2 missing or not finite"),                           # no interval
+    ({"accuracy/c2": 0.90, "mean_latents/c2": NAN}, OLD, "better", "this run's chain length"),
+    ({"accuracy/c2": 0.90}, OLD, "better", "this run's chain length"),              # no chain length
+    ({"accuracy/c2": 0.90, "mean_latents/c2": 8.0}, {"accuracy_ci95/c2": 0.02, "mean_latents/c2": 8.0},
+     "better", "version 3's accuracy/c2 missing"),                                  # candidate lacks the metric
+])
+def test_non_finite_or_missing_numbers_never_move_the_alias(new, current, rule, why):
+    """Issue 22 item 5: NaN accuracy was promoted, a NaN interval let a 0.05 model replace a 0.95 one, a
+    missing chain length skipped the length check, a candidate without the metric lost to anything."""
+    decision = decide(new, current, rule=rule, current_version="3")
+    assert decision.promote is False and why in decision.reason, decision.reason
+    assert decision.tags()["colar.promotion.decision"] == "kept"
