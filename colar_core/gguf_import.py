@@ -45,7 +45,7 @@ from typing import Optional, Union
 from colar_core.files import atomic_write_bytes, exclusive_lock, file_sha256
 
 __all__ = ["GGUF_MAGIC", "SOURCE_FILE", "SMOLLM2", "cache_root", "converted_dir", "ensure_converted",
-           "fetch_smollm2", "import_gguf", "is_gguf_file", "resolve_model_path"]
+           "check_out_dir", "fetch_smollm2", "import_gguf", "is_gguf_file", "resolve_model_path"]
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "colar_gguf_source.json"
@@ -107,8 +107,9 @@ def import_gguf(gguf_file: PathLike, out_dir: PathLike, dtype: str = "float32") 
     """Convert ``gguf_file`` into a safetensors model folder ``out_dir`` with its tokenizer.
 
     Written into a temporary sibling folder and renamed into place, so ``out_dir`` is complete or
-    absent (an existing ``out_dir`` is replaced). Returns what ``colar_gguf_source.json`` records,
-    plus the timings.
+    absent. An existing ``out_dir`` is replaced only when it is empty or an earlier import of the same
+    file (:func:`check_out_dir`, before any conversion work). Returns what ``colar_gguf_source.json``
+    records, plus the timings.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,10 +121,11 @@ def import_gguf(gguf_file: PathLike, out_dir: PathLike, dtype: str = "float32") 
     if not is_gguf_file(src):
         raise ValueError(f"{gguf_file}: not a GGUF file (it does not start with {GGUF_MAGIC!r})")
     out = Path(out_dir).expanduser().resolve()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
     sha = file_sha256(src)
+    check_out_dir(src, out, sha)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     meta = _gguf_metadata(src, ("general.architecture", "general.name", "tokenizer.ggml.add_bos_token",
                                 "tokenizer.ggml.add_eos_token"))
     try:
@@ -161,6 +163,26 @@ def import_gguf(gguf_file: PathLike, out_dir: PathLike, dtype: str = "float32") 
                                                        "model": round(t_model - t_tok, 2),
                                                        "save": round(t_end - t_model, 2),
                                                        "total": round(t_end - t0, 2)}}
+
+
+def check_out_dir(src: Path, out: Path, sha: str) -> None:
+    """Refuse an ``out`` folder that an import of ``src`` (sha256 ``sha``) would destroy: a file, a folder
+    that holds ``src``, or a non-empty folder that is not an earlier import of the same file. Resolved
+    paths, so ``.`` and links are seen for what they are."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file, not a folder; nothing was converted")
+    if out == src.parent or out in src.parents:
+        raise ValueError(f"--out {out}: holds the GGUF file {src} being imported, and an import replaces the "
+                         "whole folder; choose a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            earlier = json.loads((out / SOURCE_FILE).read_text()).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if earlier != sha:
+            raise FileExistsError(f"--out {out}: the folder is not empty and is not an earlier import of {src.name} "
+                                  f"(no {SOURCE_FILE} with its sha256), so it is left as it is; choose a new or "
+                                  "empty folder")
 
 
 def converted_dir(gguf_file: PathLike) -> Path:

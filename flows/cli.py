@@ -234,7 +234,12 @@ def cmd_model_fetch_smollm2(args) -> int:
         return 1
     print(f"GGUF: {gguf}", flush=True)
     if args.out:
-        print(json.dumps(import_gguf(gguf, args.out), indent=2, sort_keys=True))
+        try:
+            record = import_gguf(gguf, args.out)
+        except (OSError, ValueError) as err:
+            print(f"colar model fetch-smollm2: error: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(json.dumps(record, indent=2, sort_keys=True))
     else:
         print(f"start a pipeline from it with model.gguf_file: {gguf} (configs/smollm2.yaml), or write a "
               f"model folder with: colar model import --gguf {gguf} --out DIR")

