@@ -83,7 +83,9 @@ def candidate_model(tmp_path, mlflow_server, one_thread):
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     model_dir = tmp_path / "model"
-    tiny_model(tok).save_pretrained(model_dir, tok)
+    model = tiny_model(tok)
+    model.state.trained_compression_factors = [1, 2, 3]  # as the CoLaR SFT stage records it
+    model.save_pretrained(model_dir, tok)
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("colar-serving-test")
@@ -145,6 +147,15 @@ def test_mlflow_models_serve_answers_invocations_with_answer_and_latents_per_com
         assert status == 200, body
         assert len(body["predictions"]) == 1
 
+        # a factor outside what the model was trained with, or no latents at all: HTTP 400, one line, no trace
+        # (issue 22, items 13 and 14)
+        for bad, word in (({"compression_factor": 0}, "compression_factor"), ({"compression_factor": 1000}, "trained"),
+                          ({"max_latents": 0}, "max_latents"), ({"max_latents": -1}, "max_latents")):
+            status, body = _post(base + "/invocations", {"dataframe_split": {"columns": ["question"],
+                                                                             "data": [[question]]}, "params": bad})
+            assert status == 400 and word in body.get("message", ""), (bad, body)
+            assert "Traceback" not in json.dumps(body) and "stack_trace" not in body, body
+
         # a request without the signature's column is refused with a message, not a stack trace
         status, body = _post(base + "/invocations", {"dataframe_split": {"columns": ["prompt"], "data": [["1+1"]]}})
         assert status == 400 and "question" in json.dumps(body), body
@@ -152,3 +163,4 @@ def test_mlflow_models_serve_answers_invocations_with_answer_and_latents_per_com
     finally:
         _stop_group(proc)
     assert proc.poll() is not None
+
