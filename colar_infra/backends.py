@@ -334,13 +334,14 @@ def mlflow_auth_setup(state_dir: Path, settings: ServerSettings) -> tuple[dict[s
     else:
         store = f"sqlite:///{state_dir / 'mlflow-auth.db'}"
     ini = state_dir / "mlflow-auth.ini"
+    values = {"default_permission": DEFAULT_PERMISSION, "database_uri": store, "admin_username": user,
+              "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
+    # MLflow reads the file with configparser's interpolation, where '%' starts a reference: a '%' in a
+    # value (user%40server in a database URL, a colar home with '%' in its path) is written '%%'
     atomic_write_text(ini, "\n".join([
         "# Written by colar (colar_infra.backends) at each start of the basic-auth MLflow server.",
         "[mlflow]",
-        f"default_permission = {DEFAULT_PERMISSION}",
-        f"database_uri = {store}",
-        f"admin_username = {user}",
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        *(f"{name} = {value.replace('%', '%%')}" for name, value in values.items()),
         "",
     ]))
     env = {

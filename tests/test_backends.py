@@ -118,3 +118,20 @@ def test_a_dataset_insert_lost_to_another_pipeline_is_linked_on_the_next_call(ca
     with pytest.raises(MlflowException, match="UniqueViolation"):
         _log_inputs(stubborn, "run", ds_input)
     assert stubborn.calls == 3
+
+
+def test_a_percent_in_the_user_store_or_the_admin_name_reaches_mlflow_as_written(tmp_path, monkeypatch):
+    """Issue 22 item 10: `user%40server` in a database URL, or a colar home with '%' in its path, made MLflow's
+    config reader fail (InterpolationSyntaxError) and the basic-auth server could not start."""
+    from mlflow.server.auth.config import read_auth_config
+
+    home = tmp_path / "50%home"
+    home.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin%40corp")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    env, store = mlflow_auth_setup(home, ServerSettings(mlflow_auth="basic-auth"))
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", env["MLFLOW_AUTH_CONFIG_PATH"])
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_USERNAME", raising=False)
+    config = read_auth_config()  # MLflow's own reader
+    assert config.database_uri == store == f"sqlite:///{home / 'mlflow-auth.db'}"
+    assert config.admin_username == "admin%40corp"
