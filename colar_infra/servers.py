@@ -115,9 +115,13 @@ class ServerError(RuntimeError):
 
 
 def _state_dir(state_dir: Optional[os.PathLike | str]) -> Path:
-    """``state_dir`` (default: the colar home, :func:`colar_infra.home.colar_home`), absolute and created."""
+    """``state_dir`` (default: the colar home, :func:`colar_infra.home.colar_home`), absolute and created.
+    A home it creates is private (0700): it holds the servers' stores, the basic-auth user store included.
+    An existing folder keeps the mode its owner gave it."""
     path = (Path(state_dir).expanduser() if state_dir is not None else colar_home()).resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
     return path
 
 
@@ -431,6 +435,7 @@ def _spawn(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> su
             cwd=str(cwd),
             start_new_session=True,  # own process group; survives the CLI; stoppable as a group
             close_fds=True,
+            umask=0o077,  # what the server writes (SQLite stores, the basic-auth user store, artifacts) is 0600
         )
     _CHILDREN[proc.pid] = proc
     return proc

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -88,6 +89,8 @@ def test_mlflow_server_starts_on_loopback_is_reused_and_stops(tmp_path, no_exter
     assert json.loads((tmp_path / "servers.json").read_text())["mlflow"]["pid"] == record["pid"]
     status = server_status(tmp_path)["mlflow"]
     assert status["alive"] and status["healthy"]
+    # what the server writes is its owner's alone (issue 22, item 11)
+    assert stat.S_IMODE((tmp_path / "mlflow.db").stat().st_mode) == 0o600
 
     assert stop_servers(tmp_path) == ["mlflow"]
     assert _pid_gone(record["pid"])
@@ -294,3 +297,14 @@ def test_prefect_server_fixture_runs_flows_against_it(prefect_server):
     with get_client(sync_client=True) as client:
         assert str(client.api_url).rstrip("/") == prefect_server
         assert [r.name for r in client.read_flow_runs()] != []
+
+
+def test_a_colar_home_it_creates_is_private_and_an_existing_one_keeps_its_mode(tmp_path):
+    """Issue 22 item 11: the home (with mlflow.db and mlflow-auth.db in it) was created 0755."""
+    from colar_infra.servers import _state_dir
+
+    assert stat.S_IMODE(_state_dir(tmp_path / "a" / "home").stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    assert stat.S_IMODE(_state_dir(shared).stat().st_mode) == 0o755
