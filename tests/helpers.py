@@ -103,18 +103,27 @@ def toy_loop(out, max_steps=30, callbacks=(), checkpoint_every=10):
 # processes
 
 
-def sigkill_after_first_checkpoint(cmd: list, env: dict, out: Path, log_path: Path) -> None:
-    """Start a job's command, SIGKILL it as soon as its first complete checkpoint exists in ``out``."""
+def sigkill_at_checkpoint(cmd: list, env: dict, root: Path, pattern: str, log_path: Path, *, timeout_s: float,
+                          tail: int, what: str) -> None:
+    """Start ``cmd`` (in the repository), SIGKILL it as soon as ``root.glob(pattern)`` finds a complete
+    checkpoint; fail with the log's last ``tail`` characters if it exits first, or with ``what`` after
+    ``timeout_s``."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.time() + 240
-        while not list((out / "checkpoints").glob(f"step_*/{COMPLETE}")):
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint appeared"
+        deadline = time.time() + timeout_s
+        while not list(root.glob(pattern)):
+            assert proc.poll() is None, log_path.read_text()[-tail:]
+            assert time.time() < deadline, what
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def sigkill_after_first_checkpoint(cmd: list, env: dict, out: Path, log_path: Path) -> None:
+    """Start a job's command, SIGKILL it as soon as its first complete checkpoint exists in ``out``."""
+    sigkill_at_checkpoint(cmd, env, out / "checkpoints", f"step_*/{COMPLETE}", log_path, timeout_s=240, tail=3000,
+                          what="no checkpoint appeared")
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import ROOT
 from bench.pipeline_run import TINY, cli_env, colar_cmd
 from colar_core.evaluation import without_timings
 from colar_core.net import free_port
 from colar_core.training.checkpoint import COMPLETE, CheckpointError, latest_checkpoint
-from tests.helpers import child_runs, toy_loop
+from tests.helpers import child_runs, sigkill_at_checkpoint, toy_loop
 
 #: Evaluation metrics of a killed-and-retried run vs an uninterrupted one. Training resumes exactly
 #: (weights, optimizer, RNG and data position are checkpointed) and evaluation sampling is seeded,
@@ -209,18 +207,10 @@ def test_pipeline_killed_in_sft_colar_resumes_on_retry_and_matches_an_uninterrup
                         "sft_colar.checkpoint_every=4"]
     killed_root = tmp_path / "killed" / "runs"
     log_path = tmp_path / "killed.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(colar_cmd("run", overrides=overrides + ["name=rel-kill", f"output_dir={killed_root}"]),
-                                env=cli_env(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server),
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while not list(killed_root.glob(f"sft-colar-*/checkpoints/step_*/{COMPLETE}")):
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            assert time.time() < deadline, "sft-colar wrote no checkpoint"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_at_checkpoint(colar_cmd("run", overrides=overrides + ["name=rel-kill", f"output_dir={killed_root}"]),
+                          cli_env(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server),
+                          killed_root, f"sft-colar-*/checkpoints/step_*/{COMPLETE}", log_path, timeout_s=300, tail=4000,
+                          what="sft-colar wrote no checkpoint")
     colar_dir = next(killed_root.glob("sft-colar-*"))
     killed_at = int(latest_checkpoint(colar_dir).name.split("_")[1])
     assert 4 <= killed_at < 40
