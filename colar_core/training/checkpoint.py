@@ -45,6 +45,7 @@ from typing import Mapping, Optional, Sequence, TypedDict
 import torch
 from safetensors import SafetensorError
 
+from colar_core.files import fsync_dir
 from colar_core.training.engines import Engine
 from colar_core.training.loop import LoopState, Stateful
 
@@ -124,7 +125,7 @@ def sync_tree(directory: Path) -> dict:
         for name in sorted(filenames):
             path = Path(dirpath) / name
             manifest[path.relative_to(directory).as_posix()] = _file_digest(path, sync=True)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
     return dict(sorted(manifest.items()))
 
 
@@ -278,11 +279,11 @@ class CheckpointManager:
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
             manifest = {"step": state.step, "files": sync_tree(tmp)}  # every rank's files are on disk now
             _write_synced(tmp / COMPLETE, json.dumps(manifest, indent=1) + "\n")
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. the end of a resumed, finished run)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._rotate()
         engine.barrier()
         return final
@@ -367,7 +368,7 @@ class CheckpointManager:
         if target.exists():
             target = path.with_name(f"{_CORRUPT}{path.name}-{time.strftime('%Y%m%dT%H%M%S')}")
         os.replace(path, target)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         log.warning("checkpoint %s is unusable: %s; moved to %s, falling back to the previous checkpoint",
                     path, why, target)
 
@@ -453,14 +454,3 @@ def _free_bytes(path: Path) -> Optional[int]:
     return None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
