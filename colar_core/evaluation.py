@@ -4,23 +4,33 @@ Metric names are a contract the pipeline logs verbatim: ``accuracy/c{c}``, ``acc
 ``mean_latents/c{c}`` for latent reasoning, and ``accuracy/{mode}``, ``accuracy_ci95/{mode}``,
 ``mean_tokens/{mode}`` for the text baselines (``cot``, ``nocot``), ``accuracy/{method}`` with
 ``mean_latents/{method}`` (Coconut, Distill: continuous thoughts) or ``mean_tokens/icot`` for the
-baselines of ``colar_core.baselines``; ``sec_per_question/{setting}`` is the wall time of decoding,
+baselines of ``colar_core.baselines``; every setting also has ``accuracy_qci95/{setting}`` and
+``n_questions/{setting}`` (below); ``sec_per_question/{setting}`` is the wall time of decoding,
 per question and seed, for every setting (latents at each c, CoT, No-CoT, each baseline).
+
+Two intervals go with every accuracy. ``accuracy_ci95/{setting}`` is the paper's: mean +/- 1.96 sd /
+sqrt(#seeds) of the per-seed accuracies (Table 1 shows it; 0 with one seed, whatever the number of
+questions). ``accuracy_qci95/{setting}`` accounts for the questions: 1.96 sd / sqrt(n) over the n
+questions' accuracies averaged over seeds (:func:`~colar_core.scoring.question_ci95`; with one seed,
+the binomial interval); the promotion gate compares with it. ``n_questions/{setting}`` is the
+number of questions scored, and :func:`eval_set_digest` names the set they came from.
 
 On several named test sets, each name goes after the metric (:func:`for_set`:
 ``accuracy/svamp/c2``) and :func:`average_over_sets` adds ``.../avg/...``, the plain mean over the
-sets (the paper's "Average" column).
+sets (the paper's "Average" column; intervals and question counts have no average).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from typing import Mapping, Sequence
 
 from colar_core.config import GenerationConfig
 from colar_core.inference import generate
-from colar_core.scoring import answers_match, mean, mean_ci95
+from colar_core.scoring import answers_match, mean, mean_ci95, question_ci95
 from colar_core.text import PromptEncoder
 
 
@@ -37,6 +47,7 @@ def check_compression_factors(factors: Sequence[int], trained: Sequence[int], fi
 def _sweep(model, encoder, records, mode: str, compression, seeds, gen, key: str, length_name: str):
     questions = [r.question for r in records]
     accs: list[float] = []
+    per_seed: list[list[bool]] = []
     lengths: list[float] = []
     rows: list[dict] = []
     decode_s = 0.0
@@ -46,6 +57,7 @@ def _sweep(model, encoder, records, mode: str, compression, seeds, gen, key: str
         decode_s += time.perf_counter() - t0
         correct = [answers_match(g.answer, r.answer) for g, r in zip(gens, records)]
         accs.append(sum(correct) / max(1, len(records)))
+        per_seed.append(correct)
         lengths.append(mean(g.chain_length for g in gens))
         rows.extend(
             dict(setting=key, seed=seed, id=r.id, question=r.question, gold=r.answer, prediction=g.answer,
@@ -53,14 +65,17 @@ def _sweep(model, encoder, records, mode: str, compression, seeds, gen, key: str
             for g, r, ok in zip(gens, records, correct)
         )
     acc, ci = mean_ci95(accs)
-    metrics = {f"accuracy/{key}": acc, f"accuracy_ci95/{key}": ci, f"{length_name}/{key}": mean(lengths),
+    metrics = {f"accuracy/{key}": acc, f"accuracy_ci95/{key}": ci,
+               f"accuracy_qci95/{key}": question_ci95(per_seed), f"n_questions/{key}": float(len(records)),
+               f"{length_name}/{key}": mean(lengths),
                f"sec_per_question/{key}": decode_s / max(1, len(records) * len(seeds))}
     return metrics, rows
 
 
 def evaluate_latent(model, encoder: PromptEncoder, records, factors: Sequence[int], seeds: Sequence[int],
                     gen: GenerationConfig = GenerationConfig()) -> tuple[dict[str, float], list[dict]]:
-    """CoLaR at each factor ``c``: ``accuracy/c{c}``, ``accuracy_ci95/c{c}``, ``mean_latents/c{c}``."""
+    """CoLaR at each factor ``c``: ``accuracy/c{c}``, ``accuracy_ci95/c{c}``, ``accuracy_qci95/c{c}``,
+    ``n_questions/c{c}``, ``mean_latents/c{c}``, ``sec_per_question/c{c}``."""
     check_compression_factors(factors, model.state.trained_compression_factors)
     metrics, rows = {}, []
     for c in factors:
@@ -72,7 +87,8 @@ def evaluate_latent(model, encoder: PromptEncoder, records, factors: Sequence[in
 
 def evaluate_text(model, encoder: PromptEncoder, records, mode: str, seeds: Sequence[int],
                   gen: GenerationConfig = GenerationConfig()) -> tuple[dict[str, float], list[dict]]:
-    """Explicit decoding (``mode`` 'cot' or 'nocot'): ``accuracy/{mode}``, ``mean_tokens/{mode}``."""
+    """Explicit decoding (``mode`` 'cot' or 'nocot'): ``accuracy/{mode}``, its two intervals and
+    ``n_questions/{mode}`` (as :func:`evaluate_latent`), ``mean_tokens/{mode}``."""
     return _sweep(model, encoder, records, mode, 1, seeds, gen, mode, "mean_tokens")
 
 
@@ -84,7 +100,8 @@ BASELINE_LENGTHS = {"icot": "mean_tokens", "coconut": "mean_latents", "distill":
 def evaluate_baseline(model, encoder: PromptEncoder, records, seeds: Sequence[int],
                       gen: GenerationConfig = GenerationConfig()) -> tuple[dict[str, float], list[dict]]:
     """A baseline model, decoded as its method says (``model.state.method``: 'icot', 'coconut' or
-    'distill'): ``accuracy/{method}``, ``accuracy_ci95/{method}``, and ``mean_latents/{method}`` (the
+    'distill'): ``accuracy/{method}``, its two intervals and ``n_questions/{method}`` (as
+    :func:`evaluate_latent`), and ``mean_latents/{method}`` (the
     thoughts of Coconut and Distill) or ``mean_tokens/icot`` (the reasoning tokens iCoT still writes)."""
     method = model.state.method
     if method not in BASELINE_LENGTHS:
@@ -104,16 +121,28 @@ def for_set(metrics: Mapping[str, float], set_name: str) -> dict[str, float]:
 
 
 _PER_SET = re.compile(r"(?P<metric>[^/]+)/(?P<set>[^/]+)/(?P<setting>[^/]+)")
+#: Per-set metrics that :func:`average_over_sets` leaves out.
+_NOT_AVERAGED = ("accuracy_ci95", "accuracy_qci95", "n_questions")
+
+
+def eval_set_digest(records: Sequence) -> str:
+    """sha256 (hex) of what a test set is scored on: its (question, gold answer) pairs, sorted, so
+    two runs with the same digest asked the same questions (as many, the same answers expected)
+    whatever their order, ids or reasoning steps. Records need ``question`` and ``answer``."""
+    pairs = sorted([str(r.question), str(r.answer)] for r in records)
+    text = json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def average_over_sets(metrics: Mapping[str, float], set_names: Sequence[str]) -> dict[str, float]:
     """``{metric}/avg/{setting}``: the mean over ``set_names`` of ``{metric}/{set}/{setting}``, for each
     metric and setting that every set has. Confidence intervals are not averaged (the mean of
-    intervals is not an interval of the mean), so ``accuracy_ci95`` has no average."""
+    intervals is not an interval of the mean), so ``accuracy_ci95`` and ``accuracy_qci95`` have no
+    average, and neither has ``n_questions`` (a count per set)."""
     by_setting: dict[tuple[str, str], dict[str, float]] = {}
     for key, value in metrics.items():
         m = _PER_SET.fullmatch(key)
-        if m and m["set"] in set_names and m["metric"] != "accuracy_ci95":
+        if m and m["set"] in set_names and m["metric"] not in _NOT_AVERAGED:
             by_setting.setdefault((m["metric"], m["setting"]), {})[m["set"]] = value
     return {f"{metric}/avg/{setting}": sum(values.values()) / len(values)
             for (metric, setting), values in sorted(by_setting.items()) if len(values) == len(set_names)}

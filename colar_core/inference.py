@@ -13,18 +13,37 @@ hidden state fed back, :func:`feed_thoughts`, which their training uses too) bef
 
 One code path serves evaluation, serving and RL rollouts; ``LatentTrace`` keeps what RL needs to
 recompute log-probabilities (the sampled latents and answer tokens).
+
+A caller that must bound the work (a server whose request timed out or that is shutting down) passes
+``stop``, a :data:`StopCheck` asked before every decoder step (prompt batch, latent, thought, token):
+when it returns a reason the generation ends with :class:`GenerationStopped` within one step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union, overload
+from typing import Callable, Literal, Optional, Sequence, Union, overload
 
 import torch
 
 from colar_core.config import GenerationConfig
-from colar_core.scoring import extract_answer
-from colar_core.text import AUTO_SPEED, PromptEncoder, Speed
+from colar_core.text import AUTO_SPEED, PromptEncoder, Speed, extract_answer
+
+#: Asked before every decoder step of a generation: None to go on, or the reason to stop (one line).
+StopCheck = Callable[[], Optional[str]]
+
+
+class GenerationStopped(RuntimeError):
+    """A generation ended early because its :data:`StopCheck` gave a reason (the message); nothing is
+    returned for any of its questions."""
+
+
+def check_stop(stop: Optional[StopCheck]) -> None:
+    """Raise :class:`GenerationStopped` when ``stop`` (if any) gives a reason to stop now."""
+    if stop is not None:
+        reason = stop()
+        if reason is not None:
+            raise GenerationStopped(reason)
 
 
 @dataclass
@@ -32,7 +51,7 @@ class Generation:
     """One answered question. ``n_latents`` for latent reasoning, ``n_tokens`` chain tokens for CoT."""
 
     text: str
-    answer: Optional[str]  # what is scored: scoring.extract_answer(text), uncleaned (answers_match cleans it)
+    answer: Optional[str]  # what is scored: text.extract_answer(text), uncleaned (answers_match cleans it)
     n_latents: int = 0
     n_tokens: int = 0
 
@@ -105,13 +124,14 @@ def thought_input(model, hidden: torch.Tensor) -> torch.Tensor:
     return hidden if proj is None else proj(hidden)
 
 
-def feed_thoughts(state: DecodeState, model, n: int) -> list[torch.Tensor]:
+def feed_thoughts(state: DecodeState, model, n: int, stop: Optional[StopCheck] = None) -> list[torch.Tensor]:
     """Coconut / Distill: ``n`` continuous thoughts, one sequential forward each (KV cache): each
     feeds :func:`thought_input` of the previous position's last hidden state. Shared by training
     (gradients flow through the chain) and inference. Returns the fed embeddings, in order."""
     fed = []
     keep = torch.ones(state.hidden.shape[0], dtype=torch.bool, device=state.hidden.device)
     for _ in range(n):
+        check_stop(stop)
         embeds = thought_input(model, state.hidden)
         state.feed(embeds, keep)
         fed.append(embeds)
@@ -148,12 +168,14 @@ def pick_tokens(logits: torch.Tensor, gen: GenerationConfig, generator: Optional
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _decode_tokens(state: DecodeState, model, max_new: int, eos_id: int, pad_id: int, gen, generator) -> torch.Tensor:
+def _decode_tokens(state: DecodeState, model, max_new: int, eos_id: int, pad_id: int, gen, generator,
+                   stop: Optional[StopCheck] = None) -> torch.Tensor:
     """Decode up to ``max_new`` tokens per row from ``state``; rows stop at EOS. Returns [B, T]."""
     b = state.hidden.shape[0]
     done = torch.zeros(b, dtype=torch.bool, device=state.hidden.device)
     out = []
     for i in range(max_new):
+        check_stop(stop)
         tok = pick_tokens(model.token_logits(state.hidden), gen, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out.append(tok)
@@ -167,13 +189,14 @@ def _decode_tokens(state: DecodeState, model, max_new: int, eos_id: int, pad_id:
 @overload
 def generate_latent(model, encoder: PromptEncoder, questions: Sequence[str], compression: Speed,
                     gen: GenerationConfig = ..., generator: Optional[torch.Generator] = ...,
-                    return_trace: Literal[False] = ...) -> list[Generation]: ...
+                    return_trace: Literal[False] = ..., stop: Optional[StopCheck] = ...) -> list[Generation]: ...
 
 
 @overload
 def generate_latent(model, encoder: PromptEncoder, questions: Sequence[str], compression: Speed,
                     gen: GenerationConfig = ..., generator: Optional[torch.Generator] = ..., *,
-                    return_trace: Literal[True]) -> tuple[list[Generation], LatentTrace]: ...
+                    return_trace: Literal[True],
+                    stop: Optional[StopCheck] = ...) -> tuple[list[Generation], LatentTrace]: ...
 
 
 @torch.no_grad()
@@ -185,9 +208,12 @@ def generate_latent(
     gen: GenerationConfig = GenerationConfig(),
     generator: Optional[torch.Generator] = None,
     return_trace: bool = False,
+    stop: Optional[StopCheck] = None,
 ) -> Union[list[Generation], tuple[list[Generation], LatentTrace]]:
     """Latent reasoning for one batch of questions at compression factor ``compression``; with
-    ``return_trace`` also the :class:`LatentTrace` of what was sampled (RL's trajectories)."""
+    ``return_trace`` also the :class:`LatentTrace` of what was sampled (RL's trajectories). ``stop``:
+    module docstring."""
+    check_stop(stop)
     prompts = [encoder.prompt_ids(encoder.encode_question(q), compression) for q in questions]
     state = DecodeState(model, prompts, encoder.pad_id)
     b, device = len(questions), model.device
@@ -196,19 +222,21 @@ def generate_latent(
     latents, latent_mask = [], []
     scale = model.state.embedding_scale
     for _ in range(gen.max_latents):
+        check_stop(stop)
         z, _, _ = model.latent_head.sample(state.hidden, sample=gen.sample_latents, generator=generator)
         latents.append(z)
         latent_mask.append(active.clone())
         state.feed(z * scale, active)
         n_latents += active.long()
         # the stop check samples from the full softmax (top_p=1), as the reference's (no nucleus there)
-        stop = active & (pick_tokens(model.token_logits(state.hidden), gen, generator, top_p=1.0) == encoder.think_id)
-        active = active & ~stop
+        ends = active & (pick_tokens(model.token_logits(state.hidden), gen, generator, top_p=1.0) == encoder.think_id)
+        active = active & ~ends
         if not bool(active.any()):
             break
     think = torch.full((b,), encoder.think_id, dtype=torch.long, device=device)
     state.feed(model.embed(think), torch.ones(b, dtype=torch.bool, device=device))
-    answer_tokens = _decode_tokens(state, model, gen.max_answer_tokens, encoder.eos_id, encoder.pad_id, gen, generator)
+    answer_tokens = _decode_tokens(state, model, gen.max_answer_tokens, encoder.eos_id, encoder.pad_id, gen, generator,
+                                   stop)
 
     results = []
     for i in range(b):
@@ -235,15 +263,17 @@ def generate_text(
     gen: GenerationConfig = GenerationConfig(),
     generator: Optional[torch.Generator] = None,
     chain_ends_at_answer: bool = False,
+    stop: Optional[StopCheck] = None,
 ) -> list[Generation]:
     """Explicit decoding after ``(Thinking speed: speed)###``: the CoT baseline, or no-CoT for a model
     trained to answer directly. ``n_tokens`` counts chain tokens before the closing ``###``; with
     ``chain_ends_at_answer`` (iCoT) an output that skips the ``###`` counts the tokens before its
     ``Answer:`` (the reference's fallback), so a direct answer is a chain of 0, not of its answer tokens."""
+    check_stop(stop)
     prompts = [encoder.prompt_ids(encoder.encode_question(q), speed) for q in questions]
     state = DecodeState(model, prompts, encoder.pad_id)
     tokens = _decode_tokens(state, model, gen.max_cot_tokens + gen.max_answer_tokens, encoder.eos_id,
-                            encoder.pad_id, gen, generator)
+                            encoder.pad_id, gen, generator, stop)
     results = []
     for row in tokens.tolist():
         text = encoder.decode(row)
@@ -269,16 +299,19 @@ def generate_thoughts(
     n_thoughts: int,
     gen: GenerationConfig = GenerationConfig(),
     generator: Optional[torch.Generator] = None,
+    stop: Optional[StopCheck] = None,
 ) -> list[Generation]:
     """Coconut / Distill: the prompt (speed 'auto', as they train), exactly ``n_thoughts`` continuous
     thoughts (:func:`feed_thoughts`), the closing ``###``, then the answer. ``n_latents`` = ``n_thoughts``."""
+    check_stop(stop)
     prompts = [encoder.prompt_ids(encoder.encode_question(q), AUTO_SPEED) for q in questions]
     state = DecodeState(model, prompts, encoder.pad_id)
     b, device = len(questions), model.device
-    feed_thoughts(state, model, n_thoughts)
+    feed_thoughts(state, model, n_thoughts, stop)
     think = torch.full((b,), encoder.think_id, dtype=torch.long, device=device)
     state.feed(model.embed(think), torch.ones(b, dtype=torch.bool, device=device))
-    answer_tokens = _decode_tokens(state, model, gen.max_answer_tokens, encoder.eos_id, encoder.pad_id, gen, generator)
+    answer_tokens = _decode_tokens(state, model, gen.max_answer_tokens, encoder.eos_id, encoder.pad_id, gen, generator,
+                                   stop)
     results = []
     for row in answer_tokens.tolist():
         text = encoder.decode(row)
@@ -298,11 +331,13 @@ def generate(
     compression: Speed = 1,
     gen: GenerationConfig = GenerationConfig(),
     seed: Optional[int] = None,
+    stop: Optional[StopCheck] = None,
 ) -> list[Generation]:
     """All questions, in batches of ``gen.batch_size``. ``mode``: 'latent' (CoLaR at ``compression``),
     'cot' / 'nocot' (explicit decoding), 'icot' (explicit decoding after the 'auto' prompt it trains
     with: the remaining steps, if any, then the answer), 'coconut' / 'distill' (``model.state.n_thoughts``
-    continuous thoughts, then the answer)."""
+    continuous thoughts, then the answer). ``stop``: asked before every decoder step; when it gives a
+    reason, :class:`GenerationStopped` is raised within one step and nothing is returned (module docstring)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     generator = None
@@ -315,14 +350,14 @@ def generate(
         for start in range(0, len(questions), gen.batch_size):
             chunk = list(questions[start: start + gen.batch_size])
             if mode == "latent":
-                out.extend(generate_latent(model, encoder, chunk, compression, gen, generator))
+                out.extend(generate_latent(model, encoder, chunk, compression, gen, generator, stop=stop))
             elif mode in ("cot", "nocot"):
-                out.extend(generate_text(model, encoder, chunk, 1, gen, generator))
+                out.extend(generate_text(model, encoder, chunk, 1, gen, generator, stop=stop))
             elif mode == "icot":
                 out.extend(generate_text(model, encoder, chunk, AUTO_SPEED, gen, generator,
-                                         chain_ends_at_answer=True))
+                                         chain_ends_at_answer=True, stop=stop))
             else:
-                out.extend(generate_thoughts(model, encoder, chunk, model.state.n_thoughts, gen, generator))
+                out.extend(generate_thoughts(model, encoder, chunk, model.state.n_thoughts, gen, generator, stop))
     finally:
         model.train(was_training)
     return out

@@ -27,6 +27,15 @@ AUTO_SPEED = "auto"
 Speed = Union[int, str]
 
 
+def extract_answer(text: str) -> str:
+    """The part of a model's output that is scored, exactly as the reference extracts it
+    (``LitCoTModelBase.extract_answer_from_output``: ``text.split("Answer:")[1]``): the text after the
+    first ``Answer:`` up to the next one if there are several, or the whole output when there is no
+    ``Answer:``. Returned as is; :func:`answers_match` cleans it."""
+    pieces = text.split(ANSWER_PREFIX)
+    return pieces[1] if len(pieces) > 1 else text
+
+
 def question_text(question: str) -> str:
     return f"Question: {question} Let's think step by step:"
 

@@ -7,16 +7,19 @@ Two backends (:class:`ServerSettings`, read by :mod:`colar_infra.servers` when i
     ``<COLAR_HOME>/prefect``. Good for one machine and a few pipelines at a time.
 
 ``postgres`` (production)
-    ``db_url`` names a PostgreSQL *server* (``postgresql://USER[:PASSWORD]@HOST[:PORT][/DB]``; ``DB``,
+    ``db_url`` names a PostgreSQL *server* (``postgresql://USER[:PASSWORD]@HOST[:PORT][/DB][?PARAMS]``; ``DB``,
     default ``postgres``, is only the database colar connects to for creating the others). colar
     creates one database per server if it is missing: ``<db_prefix>_mlflow`` (MLflow's backend
     store), ``<db_prefix>_prefect`` (Prefect, through ``postgresql+asyncpg``) and, with basic auth,
     ``<db_prefix>_mlflow_auth`` (MLflow's user store). Artifacts stay files:
-    ``<COLAR_HOME>/mlartifacts``, served by the MLflow server.
+    ``<COLAR_HOME>/mlartifacts``, served by the MLflow server. A prefix therefore belongs to one colar
+    home: the first to use it is recorded as its owner (the comment of each database), and another
+    home is refused (:func:`ensure_databases`).
 
-The password of ``db_url`` never reaches a command line, a record, a log or a printed URL: the
-servers get URLs without it and the password as ``PGPASSWORD`` in their environment (libpq, which
-MLflow's psycopg2 uses, and asyncpg, which Prefect uses, both read it).
+The password of ``db_url`` (``user:PASSWORD@`` or ``?password=PASSWORD``, as libpq reads it) never reaches
+a command line, a record, a log or a printed URL: the servers get URLs without it and the password as
+``PGPASSWORD`` in their environment (libpq, which MLflow's psycopg2 uses, and asyncpg, which Prefect
+uses, both read it).
 
 MLflow basic auth (``mlflow_auth="basic-auth"``) starts MLflow with ``--app-name basic-auth``. Its
 admin user is ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, the same variables the
@@ -40,10 +43,12 @@ This module imports neither mlflow nor prefect; ``psycopg2`` only when it create
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
 import urllib.parse
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -59,6 +64,7 @@ __all__ = [
     "MLFLOW_PG_DRIVER",
     "PREFECT_PG_DRIVER",
     "PgServer",
+    "PrefixOwnedError",
     "ServerSettings",
     "create_database",
     "drop_database",
@@ -96,12 +102,14 @@ class ServerSettings(StrictModel):
         None, description="Where the servers store runs and flow runs: SQLite files in the colar home "
         "(the default) or databases on the PostgreSQL server `db_url`. A `db_url` alone means postgres.")
     db_url: Optional[str] = Field(
-        None, description="PostgreSQL server URL, `postgresql://USER[:PASSWORD]@HOST[:PORT][/DB]`; DB "
-        "(default `postgres`) is where colar connects to create its own databases. Backend postgres only.")
+        None, description="PostgreSQL server URL, `postgresql://USER[:PASSWORD]@HOST[:PORT][/DB]` (a password "
+        "may also be a `?password=` parameter, as libpq reads it); DB (default `postgres`) is where colar connects "
+        "to create its own databases. Backend postgres only.")
     db_prefix: str = Field(
         "colar", pattern=r"^[a-z_][a-z0-9_]{0,40}$",
         description="Names of the databases colar creates: `<db_prefix>_mlflow`, `<db_prefix>_prefect`, "
-        "`<db_prefix>_mlflow_auth` (lower-case letters, digits, `_`).")
+        "`<db_prefix>_mlflow_auth` (lower-case letters, digits, `_`). A prefix belongs to the colar home that "
+        "first used it on a server; another home is refused.")
     mlflow_auth: Optional[Literal["none", "basic-auth"]] = Field(
         None, description="`basic-auth`: MLflow's basic-auth app; its admin is MLFLOW_TRACKING_USERNAME / "
         "MLFLOW_TRACKING_PASSWORD, which the pipeline's client sends. Default `none`.")
@@ -163,8 +171,10 @@ class ServerSettings(StrictModel):
 
 @dataclass(frozen=True)
 class PgServer:
-    """A PostgreSQL server from a ``postgresql://`` URL. :meth:`url` never contains the password; it
-    travels as ``PGPASSWORD`` (:meth:`env`)."""
+    """A PostgreSQL server from a ``postgresql://`` URL. The password is read where libpq reads it (the
+    userinfo, ``user:PASSWORD@``, or a ``password=`` query parameter, which wins; both percent-decoded);
+    :meth:`url` never contains it (``query`` is the URL's query without ``password=``): it travels as
+    ``PGPASSWORD`` (:meth:`env`)."""
 
     host: str
     port: int
@@ -191,8 +201,11 @@ class PgServer:
         if "/" in db:
             raise ValueError("db_url: one database name at most after the host")
         password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+        query_password, query = _take_password(parts.query)
+        if query_password is not None:  # libpq: a `password=` parameter wins over the userinfo's
+            password = query_password
         return cls(host=parts.hostname, port=port, user=urllib.parse.unquote(parts.username or "postgres"),
-                   maintenance_db=db, password=password or None, query=parts.query)
+                   maintenance_db=db, password=password or None, query=query)
 
     def url(self, database: str, driver: str = "postgresql") -> str:
         """``driver://user@host:port/database`` (no password)."""
@@ -229,6 +242,20 @@ class PgServer:
                 return cur.fetchone() is not None
         finally:
             conn.close()
+
+
+def _take_password(query: str) -> tuple[Optional[str], str]:
+    """``(password, rest)`` of a URL's query as libpq reads it: the value of its last ``password``
+    parameter (name and value percent-decoded, ``+`` kept as it is; None if there is none) and the
+    other parameters as they were written."""
+    password, rest = None, []
+    for item in query.split("&"):
+        name, _, value = item.partition("=")
+        if urllib.parse.unquote(name) == "password":
+            password = urllib.parse.unquote(value)
+        elif item:
+            rest.append(item)
+    return password, "&".join(rest)
 
 
 _DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -286,14 +313,101 @@ def drop_database(pg: PgServer, name: str) -> bool:
         conn.close()
 
 
-def ensure_databases(settings: ServerSettings, roles: tuple[str, ...]) -> dict[str, str]:
-    """Create the databases of ``roles`` that are missing; returns ``{role: database name}``."""
+class PrefixOwnedError(DatabaseError):
+    """The databases of a prefix belong to another colar home."""
+
+
+#: The line of a database's comment that names the colar home owning it (other lines are left as they are).
+_OWNER_LINE = re.compile(r"^colar home ([0-9a-f]{32}) at (.*)$", re.MULTILINE)
+
+
+def _owner_lock_key(prefix: str) -> int:
+    """The PostgreSQL advisory lock that serialises claims of ``prefix`` (a signed 64-bit number)."""
+    return int.from_bytes(hashlib.sha256(f"colar db prefix {prefix}".encode()).digest()[:8], "big", signed=True)
+
+
+def _with_owner(comment: Optional[str], line: str) -> str:
+    """``comment`` with its owner line replaced by ``line`` (lines someone else wrote are kept)."""
+    kept = [x for x in (comment or "").splitlines() if x.strip() and not _OWNER_LINE.fullmatch(x)]
+    return "\n".join([*kept, line])
+
+
+def ensure_databases(settings: ServerSettings, roles: tuple[str, ...], home: Path) -> dict[str, str]:
+    """Create the databases of ``roles`` that are missing, as the colar home ``home``'s; returns
+    ``{role: database name}``.
+
+    The databases of a prefix belong to one colar home: the MLflow runs in ``<prefix>_mlflow`` have their
+    artifacts in that home, which no other home can read. Its owner is recorded as the comment of each
+    database (``COMMENT ON DATABASE ... IS 'colar home <id> at <host>:<path>'``, :func:`colar_infra.home.home_id`;
+    MLflow's and Prefect's tables are not touched, and dropping the databases frees the prefix). A prefix
+    whose databases name another home is refused (:class:`PrefixOwnedError`, before anything is created);
+    databases without an owner record (made by hand or by an older colar) are claimed, with a warning.
+    Claims of one prefix are serialised by an advisory lock on the maintenance database.
+    """
     pg = settings.pg
     if pg is None:
         return {}
+    import psycopg2
+    from psycopg2 import sql
+
+    from colar_infra.home import home_id, home_place
+
     names = {role: settings.database(role) for role in roles}
-    for name in names.values():
-        create_database(pg, name)
+    try:
+        me, here = home_id(home), home_place(home)
+    except (OSError, ValueError) as err:
+        raise DatabaseError(f"the colar home's identity, which backend postgres records as the owner of its "
+                            f"databases: {err}") from None
+    line = f"colar home {me} at {here}"
+    every = [settings.database(role) for role in DATABASE_SUFFIXES]
+    conn = pg._connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (_owner_lock_key(settings.db_prefix),))  # until close
+            cur.execute("SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+                        "WHERE datname = ANY(%s)", (every,))
+            comments: dict[str, Optional[str]] = dict(cur.fetchall())
+            others = {}
+            for name, comment in comments.items():
+                owner = _OWNER_LINE.search(comment or "")
+                if owner and owner.group(1) != me:
+                    others[name] = owner.group(2)
+            if others:
+                listed = ", ".join(sorted(others))
+                owner_place = others[sorted(others)[0]]
+                owner_host, _, owner_path = owner_place.partition(":")
+                free = (f"`COMMENT ON DATABASE {listed} IS NULL`" if len(others) == 1
+                        else f"`COMMENT ON DATABASE <name> IS NULL` on each of {listed}")
+                raise PrefixOwnedError(
+                    f"database prefix {settings.db_prefix!r} on {pg.url(pg.maintenance_db)} belongs to another "
+                    f"colar home, {owner_place} (recorded on {listed}); this home is {here}. The runs there have "
+                    f"their artifacts in that home, where this one cannot read them. Use another prefix "
+                    f"(--db-prefix NAME or $COLAR_DB_PREFIX) or that home (COLAR_HOME={owner_path} on {owner_host}); "
+                    f"if that home is gone for good, {free} frees the prefix.")
+            claimed = []
+            for name in names.values():
+                created = create_database(pg, name)
+                comment = comments.get(name)
+                owner = _OWNER_LINE.search(comment or "")
+                if owner and owner.group(0) == line:
+                    continue
+                try:  # the owner of a database (colar's user, which made it) may comment on it
+                    cur.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                        sql.Identifier(name), sql.Literal(_with_owner(comment, line))))
+                except psycopg2.Error as err:
+                    warnings.warn(f"cannot record this colar home ({here}) as the owner of database {name}: "
+                                  f"{str(err).strip().splitlines()[0]}; another colar home using prefix "
+                                  f"{settings.db_prefix!r} on this server will not be refused",
+                                  RuntimeWarning, stacklevel=2)
+                    continue
+                if not created and owner is None:
+                    claimed.append(name)
+            if claimed:
+                warnings.warn(f"database {', '.join(claimed)} had no owner record (made by hand or by an older colar): "
+                              f"recorded as this colar home's ({here}); another colar home using prefix "
+                              f"{settings.db_prefix!r} on this server is now refused", RuntimeWarning, stacklevel=2)
+    finally:
+        conn.close()  # ends the session: releases the advisory lock
     return names
 
 
@@ -330,7 +444,8 @@ def mlflow_auth_setup(state_dir: Path, settings: ServerSettings) -> tuple[dict[s
     user, password = creds
     pg = settings.pg
     if pg is not None:
-        store = pg.url(ensure_databases(settings, ("mlflow_auth",))["mlflow_auth"], driver=MLFLOW_PG_DRIVER)
+        store = pg.url(ensure_databases(settings, ("mlflow_auth",), state_dir)["mlflow_auth"],
+                       driver=MLFLOW_PG_DRIVER)
     else:
         store = f"sqlite:///{state_dir / 'mlflow-auth.db'}"
     ini = state_dir / "mlflow-auth.ini"

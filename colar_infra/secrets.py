@@ -4,13 +4,14 @@
 :func:`mask_url` in the URLs of a text; :func:`colar_infra.tracking.params.flatten_params` masks a whole
 config with :func:`masker` and :func:`is_secret_key`. They mask the same things: keys naming a credential
 (:func:`is_secret_key`), values of environment variables named like a secret, and credentials embedded in
-URLs (the whole userinfo).
+URLs (the whole userinfo, and query parameters named like a secret: ``?password=``, which libpq reads).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +37,11 @@ _MIN_SECRET_EXACT = 6
 # The userinfo of a URL (``scheme://USERINFO@host``): everything between "://" and the last "@"
 # before the authority ends at "/", "?", "#" or a space (so a raw "@" in a password is masked too).
 _URL_USERINFO = re.compile(r"([A-Za-z][\w+.-]*://)([^/?#\s]*)@")
+# A query parameter (``?name=value`` or ``&name=value``): the value ends at the next "&", "#", white
+# space or quote (a URL quoted in JSON or a log line ends there).
+_QUERY_PARAM = re.compile(r"([?&])([^=&#?\s\"']+)=([^&#\s\"']*)")
+# Parameter names that carry a secret beyond :func:`is_secret_key`'s words: libpq's ``sslpassword``.
+_SECRET_PARAM_ENDINGS = ("password", "passwd")
 
 
 def _mask_userinfo(match: re.Match) -> str:
@@ -44,11 +50,19 @@ def _mask_userinfo(match: re.Match) -> str:
     return f"{match.group(1)}{kept}@"
 
 
+def _mask_query_param(match: re.Match) -> str:
+    name = urllib.parse.unquote(match.group(2))  # libpq reads `pass%77ord=` as `password=`
+    if match.group(3) and (is_secret_key(name) or name.lower().endswith(_SECRET_PARAM_ENDINGS)):
+        return f"{match.group(1)}{match.group(2)}={MASK}"
+    return match.group(0)
+
+
 def mask_url(text: str) -> str:
-    """``text`` with the credentials of every URL in it masked: ``https://user:***@host`` when there
-    is a username and a password, ``https://***@host`` for a bare token (``https://tok@host``,
-    ``https://:tok@host``)."""
-    return _URL_USERINFO.sub(_mask_userinfo, text)
+    """``text`` with the credentials of every URL in it masked: the userinfo (``https://user:***@host``
+    when there is a username and a password, ``https://***@host`` for a bare token: ``https://tok@host``,
+    ``https://:tok@host``) and the value of every query parameter named like a secret (``?password=***``,
+    libpq's way of giving a password; ``&token=***``, ``?api_key=***``; :func:`is_secret_key`)."""
+    return _QUERY_PARAM.sub(_mask_query_param, _URL_USERINFO.sub(_mask_userinfo, text))
 
 
 def _key_words(key: str) -> list[str]:

@@ -25,6 +25,7 @@ State directory: the colar home (:func:`colar_infra.home.colar_home`: ``$COLAR_H
     mlflow.db, mlartifacts/ MLflow backend store (sqlite backend) and proxied artifacts (both backends)
     mlflow-auth.ini, mlflow-auth-secret, mlflow-auth.db   MLflow basic auth (with --mlflow-auth basic-auth)
     mlflow.log, prefect.log server output
+    home-id                 the home's id, recorded as the owner of its databases (backend postgres)
     prefect/                PREFECT_HOME of the Prefect server (its sqlite database, sqlite backend)
     prefect/ui/             the Prefect UI's static files, copied there at the first start
 
@@ -262,7 +263,7 @@ class _Mlflow(_Server):
         more = {}
         pg = self.settings.pg
         if pg is not None:
-            ensure_databases(self.settings, ("mlflow",))
+            ensure_databases(self.settings, ("mlflow",), self.state_dir)
             more.update(pg.env())
         if self.settings.effective_auth == "basic-auth":
             more.update(mlflow_auth_setup(self.state_dir, self.settings)[0])
@@ -333,7 +334,7 @@ class _Prefect(_Server):
         pg = self.settings.pg
         if pg is None:
             return {}
-        ensure_databases(self.settings, ("prefect",))
+        ensure_databases(self.settings, ("prefect",), self.state_dir)
         return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database, **pg.env()}
 
     def identity(self) -> dict[str, str]:

@@ -44,9 +44,11 @@ def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optiona
     print("Stop the local servers with: colar servers stop")
 
 
-def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Optional[ServerSettings] = None) -> int:
-    """Run the pipeline on ``cfg`` (under ``parent_run_id`` for a retry); print metrics and URLs.
-    ``settings``: how to start servers that are not running (default: the ``COLAR_*`` variables)."""
+def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Optional[ServerSettings] = None,
+         from_stage: Optional[str] = None) -> int:
+    """Run the pipeline on ``cfg`` (under ``parent_run_id`` for a retry, re-running ``from_stage`` and
+    what follows); print metrics, what each stage did and URLs. ``settings``: how to start servers
+    that are not running (default: the ``COLAR_*`` variables)."""
     urls = servers.ensure_servers(settings=settings)
     print(f"MLflow tracking server: {mask_url(urls['mlflow'])}\nPrefect API: {mask_url(urls['prefect'])}", flush=True)
     # Pipeline commands import prefect and mlflow here, not at module level: `colar data prepare`
@@ -54,17 +56,18 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Opt
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from colar_infra.tracking.pending import pending_dir
     from colar_infra.tracking.runs import server_answers
     from flows.pipeline import run_pipeline
 
-    state = run_pipeline(cfg, parent_run_id=parent_run_id, return_state=True)
+    state = run_pipeline(cfg, parent_run_id=parent_run_id, return_state=True, from_stage=from_stage)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
     mlflow.set_tracking_uri(urls["mlflow"])
     client = MlflowClient()
     if not server_answers(client):  # lost during the run: no lookups (each would sit in MLflow's retries)
         print(f"pipeline {state.name}: {mask_secrets(state.message)}", file=sys.stderr)
         print(f"MLflow server at {mask_url(urls['mlflow'])} does not answer; what it could not take waits in "
-              f"$COLAR_HOME/unflushed. Once it is back: colar retry {parent_run_id or flow_run_id}", file=sys.stderr)
+              f"{pending_dir(parent_run_id)}. Once it is back: colar retry {parent_run_id or flow_run_id}", file=sys.stderr)
         return 0 if state.is_completed() else 1
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
@@ -76,6 +79,7 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Opt
     if state.is_completed():
         result = state.result()
         print(json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}, indent=2, sort_keys=True))
+        print("Stages: " + ", ".join(f"{name} {st}" for name, st in result.get("stages", {}).items()))
         if result.get("alias_uri"):
             print(f"Registered model: {result['alias_uri']} (version {result.get('version')}: {result.get('promotion_reason')})")
         elif result.get("registered_model"):
@@ -127,7 +131,7 @@ def cmd_retry(args) -> int:
     servers.ensure_servers()
     from mlflow.tracking import MlflowClient  # lazily: see _run
 
-    from flows.pipeline import still_running
+    from flows.pipeline import check_from_stage, still_running
 
     try:
         parent = resolve_parent_run(args.run)
@@ -140,8 +144,14 @@ def cmd_retry(args) -> int:
         return EXIT_CONFIG
     cfg = load_stored_config(MlflowClient().download_artifacts(parent.info.run_id, "config.json"))
     preflight(cfg)
-    print(f"retrying pipeline run {parent.info.run_id} ({parent.info.status})", flush=True)
-    return _run(cfg, parent_run_id=parent.info.run_id)
+    try:
+        check_from_stage(cfg, args.from_stage)
+    except ValueError as err:
+        print(f"colar retry: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"retrying pipeline run {parent.info.run_id} ({parent.info.status})"
+          + (f" from stage {args.from_stage}" if args.from_stage else ""), flush=True)
+    return _run(cfg, parent_run_id=parent.info.run_id, from_stage=args.from_stage)
 
 
 def load_stored_config(path: str) -> PipelineConfig:
@@ -290,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. sft_colar.max_steps=100")
     add_server_options(run)
     run.set_defaults(func=cmd_run)
-    retry = sub.add_parser("retry", help="re-run a failed pipeline: finished stages are skipped, the failed one resumes")
+    retry = sub.add_parser("retry", help="re-run a failed pipeline: finished stages are reused, the failed one resumes")
     retry.add_argument("run", help="MLflow parent run id or Prefect flow-run id")
+    retry.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
+                       help="re-run STAGE and every stage after it (the stages before it are reused)")
     retry.set_defaults(func=cmd_retry)
     compare = sub.add_parser("compare", help="table of pipeline runs: accuracy and #L per compression factor")
     compare.add_argument("--experiment", default="colar")

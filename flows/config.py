@@ -72,8 +72,9 @@ class PromotionConfig(StrictModel):
     """When a run's registered model takes the alias 'candidate' (tasks.promotion)."""
 
     rule: Literal["better", "always"] = Field(
-        "better", description="'better': only when `metric` beats the current candidate's by more than its 95% "
-        "interval with a chain no longer (or there is no candidate yet); 'always': every run takes it.")
+        "better", description="'better': only when `metric`, measured on the same evaluation set (same digest), "
+        "beats the current candidate's by more than its 95% interval over questions and seeds "
+        "(accuracy_qci95) with a chain no longer (or there is no candidate yet); 'always': every run takes it.")
     metric: Optional[str] = Field(None, pattern=r"^accuracy/(c\d+|cot|nocot)$", description="The accuracy compared "
                                   "(primary test set): accuracy/c{c} for a factor of eval.compression_factors, or "
                                   "accuracy/cot. None: accuracy/c2 when c=2 is evaluated, else the smallest factor's.")

@@ -24,6 +24,7 @@ from typing import Any, Optional, TypeVar
 
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 from prefect.states import Crashed
@@ -35,8 +36,9 @@ from colar_core.procs import process_identity as _process_identity
 from colar_core.training.launch import LAUNCHER_RECORD, check_no_live_launcher, describe_launcher, live_launcher
 from colar_infra.tracking.runs import end_orphaned_children, ending_run, log_metrics, start_parent_run
 from flows.config import PipelineConfig, preflight
+from flows.retry import RetryPlan
 from tasks.evaluate import EvaluateResult, evaluate_stage
-from tasks.keys import code_version, data_inputs, eval_inputs, model_inputs
+from tasks.keys import StageCode, code_version, data_inputs, eval_inputs, model_inputs, stage_code, validates
 from tasks.prepare import PrepareResult, prepare_stage
 from tasks.report import report_stage
 from tasks.stage_spec import StageResult, StageSpec
@@ -106,33 +108,69 @@ def _log_warning(message: str) -> None:
         logging.getLogger(__name__).warning(message)
 
 
-def _run_stage(spec: StageSpec, result_type: type[R], timings: dict, states: dict, lock_timeout_s: float) -> R:
+def _run_stage(spec: StageSpec, result_type: type[R], timings: dict, states: dict, lock_timeout_s: float,
+               plan: RetryPlan, parent_run_id: str) -> R:
     """Run a stage in its folder (:meth:`StageSpec.run`: re-run if its cached folder was deleted) and
-    return its result, which must be a ``result_type`` (the flow reads it by attribute).
+    return its result, which must be a ``result_type`` (the flow reads it by attribute). In a retry,
+    a stage that finished in the pipeline run under other code is reused as it is (``plan``:
+    :class:`~flows.retry.RetryPlan`); ``--from`` runs it again whatever the cache holds.
 
-    Records in ``states`` the stage's Prefect state name (``Cached`` when skipped) and in ``timings``
-    the stage's wall time as the flow sees it and the time of its own work (the colar_core call), so
-    the orchestration overhead (Prefect + MLflow) is their difference.
+    Records in ``states`` the stage's state name (``Cached`` when skipped, ``Reused`` when a retry
+    reused it) and in ``timings`` the stage's wall time as the flow sees it and the time of its own
+    work (the colar_core call), so the orchestration overhead (Prefect + MLflow) is their difference.
     """
+    if (folder := plan.reusable(spec)) is not None:
+        return _reuse_stage(spec, folder, result_type, states, plan, parent_run_id)
     with _stage_lock(spec.folder, lock_timeout_s):
+        if (note := plan.carry_over(spec)) is not None:
+            _log_warning(note)
+        plan.started(spec)
         t0 = time.perf_counter()
-        state = spec.run()
+        state = spec.run(refresh=plan.forced(spec))
         wall = time.perf_counter() - t0
     states[spec.name] = state.name
+    plan.ran(spec, state.name)
     result = state.result()  # raises the stage's exception if it failed
     if not isinstance(result, result_type):  # a cached result of another type (or a task that returned one)
         raise TypeError(f"stage {spec.name} returned {type(result).__name__}, not a {result_type.__name__}")
+    plan.finished(spec)
     if state.name != "Cached":
         timings[spec.name] = {"wall_s": wall, "work_s": result.work_s, "overhead_s": wall - result.work_s}
     return result
 
 
+def _reuse_stage(spec: StageSpec, folder: Path, result_type: type[R], states: dict, plan: RetryPlan,
+                 parent_run_id: str) -> R:
+    """A retry reuses the result a stage left in ``folder`` when it finished in this pipeline run
+    (under code or inputs that have changed since): logged, tagged on the parent run
+    (``colar.reused.<stage>``: the code digest it was made with and today's) and listed in the
+    flow run's ``colar-retry`` artifact."""
+    try:
+        result = result_type.load(folder)
+    except ValueError as err:  # a result of another shape: today's code cannot read it
+        raise RuntimeError(f"stage {spec.name}: cannot reuse {folder}: {err}; re-run it with "
+                           f"`colar retry <run> --from {spec.name}`") from None
+    record = plan.reuse(spec, folder)
+    why = ("code changed" if record.code != spec.code_digest else "inputs or config changed")
+    line = (f"made with code {record.code[:16]}, today's {spec.code_digest[:16]} ({why}); "
+            f"folder {folder.name}")
+    states[spec.name] = "Reused"
+    _log_warning(f"stage {spec.name} reused as it finished in this pipeline run: {line}")
+    with contextlib.suppress(Exception):  # a tag is a record for the reader; the result is the file
+        MlflowClient().set_tag(parent_run_id, f"colar.reused.{spec.name}", line)
+    return result
+
+
 @flow(name="colar-pipeline", log_prints=True)
-def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
-    """Run every stage of ``config`` (a PipelineConfig as a dict). ``parent_run_id`` resumes a run."""
+def colar_pipeline(config: dict, parent_run_id: Optional[str] = None, from_stage: Optional[str] = None) -> dict:
+    """Run every stage of ``config`` (a PipelineConfig as a dict). ``parent_run_id`` retries a run:
+    the stages that finished in it are reused (:mod:`flows.retry`), except ``from_stage`` and the
+    stages after it, which run again."""
     logger = get_run_logger()
     cfg = PipelineConfig.model_validate(config).for_run()  # absolute output_dir, in config.json too
     preflight(cfg)  # model path, dataset id: fail before any stage (the CLI checked already)
+    check_from_stage(cfg, from_stage)
+    retry = parent_run_id is not None
     conf = cfg.model_dump(mode="json")
     client = MlflowClient()
     if parent_run_id is None:
@@ -158,28 +196,60 @@ def colar_pipeline(config: dict, parent_run_id: Optional[str] = None) -> dict:
 
     timings: dict = {}
     with ending_run(parent_run_id):
+        plan = RetryPlan(cfg.output_dir, parent_run_id, retry=retry, from_stage=from_stage)
         try:
-            result = _run_stages(cfg, conf, parent_run_id, timings)
+            result = _run_stages(cfg, conf, parent_run_id, timings, plan)
         finally:
             _log_timings(parent_run_id, timings)
+            if retry:
+                retry_artifact(plan, from_stage)
     return {"parent_run_id": parent_run_id, **result}
 
 
-def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: dict) -> dict:
+def stage_names(cfg: PipelineConfig) -> list[str]:
+    """The stages of ``cfg``'s pipeline, in the order they run (``report`` last)."""
+    return (["prepare"] + (["sft-cot"] if cfg.sft_cot else []) + ["sft-colar"] + (["rl"] if cfg.rl is not None else [])
+            + (["sft-nocot"] if cfg.eval.nocot_baseline else []) + [f"sft-{m}" for m, _ in cfg.baselines.selected()]
+            + ["evaluate", "report"])
+
+
+def check_from_stage(cfg: PipelineConfig, from_stage: Optional[str]) -> None:
+    """``--from STAGE`` must name a stage of this pipeline: a ``ValueError`` listing them otherwise."""
+    if from_stage is not None and from_stage not in (names := stage_names(cfg)):
+        raise ValueError(f"--from {from_stage}: this pipeline has no stage {from_stage!r}; its stages: "
+                         f"{', '.join(names)}")
+
+
+def retry_artifact(plan: RetryPlan, from_stage: Optional[str]) -> None:
+    """The flow run's ``colar-retry`` markdown artifact: what this retry reused, and from which code."""
+    lines = ["### colar retry", ""]
+    if from_stage:
+        lines += [f"`--from {from_stage}`: {from_stage} and the stages after it ran again.", ""]
+    if plan.reused:
+        lines += ["| stage | reused from folder | made with code |", "| --- | --- | --- |"]
+        lines += [f"| {name} | `{Path(r.folder).name}` | `{r.code[:16]}` |" for name, r in plan.reused.items()]
+    else:
+        lines.append("No stage was reused from earlier code (finished stages under today's keys come back Cached).")
+    with contextlib.suppress(Exception):  # no Prefect API (a test calling the flow function): nothing to show
+        create_markdown_artifact("\n".join(lines) + "\n", key="colar-retry",
+                                 description="Stages a colar retry reused, and the code they were made with")
+
+
+def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: dict, plan: RetryPlan) -> dict:
     """prepare -> sft-cot -> sft-colar -> rl -> sft-nocot -> sft-icot / sft-coconut / sft-distill ->
     evaluate -> report (optional ones as configured); returns the evaluation metrics, the report's
     model URIs and each stage's Prefect state name (``stages``)."""
     out_root = cfg.output_dir
     states: dict[str, str] = {}
 
-    def run(task, name: str, config: dict, inputs: dict, args: dict, result_type: type[R]) -> R:
-        return _run_stage(StageSpec(task, name, config, out_root, inputs, args), result_type, timings, states,
-                          cfg.stage_lock_timeout_s)
+    def run(task, name: str, config: dict, inputs: dict, args: dict, result_type: type[R], code: StageCode) -> R:
+        return _run_stage(StageSpec(task, name, config, out_root, inputs, args, code=code), result_type, timings,
+                          states, cfg.stage_lock_timeout_s, plan, parent_run_id)
 
     prep = run(prepare_stage, "prepare", {"data": conf["data"], "model": conf["model"]},
                data_inputs(conf["data"]), {"parent_run_id": parent_run_id,
                                            "needs_test_split": any(s.source == TEST_SPLIT for s in cfg.eval.sets())},
-               PrepareResult)
+               PrepareResult, stage_code("prepare"))
     data_in = {"data": prep.digest}
     data_args = {"data_dir": prep.data_dir, "parent_run_id": parent_run_id}
     model_in = model_inputs(conf["model"])
@@ -190,7 +260,8 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
         return run(sft_stage.with_options(**retrying), stage, {"train": section, "model": conf["model"]},
                    {**data_in, **model_in, "init": init.model_digest if init else ""},
                    {"stage": stage, "init_model_dir": init.model_dir if init else None,
-                    "tokenizer_dir": prep.tokenizer_dir, **data_args}, TrainResult)
+                    "tokenizer_dir": prep.tokenizer_dir, **data_args}, TrainResult,
+                   stage_code("sft", validates=validates(section)))
 
     cot = sft("sft-cot", conf["sft_cot"], None) if cfg.sft_cot else None
     colar = sft("sft-colar", conf["sft_colar"], cot)
@@ -198,7 +269,8 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
     if cfg.rl is not None:
         final = run(rl_stage.with_options(**retrying), "rl", {"rl": conf["rl"]},
                     {**data_in, **model_in, "init": colar.model_digest},
-                    {"init_model_dir": colar.model_dir, "model": conf["model"], **data_args}, TrainResult)
+                    {"init_model_dir": colar.model_dir, "model": conf["model"], **data_args}, TrainResult,
+                    stage_code("rl", validates=validates(conf["rl"])))
     nocot = None
     if cfg.eval.nocot_baseline:
         section = json.loads(json.dumps(conf["sft_cot"] or conf["sft_colar"]))
@@ -212,7 +284,8 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
                                 {"method": conf["baselines"][method], "model": conf["model"]},
                                 {**data_in, **model_in, "init": init.model_digest if init else ""},
                                 {"stage": f"sft-{method}", "init_model_dir": init.model_dir if init else None,
-                                 "tokenizer_dir": prep.tokenizer_dir, **data_args}, TrainResult)
+                                 "tokenizer_dir": prep.tokenizer_dir, **data_args}, TrainResult,
+                                stage_code("baseline", validates=validates(conf["baselines"][method]["train"])))
     evaluation = run(evaluate_stage, "evaluate", {"eval_cfg": conf["eval"]},
                      {"colar": final.model_digest, "cot": cot.model_digest if cot else None,
                       "nocot": nocot.model_digest if nocot else None,
@@ -221,12 +294,13 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
                      {"colar_model_dir": final.model_dir, "cot_model_dir": cot.model_dir if cot else None,
                       "nocot_model_dir": nocot.model_dir if nocot else None, "model": conf["model"],
                       "baseline_model_dirs": {m: r.model_dir for m, r in baselines.items()}, **data_args},
-                     EvaluateResult)
+                     EvaluateResult, stage_code("evaluate"))
     report = report_stage(parent_run_id, evaluation.metrics, final.model_dir,
                           str(Path(out_root) / "reports" / parent_run_id),
                           cfg.tracking.registered_model_name, evaluation.example_question,
                           {"rule": cfg.tracking.promotion.rule,
-                           "metric": cfg.tracking.promotion.metric_for(cfg.eval.compression_factors)})
+                           "metric": cfg.tracking.promotion.metric_for(cfg.eval.compression_factors)},
+                          set_digests=evaluation.set_digests)
     return {"metrics": evaluation.metrics, **report, "stages": states}
 
 
@@ -253,10 +327,11 @@ def _log_timings(parent_run_id: str, timings: dict) -> None:
         log_metrics(parent_run_id, flat)
 
 
-def run_pipeline(cfg: PipelineConfig, parent_run_id: Optional[str] = None, return_state: bool = False):
+def run_pipeline(cfg: PipelineConfig, parent_run_id: Optional[str] = None, return_state: bool = False,
+                 from_stage: Optional[str] = None):
     """Run the flow in this process against the Prefect API in ``PREFECT_API_URL``."""
     os.environ.setdefault("DO_NOT_TRACK", "1")
     config = cfg.for_run().model_dump(mode="json")
     if return_state:
-        return colar_pipeline(config, parent_run_id=parent_run_id, return_state=True)
-    return colar_pipeline(config, parent_run_id=parent_run_id)
+        return colar_pipeline(config, parent_run_id=parent_run_id, from_stage=from_stage, return_state=True)
+    return colar_pipeline(config, parent_run_id=parent_run_id, from_stage=from_stage)

@@ -11,6 +11,7 @@ from colar_core.config import EvalConfig
 from colar_core.files import content_digest
 from colar_infra.tracking.runs import ending_run, start_parent_run
 from tasks.evaluate import EvaluateResult, evaluate_stage
+from tasks.keys import stage_code
 from tasks.stage_spec import StageSpec
 
 
@@ -21,7 +22,8 @@ def evaluate_only_spec(model_dir: str, data_dir: str, eval_cfg: dict, output_dir
                      inputs={"model": content_digest(model_dir),
                              "data": content_digest(Path(data_dir) / "test.jsonl")},
                      args={"colar_model_dir": model_dir, "cot_model_dir": None, "nocot_model_dir": None,
-                           "data_dir": data_dir, "parent_run_id": parent_run_id})
+                           "data_dir": data_dir, "parent_run_id": parent_run_id},
+                     code=stage_code("evaluate"))
 
 
 @flow(name="colar-evaluate", log_prints=True)

@@ -1,7 +1,16 @@
 """The ``report`` step, on the parent run: headline metrics, the accuracy-vs-length plot (a panel per
 test set), the Table-1 report (``table1.md``, ``table1.png``: :mod:`tasks.table1`), and the
-final model logged as an MLflow pyfunc (with its signature and an input example) and registered with
-the alias ``candidate``.
+final model logged as an MLflow pyfunc (with its signature and an input example) and registered; the
+alias ``candidate`` moves to it when the promotion gate says so (:mod:`tasks.promotion`).
+
+One version per pipeline run: a retry of a run whose report was interrupted after its version was
+created (Ctrl-C, a lost machine) finds that version (:func:`registered_version_of_run`) and reuses it,
+logging and registering nothing again. The gate reads who holds ``candidate``, decides and moves the
+alias while it holds the registered model's lock (:func:`promote`,
+:mod:`colar_infra.tracking.model_lock`): two runs reporting at once take turns, and the second compares
+itself with the first one's result. The content digests of the evaluation sets go on the parent run
+as tags (``colar.eval.digest.<set>``, and ``colar.eval.digest`` for the primary set), where a later
+run's gate reads them.
 
 What users see of it: the parent run's description in the MLflow UI (the ``mlflow.note.content`` tag:
 :func:`run_description`, the headline numbers and Table 1), and in the Prefect UI the flow run's
@@ -25,6 +34,7 @@ from typing import Any, Optional
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
@@ -33,10 +43,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from colar_core.files import atomic_write_json, atomic_write_text
 from colar_infra.secrets import mask_url
+from colar_infra.tracking.model_lock import model_lock
 from colar_infra.tracking.runs import PARENT_TAG, STAGE_TAG, log_metrics, tracking_uri_of
 from tasks.plots import accuracy_vs_length_plot
 from tasks.prefect_artifacts import _best_effort, links_artifact, links_markdown, table1_artifact
-from tasks.promotion import Decision, decide
+from tasks.promotion import Decision, decide, digest_tag
 from tasks.stage_spec import stage_folder
 from tasks.table1 import AVERAGE, method_label, per_set_values, setting_order, table1, table1_markdown, table1_png
 
@@ -89,6 +100,12 @@ def log_colar_model(run_id: str, model_dir: str, example_question: str,
     ``registered_model_name`` when one is given (no alias is set here). What :func:`report_stage`
     logs, and what ``mlflow models serve`` serves (tests/test_serving.py).
 
+    A signature param has a type and a default (``max_latents`` 64) but no maximum: the caps on one
+    request (``max_latents``, and questions per request; 1024 each unless the server's environment
+    sets ``COLAR_SERVE_MAX_LATENTS`` / ``COLAR_SERVE_MAX_ROWS`` or the loader's ``model_config``
+    ``serve_max_latents`` / ``serve_max_rows``) belong to whoever serves the model, and are stated in
+    :mod:`tasks.pyfunc_model` and in the HTTP 400 that refuses a request above one.
+
     Resumes ``run_id`` as this thread's active run for the call (module docstring) and leaves it
     ended FINISHED (FAILED if logging raised)."""
     example = pd.DataFrame({"question": [example_question]})
@@ -105,20 +122,81 @@ def log_colar_model(run_id: str, model_dir: str, example_question: str,
                                        registered_model_name=registered_model_name)
 
 
-def _promotion_decision(client: MlflowClient, name: str, metrics: Mapping[str, float], promotion: dict) -> Decision:
-    """The gate's decision for this run against the model version that holds ``candidate`` now (its
-    run's metrics: the pipeline run that registered it)."""
-    current, current_version = None, None
-    if promotion.get("rule", "better") != "always":
+def eval_digest_tags(set_digests: Mapping[str, str]) -> dict[str, str]:
+    """The parent run's tags for the evaluation sets' content digests (``{set: digest}``, the primary
+    set first): ``colar.eval.digest.<set>`` for each, and ``colar.eval.digest`` for the primary set
+    (as its metrics also go without the set name): what :func:`tasks.promotion.digest_tag` names."""
+    tags = {f"colar.eval.digest.{name}": digest for name, digest in set_digests.items()}
+    if set_digests:
+        tags["colar.eval.digest"] = next(iter(set_digests.values()))
+    return tags
+
+
+def registered_version_of_run(client: MlflowClient, name: str, run_id: str) -> Optional[ModelVersion]:
+    """The version of ``name`` that run ``run_id`` registered (the oldest, if an earlier bug left
+    several), None if it has none; a version whose registration failed does not count."""
+    versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'")
+                if v.name == name and v.status != "FAILED_REGISTRATION"]
+    return min(versions, key=lambda v: int(v.version), default=None)
+
+
+def register_model(client: MlflowClient, parent_run_id: str, model_dir: str, example_question: str,
+                   registered_model_name: Optional[str]) -> tuple[str, Optional[str]]:
+    """``(model URI, version)``: the model logged to the parent run (:func:`log_colar_model`) and
+    registered as a version of ``registered_model_name`` (None: not registered, no version). When the
+    run already registered a version (an attempt interrupted after that, then retried), that version and
+    its model are returned and nothing is logged or registered again: one version per pipeline run."""
+    if registered_model_name:
+        existing = registered_version_of_run(client, registered_model_name, parent_run_id)
+        if existing is not None:
+            return str(existing.source), str(existing.version)
+    info = log_colar_model(parent_run_id, model_dir, example_question, registered_model_name)
+    return info.model_uri, (str(info.registered_model_version) if registered_model_name else None)
+
+
+def _promotion_decision(client: MlflowClient, name: str, parent_run_id: str, metrics: Mapping[str, float],
+                        promotion: Mapping[str, Any], version: Optional[str] = None) -> Decision:
+    """The gate's decision for the run ``parent_run_id`` (its ``metrics``; its set digest from its tags)
+    against the model version that holds ``candidate`` now (its run's metrics and tags: the pipeline run
+    that registered it). ``version``: this run's own version; if it holds ``candidate`` already (an
+    earlier attempt of this run moved it), it keeps it."""
+    rule, metric = promotion.get("rule", "better"), promotion.get("metric", "accuracy/c2")
+    current, current_version, current_digest = None, None, None
+    if rule != "always":
         try:
             held = client.get_model_version_by_alias(name, "candidate")
         except MlflowException:  # no such model or alias yet
             held = None
         if held is not None:
             current_version = str(held.version)
-            current = client.get_run(held.run_id).data.metrics if held.run_id else {}
-    return decide(metrics, current, rule=promotion.get("rule", "better"),
-                  metric=promotion.get("metric", "accuracy/c2"), current_version=current_version)
+            if version is not None and current_version == version:
+                return Decision(True, f"version {version}, this run's, holds the alias already (an earlier "
+                                "attempt of this run moved it)", metric, metrics.get(metric))
+            if held.run_id:
+                data = client.get_run(held.run_id).data
+                current, current_digest = data.metrics, data.tags.get(digest_tag(metric))
+            else:
+                current = {}
+    new_digest = client.get_run(parent_run_id).data.tags.get(digest_tag(metric)) if current is not None else None
+    return decide(metrics, current, rule=rule, metric=metric, current_version=current_version,
+                  new_digest=new_digest, current_digest=current_digest)
+
+
+def promote(client: MlflowClient, name: str, version: str, parent_run_id: str, metrics: Mapping[str, float],
+            promotion: Mapping[str, Any], **lock_options: float) -> Decision:
+    """Decide whether ``version`` of ``name`` (registered by the run ``parent_run_id``) takes the alias
+    ``candidate`` (:func:`_promotion_decision`), record the decision on the run (tags
+    ``colar.promotion.*``) and move the alias if so, all under the lock on ``name``
+    (:func:`~colar_infra.tracking.model_lock.model_lock`; ``lock_options``: its timeouts), so no other
+    run moves the alias between this one's read and its move."""
+    with model_lock(client, name, owner=f"run {parent_run_id}", **lock_options) as lock:
+        decision = _promotion_decision(client, name, parent_run_id, metrics, promotion, version)
+        for tag, value in decision.tags().items():
+            client.set_tag(parent_run_id, tag, value)
+        if decision.promote:
+            lock.check()  # still ours: no one broke it as stale while this run was slow
+            client.set_registered_model_alias(name, "candidate", version)
+    return decision
 
 
 def _promotion_line(result: Mapping) -> Optional[str]:
@@ -162,14 +240,18 @@ def _stage_runs(client: MlflowClient, parent_run_id: str, experiment_id: str) ->
 @task(name="report", task_run_name="report", retries=1, retry_delay_seconds=2)
 def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str,
                  registered_model_name: Optional[str], example_question: str,
-                 promotion: Optional[dict] = None) -> dict:
-    """Log ``metrics`` and the plot to the parent run; log (and register, if named) the model, and
-    move the alias ``candidate`` to it if the promotion gate says so (``promotion``: the config's
-    ``tracking.promotion``; None = rule 'always'; see :mod:`tasks.promotion`)."""
+                 promotion: Optional[dict] = None, set_digests: Optional[dict] = None) -> dict:
+    """Log ``metrics``, the evaluation sets' digests (``set_digests``: ``{set: digest}``, primary
+    first, as the evaluate stage hands them on) and the plot to the parent run; log (and register, if
+    named) the model, once per run (:func:`register_model`), and move the alias ``candidate`` to it if
+    the promotion gate says so (:func:`promote`; ``promotion``: the config's ``tracking.promotion``;
+    None = rule 'always'; see :mod:`tasks.promotion`)."""
     logger = get_run_logger()
     client = MlflowClient()
     out = stage_folder(out_dir)
     log_metrics(parent_run_id, metrics, client=client)
+    for tag, value in eval_digest_tags(set_digests or {}).items():
+        client.set_tag(parent_run_id, tag, value)
     plot = accuracy_vs_length_plot(metrics, out / "accuracy_vs_length.png")
     client.log_artifact(parent_run_id, str(plot), "plots")
     atomic_write_json(out / "metrics.json", metrics)
@@ -181,32 +263,29 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
         client.log_artifact(parent_run_id, str(out / name))
     table1_artifact(table_md)
 
-    info = log_colar_model(parent_run_id, model_dir, example_question, registered_model_name)
-    result: dict[str, Any] = {"model_uri": info.model_uri, "plot": str(plot), "table1": str(out / "table1.md")}
-    if registered_model_name:
-        version = str(info.registered_model_version)
-        decision = _promotion_decision(client, registered_model_name, metrics, promotion or {"rule": "always"})
-        for tag, value in decision.tags().items():
-            client.set_tag(parent_run_id, tag, value)
+    model_uri, version = register_model(client, parent_run_id, model_dir, example_question, registered_model_name)
+    result: dict[str, Any] = {"model_uri": model_uri, "plot": str(plot), "table1": str(out / "table1.md")}
+    if registered_model_name and version is not None:
+        decision = promote(client, registered_model_name, version, parent_run_id, metrics,
+                           promotion or {"rule": "always"})
         result.update(registered_model=registered_model_name, version=version, promoted=decision.promote,
                       promotion_reason=decision.reason)
         if decision.promote:
-            client.set_registered_model_alias(registered_model_name, "candidate", version)
             result["alias_uri"] = f"models:/{registered_model_name}@candidate"
         promotion_artifact(decision, registered_model_name, version)
         logger.info("model registered as %s version %s; candidate %s: %s", registered_model_name, version,
                     "moved to it" if decision.promote else "kept", decision.reason)
     else:
-        logger.info("model logged at %s (not registered)", info.model_uri)
+        logger.info("model logged at %s (not registered)", model_uri)
 
     parent = client.get_run(parent_run_id)
     client.set_tag(parent_run_id, DESCRIPTION_TAG, run_description(
         metrics, name=parent.info.run_name or "", table_md=table_md, model=result.get("registered_model"),
-        version=result.get("version"), model_uri=info.model_uri, flow_run_url=_flow_run_url(),
+        version=result.get("version"), model_uri=model_uri, flow_run_url=_flow_run_url(),
         promotion=_promotion_line(result)))
     links_artifact(links_markdown(
         tracking_uri=tracking_uri_of(client), experiment_id=parent.info.experiment_id, parent_run_id=parent_run_id,
         pipeline=parent.info.run_name or "", children=_stage_runs(client, parent_run_id, parent.info.experiment_id),
-        registered_model=result.get("registered_model"), version=result.get("version"), model_uri=info.model_uri,
+        registered_model=result.get("registered_model"), version=result.get("version"), model_uri=model_uri,
         promoted=result.get("promoted", True)))
     return result

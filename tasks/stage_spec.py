@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from typing_extensions import Self
 
 from colar_core.files import atomic_write_json
-from tasks.keys import absolute_dir, stage_dir, stage_key
+from tasks.keys import StageCode, absolute_dir, stage_dir, stage_key
+from tasks.keys import spec_digest as _spec_digest
 
 __all__ = ["STAGE_RESULT_FILE", "StageResult", "StageSpec", "stage_folder"]
 
@@ -70,7 +71,8 @@ class StageSpec:
     ``output_dir``: the run's output folder, made absolute when the spec is made (a later
     ``chdir`` does not move it); that path is part of the key. ``inputs``:
     content digests of what the stage reads (data, models; see :mod:`tasks.keys`); key only.
-    ``args``: the task's other arguments (paths, run ids); call only. The task also receives
+    ``args``: the task's other arguments (paths, run ids); call only. ``code``: the code the stage
+    runs (:class:`~tasks.keys.StageCode`), whose digest the key holds. The task also receives
     ``out_dir`` and ``key``.
     """
 
@@ -80,24 +82,34 @@ class StageSpec:
     output_dir: Union[str, os.PathLike]
     inputs: Mapping[str, Optional[str]] = field(default_factory=dict)
     args: Mapping[str, Any] = field(default_factory=dict)
+    code: StageCode = field(kw_only=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", absolute_dir(self.output_dir))
 
     @functools.cached_property
+    def code_digest(self) -> str:
+        return self.code.digest()
+
+    @functools.cached_property
+    def spec_digest(self) -> str:
+        """What the stage is asked to do, its code aside (:func:`~tasks.keys.spec_digest`)."""
+        return _spec_digest(self.name, dict(self.config), self.inputs, self.output_dir)
+
+    @functools.cached_property
     def key(self) -> str:
-        return stage_key(self.name, dict(self.config), self.inputs, self.output_dir)
+        return stage_key(self.name, dict(self.config), self.inputs, self.output_dir, self.code_digest)
 
     @functools.cached_property
     def folder(self) -> Path:
         return stage_dir(self.output_dir, self.name, self.key)
 
-    def run(self):
+    def run(self, *, refresh: bool = False):
         """Call the task in the stage's folder; return its Prefect state. A result cached under the
-        same key is used only while the folder still holds it (:data:`STAGE_RESULT_FILE`);
-        otherwise the task runs again."""
+        same key is used only while the folder still holds it (:data:`STAGE_RESULT_FILE`) and
+        ``refresh`` is False; otherwise the task runs again."""
         options: dict[str, Any] = {"task_run_name": self.name}
-        if not (self.folder / STAGE_RESULT_FILE).is_file():
+        if refresh or not (self.folder / STAGE_RESULT_FILE).is_file():
             options["refresh_cache"] = True
         return self.task.with_options(**options)(**self.config, **self.args, out_dir=str(self.folder),
                                                    key=self.key, return_state=True)

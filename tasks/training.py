@@ -26,6 +26,7 @@ from colar_core.baselines.stage import BaselineJob, run_baseline_stage
 from colar_core.files import content_digest
 from colar_core.rl.trainer import RLJob, RLResult, run_rl_stage
 from colar_core.training.callbacks import ConsoleLogger, read_metrics
+from colar_core.training.checkpoint import carried_checkpoints_failed, drop_carried_marker
 from colar_core.training.sft import SFTJob, SFTResult, run_sft_stage
 from colar_core.training.stage import StageData
 from colar_infra.tracking.metrics_sender import MlflowMetricsCallback
@@ -67,8 +68,20 @@ def _training_stage(stage: str, job, runner: Callable[..., Union[SFTResult, RLRe
     with child_run(parent_run_id, stage, params, log_system_metrics=True) as run_id:
         t0 = time.perf_counter()
         with MlflowMetricsCallback(client, run_id) as metrics_cb:  # closed (last flush) however the run ends
-            job_result = runner(job, callbacks=training_callbacks(stage, metrics_cb, logger.info, progress),
-                                on_line=logger.info)
+            def run_job():
+                return runner(job, callbacks=training_callbacks(stage, metrics_cb, logger.info, progress),
+                              on_line=logger.info)
+            try:
+                job_result = run_job()
+            except Exception as err:
+                if (origin := carried_checkpoints_failed(out)) is None:
+                    raise
+                # checkpoints a retry carried over from the attempt under older code (flows.retry) do
+                # not load with this code: the stage starts again, and says why
+                logger.warning("%s: the checkpoints carried over from %s do not load with today's code (%s); "
+                               "the stage starts again from step 0", stage, origin, err)
+                drop_carried_marker(out)
+                job_result = run_job()
             work_s = time.perf_counter() - t0
         progress.done(job_result.final_step, _max_steps(job))  # a launched job's callbacks ran elsewhere
         if launched:  # the launched processes wrote metrics.jsonl; the callbacks ran nowhere

@@ -70,6 +70,24 @@ def test_server_urls_leave_the_password_out_and_pass_it_as_pgpassword():
     assert PgServer.parse("postgresql://u@h").env() == {}  # libpq's own PGPASSWORD / ~/.pgpass then apply
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql://colar@db.example:5433/admin?password={pw}&sslmode=require",
+    "postgresql://colar@db.example:5433/admin?sslmode=require&pass%77ord={pw}",   # libpq decodes names too
+    "postgresql://colar:not-this-one@db.example:5433/admin?password={pw}&sslmode=require",  # the parameter wins
+])
+def test_a_password_in_the_query_string_is_taken_out_of_server_urls_and_passed_as_pgpassword(url):
+    """Issue 22, item 9: libpq reads `?password=`; it used to stay in the query every server URL carries
+    (the MLflow command line, servers.json, mlflow.log, `colar servers start` output)."""
+    encoded = PASSWORD.replace("$", "%24").replace("/", "%2F")
+    pg = PgServer.parse(url.format(pw=encoded))
+    assert pg.password == PASSWORD and pg.env() == {"PGPASSWORD": PASSWORD}
+    assert (pg.user, pg.host, pg.port, pg.maintenance_db) == ("colar", "db.example", 5433, "admin")
+    assert pg.url("colar_mlflow", driver=MLFLOW_PG_DRIVER) == (
+        "postgresql+psycopg2://colar@db.example:5433/colar_mlflow?sslmode=require")
+    assert PASSWORD not in repr(pg) and encoded not in repr(pg) and "not-this-one" not in repr(pg)
+    assert PgServer.parse("postgresql://u@h?password=").env() == {}  # empty: libpq's PGPASSWORD / ~/.pgpass apply
+
+
 def test_basic_auth_needs_the_client_credentials(tmp_path):
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
         mlflow_auth_setup(tmp_path, ServerSettings(mlflow_auth="basic-auth"))

@@ -72,8 +72,8 @@ def test_evaluation_decodes_a_baseline_as_its_folder_says():
     model.state.method, model.state.n_thoughts = "coconut", 3
     gen = GenerationConfig(do_sample=False, max_answer_tokens=3, max_cot_tokens=4)
     metrics, rows = evaluate_baseline(model, encoder_for(tok), PROBLEMS, [0, 1], gen)
-    assert set(metrics) == {"accuracy/coconut", "accuracy_ci95/coconut", "mean_latents/coconut",
-                            "sec_per_question/coconut"}
+    assert set(metrics) == {"accuracy/coconut", "accuracy_ci95/coconut", "accuracy_qci95/coconut",
+                            "n_questions/coconut", "mean_latents/coconut", "sec_per_question/coconut"}
     assert metrics["mean_latents/coconut"] == 3.0 and len(rows) == 2 * len(PROBLEMS)
     model.state.method = "icot"
     metrics, _ = evaluate_baseline(model, encoder_for(tok), PROBLEMS, [0], gen)

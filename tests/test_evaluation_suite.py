@@ -48,8 +48,8 @@ def _sets(tmp_path) -> tuple[EvalConfig, str]:
 
 def _block(setting: str, length: str, set_name: str = "") -> list[str]:
     prefix = f"{set_name}/" if set_name else ""
-    return [f"accuracy/{prefix}{setting}", f"accuracy_ci95/{prefix}{setting}", f"{length}/{prefix}{setting}",
-            f"sec_per_question/{prefix}{setting}"]
+    return [f"accuracy/{prefix}{setting}", f"accuracy_ci95/{prefix}{setting}", f"accuracy_qci95/{prefix}{setting}",
+            f"n_questions/{prefix}{setting}", f"{length}/{prefix}{setting}", f"sec_per_question/{prefix}{setting}"]
 
 
 def test_the_suite_names_and_orders_the_metrics_as_runs_always_have(tmp_path, models):

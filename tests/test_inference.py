@@ -159,3 +159,40 @@ def test_overfit_nocot_answers_directly_with_an_empty_chain(tok):
     gens = generate(model, enc, [p.question for p in PROBLEMS], "nocot", 1, GREEDY)
     assert accuracy([g.answer for g in gens], [p.answer for p in PROBLEMS]) == 1.0
     assert all(g.n_tokens == 0 and g.text.startswith("###Answer:") for g in gens)
+
+
+@pytest.mark.parametrize("mode", ["latent", "cot"])
+def test_a_stop_check_ends_a_generation_before_its_next_decoder_step(tok, mode):
+    """Issue 22, item 15: a caller (the served model, whose request timed out) can end a generation that
+    would otherwise run a million steps; the check is asked before every decoder forward."""
+    model = tiny_model(tok).eval()
+    enc = encoder_for(tok)
+    forwards, checks = [0], [0]
+    run_decoder = model.run_decoder
+
+    def counted(*args, **kwargs):
+        forwards[0] += 1
+        return run_decoder(*args, **kwargs)
+
+    def stop():
+        checks[0] += 1
+        return "enough" if checks[0] == 40 else None
+
+    model.run_decoder = counted
+    huge = GenerationConfig(max_latents=1_000_000, max_cot_tokens=1_000_000, do_sample=False, sample_latents=False)
+    with pytest.raises(inference.GenerationStopped, match="^enough$"):
+        generate(model, enc, [p.question for p in PROBLEMS], mode, 2, huge, stop=stop)
+    assert checks[0] == 40 and forwards[0] == 39  # the prompt, then one forward per step the check allowed
+    assert not model.training
+
+
+def test_a_deadline_stops_a_runaway_generation(tok):
+    import time
+
+    model = tiny_model(tok).eval()
+    enc = encoder_for(tok)
+    deadline = time.monotonic() + 0.3
+    with pytest.raises(inference.GenerationStopped, match="past the deadline"):
+        generate(model, enc, [PROBLEMS[0].question], "latent", 2, GenerationConfig(max_latents=10_000_000), seed=0,
+                 stop=lambda: "past the deadline" if time.monotonic() >= deadline else None)
+    assert time.monotonic() - deadline < 1.0

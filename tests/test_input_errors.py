@@ -169,7 +169,8 @@ def test_retry_of_a_stored_config_that_no_longer_validates_names_the_field(tmp_p
     monkeypatch.setattr(cli.servers, "ensure_servers", lambda *a, **k: {"mlflow": "x", "prefect": "y"})
     monkeypatch.setattr(cli, "resolve_parent_run", lambda run: parent)
     # a stand-in for the flow module (importing the real one imports Prefect: seconds for nothing here)
-    monkeypatch.setitem(sys.modules, "flows.pipeline", SimpleNamespace(still_running=lambda run: None))
+    monkeypatch.setitem(sys.modules, "flows.pipeline", SimpleNamespace(still_running=lambda run: None,
+                                                                       check_from_stage=lambda cfg, stage: None))
     monkeypatch.setattr(mlflow.tracking, "MlflowClient",
                         lambda *a, **k: SimpleNamespace(download_artifacts=lambda run_id, name: str(path)))
     monkeypatch.setattr(cli, "_run", lambda *a, **k: pytest.fail("the pipeline must not start"))

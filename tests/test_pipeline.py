@@ -85,7 +85,13 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
     artifacts = {a.path for a in client.list_artifacts(children["sft-colar"].info.run_id)}
     assert {"model", "plots"} <= artifacts
     assert "plots/accuracy_vs_length.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert "predictions.csv" in {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+    assert {"predictions.csv", "eval_sets.json"} <= {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+    # The gate's inputs: the interval over questions, how many, and each set's content digest (primary unnamed too)
+    assert parent.data.metrics["n_questions/test/c2"] == 8 and parent.data.metrics["n_questions/svamp/c2"] == 4
+    assert parent.data.metrics["accuracy_qci95/c2"] == parent.data.metrics["accuracy_qci95/test/c2"]
+    digests = {k: v for k, v in parent.data.tags.items() if k.startswith("colar.eval.digest")}
+    assert set(digests) == {"colar.eval.digest", "colar.eval.digest.test", "colar.eval.digest.svamp"}
+    assert digests["colar.eval.digest"] == digests["colar.eval.digest.test"] != digests["colar.eval.digest.svamp"]
 
     # Every run registers a version; the gate decides whether 'candidate' moves to it, and says why.
     assert parent.data.tags["colar.promotion.decision"] in ("promoted", "kept")

@@ -95,7 +95,7 @@ def test_inputs_are_keyed_by_content_and_hub_ids_by_their_cached_revision(tmp_pa
 
 def test_the_output_folder_is_part_of_the_key_and_holds_the_stage_folder(tmp_path, monkeypatch):
     def spec(output_dir, name="prepare") -> StageSpec:
-        return StageSpec(None, name, {"data": {"source": "builtin"}}, output_dir)
+        return StageSpec(None, name, {"data": {"source": "builtin"}}, output_dir, code=keys.stage_code("prepare"))
 
     a, b = spec(tmp_path / "a"), spec(tmp_path / "b")
     assert a.key != b.key

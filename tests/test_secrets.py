@@ -34,6 +34,24 @@ def test_mask_url_masks_the_whole_userinfo(text, masked):
     assert mask_secrets(text) == masked
 
 
+@pytest.mark.parametrize("text, masked", [
+    # libpq takes a password from the query string as well as from the userinfo (issue 22, item 9)
+    ("postgresql://postgres@127.0.0.1:5432/postgres?password=s3cretpw",
+     "postgresql://***@127.0.0.1:5432/postgres?password=***"),
+    ("postgresql+psycopg2://h/db?sslmode=require&password=a%26b&application_name=x",
+     "postgresql+psycopg2://h/db?sslmode=require&password=***&application_name=x"),
+    ("postgresql://h/db?pass%77ord=pw", "postgresql://h/db?pass%77ord=***"),   # libpq decodes the name too
+    ("postgresql://h/db?sslpassword=keypw", "postgresql://h/db?sslpassword=***"),
+    ('{"database": "postgresql://h/db?password=pw", "n": 1}', '{"database": "postgresql://h/db?password=***", "n": 1}'),
+    ("https://h/api?token=abc&max_new_tokens=5&pad_token=x", "https://h/api?token=***&max_new_tokens=5&pad_token=x"),
+    ("https://h/?api_key=k1&page=2", "https://h/?api_key=***&page=2"),
+    ("https://h/?password=", "https://h/?password="),                          # nothing to hide
+])
+def test_mask_url_masks_secret_query_parameters(text, masked):
+    assert mask_url(text) == masked
+    assert mask_secrets(text) == masked
+
+
 def test_flatten_params_masks_bare_token_urls():
     params = flatten_params({"data": {"source": "https://hf_abcdef123@example.com/d.jsonl"},
                              "x": "https://:hf_abcdef123@example.com"})

@@ -8,23 +8,31 @@ conda/virtualenv) on a free loopback port. ``POST /invocations`` then answers ea
 ``answer``, ``n_latents`` and ``text``; ``compression_factor`` (and ``max_latents``) are chosen per
 request through ``params``. No pipeline runs: only the session MLflow server, the model and the
 serving process.
+
+What one request may cost (issue 22, item 15): ``max_latents`` and the rows of a request are capped
+(HTTP 400 above a cap), a request that runs past the server's request timeout stops its generation
+instead of running on behind the 504, and SIGTERM ends the server even while it generates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from colar_core.net import free_port
+from colar_core.procs import alive, group_processes, stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -58,17 +66,11 @@ def _wait_ping(base: str, proc: subprocess.Popen, log: Path) -> float:
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (uvicorn and its worker), SIGKILL what is left."""
-    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM the server's process group (mlflow's CLI, uvicorn and its workers), SIGKILL what is left
+    after 15 s. The group, not the CLI: the CLI ends at once on SIGTERM, and a uvicorn that did not
+    would be left running on its own."""
+    stop_processes(lambda: group_processes(proc.pid), grace_s=15.0, reap=proc.poll)
+    proc.poll()
 
 
 @pytest.fixture
@@ -149,12 +151,20 @@ def test_mlflow_models_serve_answers_invocations_with_answer_and_latents_per_com
 
         # a factor outside what the model was trained with, or no latents at all: HTTP 400, one line, no trace
         # (issue 22, items 13 and 14)
+        # (issue 22, item 15: max_latents above the server's cap, 1024 by default, is refused the same way;
+        # it used to run on behind the server's 504)
         for bad, word in (({"compression_factor": 0}, "compression_factor"), ({"compression_factor": 1000}, "trained"),
-                          ({"max_latents": 0}, "max_latents"), ({"max_latents": -1}, "max_latents")):
+                          ({"max_latents": 0}, "max_latents"), ({"max_latents": -1}, "max_latents"),
+                          ({"max_latents": 10_000_000}, "max_latents: at most 1024")):
             status, body = _post(base + "/invocations", {"dataframe_split": {"columns": ["question"],
                                                                              "data": [[question]]}, "params": bad})
             assert status == 400 and word in body.get("message", ""), (bad, body)
             assert "Traceback" not in json.dumps(body) and "stack_trace" not in body, body
+
+        # more questions in one request than the server's cap (1024 by default): 400 naming the cap
+        status, body = _post(base + "/invocations", {"dataframe_split": {"columns": ["question"],
+                                                                         "data": [[question]] * 1025}})
+        assert status == 400 and "questions: at most 1024 rows per request" in body.get("message", ""), body
 
         # a request without the signature's column is refused with a message, not a stack trace
         status, body = _post(base + "/invocations", {"dataframe_split": {"columns": ["prompt"], "data": [["1+1"]]}})
@@ -164,3 +174,111 @@ def test_mlflow_models_serve_answers_invocations_with_answer_and_latents_per_com
         _stop_group(proc)
     assert proc.poll() is not None
 
+
+
+@contextlib.contextmanager
+def _serving(uri: str, tmp_path: Path, mlflow_server: str, **env: str):
+    """``mlflow models serve`` of ``uri`` (one worker, its own process group, ``env`` added) until /ping
+    answers; yields (base URL, the mlflow process, the uvicorn process that predicts, the log file). The
+    group is stopped afterwards, SIGKILL for what SIGTERM leaves."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    full_env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                **env}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=str(tmp_path),
+            start_new_session=True)
+    try:
+        _wait_ping(base, proc, log)
+        servers = [child for child in psutil.Process(proc.pid).children(recursive=True)
+                   if "mlflow.pyfunc.scoring_server.app:app" in " ".join(child.cmdline())]
+        assert len(servers) == 1, [c.cmdline() for c in psutil.Process(proc.pid).children(recursive=True)]
+        yield base, proc, servers[0], log
+    finally:
+        _stop_group(proc)
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _runaway_request(base: str, question: str, timeout: float = 120.0) -> tuple[int, dict]:
+    """The request of issue 22, item 15: one question, max_latents ten million (the tiny untrained
+    model never stops on its own). Returns (status, body: the JSON, or {"text": ...} as MLflow's 504 is plain
+    text); status 0 when the connection broke."""
+    payload = {"dataframe_split": {"columns": ["question"], "data": [[question]]}, "params": {"max_latents": 10_000_000}}
+    req = urllib.request.Request(base + "/invocations", data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback)
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    except (urllib.error.URLError, OSError) as err:
+        return 0, {"error": repr(err)}
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, {"text": raw.decode(errors="replace")}
+
+
+def test_a_request_past_the_servers_timeout_stops_its_generation(candidate_model, mlflow_server, tmp_path):
+    """The server answers 504 after MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT; the generation behind it used to
+    keep a core busy (and its KV cache growing) until max_latents. Here the cap is raised to let the
+    runaway request in, and the timeout is 3 s."""
+    from bench.tiny import PROBLEMS
+
+    uri, _ = candidate_model
+    with _serving(uri, tmp_path, mlflow_server, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT="3",
+                  COLAR_SERVE_MAX_LATENTS="10000000") as (base, _, server, log):
+        t0 = time.monotonic()
+        status, body = _runaway_request(base, PROBLEMS[1].question)
+        assert status == 504, body
+        assert 2.5 < time.monotonic() - t0 < 30, time.monotonic() - t0
+        time.sleep(1.5)  # the generation's next step sees the deadline
+        before = _cpu_s(server)
+        time.sleep(2.0)
+        busy = _cpu_s(server) - before
+        assert busy < 0.3, f"the server still used {busy:.2f} s of CPU in 2 s after its 504:\n{log.read_text()[-2000:]}"
+        assert "colar: stopped a request of 1 question(s), max_latents 10000000" in log.read_text()
+
+        # and it serves the next request
+        status, body = _post(base + "/invocations", {"dataframe_split": {"columns": ["question"],
+                                                                         "data": [[PROBLEMS[2].question]]},
+                                                     "params": {"max_latents": 3}})
+        assert status == 200 and body["predictions"][0]["n_latents"] <= 3, body
+
+
+def test_sigterm_stops_the_server_while_it_generates(candidate_model, mlflow_server, tmp_path):
+    """uvicorn's graceful shutdown waited for the request in progress and asyncio.run for the thread that
+    generates: SIGTERM did not end the server (with this 60 s request timeout, not even after the 504).
+    Now the generation stops at once and the server exits within seconds; the client gets a 503."""
+    from bench.tiny import PROBLEMS
+
+    uri, _ = candidate_model
+    with _serving(uri, tmp_path, mlflow_server, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT="60",
+                  COLAR_SERVE_MAX_LATENTS="10000000") as (base, proc, server, log):
+        answer: list[tuple[int, dict]] = []
+        client = threading.Thread(target=lambda: answer.append(_runaway_request(base, PROBLEMS[1].question)))
+        client.start()
+        before = _cpu_s(server)
+        deadline = time.monotonic() + 20
+        while _cpu_s(server) - before < 0.5:  # generating
+            assert time.monotonic() < deadline, "the request never started generating"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        while alive(server.pid):  # a zombie counts as ended (its parent, mlflow's CLI, got SIGTERM too)
+            if time.monotonic() - t0 > 15:
+                pytest.fail(f"the server was still running 15 s after SIGTERM (CPU {_cpu_s(server):.1f} s):\n"
+                            f"{log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        stopped_s = time.monotonic() - t0
+        client.join(timeout=30)
+        assert answer and answer[0][0] == 503 and "shutting down" in answer[0][1].get("message", ""), answer
+        print(f"\nuvicorn exited {stopped_s:.1f} s after SIGTERM")

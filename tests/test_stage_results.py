@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tasks.evaluate import EvaluateResult, evaluate_stage
-from tasks.keys import CACHED_STAGE
+from tasks.keys import CACHED_STAGE, stage_code
 from tasks.prepare import PrepareResult, prepare_stage
 from tasks.stage_spec import STAGE_RESULT_FILE, StageResult, StageSpec
 from tasks.training import TrainResult, baseline_stage, rl_stage, sft_stage
@@ -115,7 +115,8 @@ class _Task:
 
 def test_a_cached_result_is_used_only_while_its_folder_holds_the_result_file(tmp_path):
     task = _Task()
-    spec = StageSpec(task, "sft-colar", {"train": {"lr": 1}}, tmp_path, {"data": "abc"}, {"stage": "sft-colar"})
+    spec = StageSpec(task, "sft-colar", {"train": {"lr": 1}}, tmp_path, {"data": "abc"}, {"stage": "sft-colar"},
+                     code=stage_code("sft"))
     assert spec.run() == "state"
     assert task.options == {"task_run_name": "sft-colar", "refresh_cache": True}  # nothing there: run again
     assert task.kwargs == {"train": {"lr": 1}, "stage": "sft-colar", "out_dir": str(spec.folder), "key": spec.key,
@@ -155,7 +156,7 @@ def test_prefect_caches_the_typed_result_until_its_file_is_gone(tmp_path, prefec
     from prefect import flow
 
     toy = _toy_stage()
-    spec = StageSpec(toy, "toy", {"value": 7}, tmp_path)
+    spec = StageSpec(toy, "toy", {"value": 7}, tmp_path, code=stage_code("evaluate"))
 
     @flow(name="toy-flow")
     def run_once():
@@ -188,7 +189,7 @@ def test_the_evaluate_task_defers_its_artifacts_as_the_training_stages_do(tmp_pa
     metrics = {"accuracy/test/c1": 0.25, "accuracy/c1": 0.25}
     monkeypatch.setattr(evaluate, "MlflowClient", lambda: MlflowClient(gone))
     monkeypatch.setattr(evaluate, "child_run", contextlib.contextmanager(lambda *a, **k: (yield "run-e")))
-    monkeypatch.setattr(evaluate, "load_eval_sets", lambda cfg, data_dir: {"test": [SimpleNamespace(question="q?")]})
+    monkeypatch.setattr(evaluate, "load_eval_sets", lambda cfg, data_dir: {"test": [SimpleNamespace(question="q?", answer="1")]})
     monkeypatch.setattr(evaluate, "evaluate_suite", lambda *a: SuiteResult(dict(metrics), [{"set": "test", "id": 1}]))
     monkeypatch.setattr(evaluate, "evaluation_table_artifact", lambda *a: None)
     monkeypatch.setattr(evaluate, "get_run_logger", lambda: SimpleNamespace(info=lambda *a: None))
@@ -200,4 +201,6 @@ def test_the_evaluate_task_defers_its_artifacts_as_the_training_stages_do(tmp_pa
     records = read_records(pending_path("run-e")).records
     assert {r.key: r.value for r in records if isinstance(r, MetricRecord)} == metrics
     assert [r for r in records if isinstance(r, ArtifactRecord)] == [
-        ArtifactRecord("run-e", str(out / "predictions.csv")), ArtifactRecord("run-e", str(out / "metrics.json"))]
+        ArtifactRecord("run-e", str(out / name)) for name in ("predictions.csv", "metrics.json", "eval_sets.json")]
+    # each set's content digest goes on to the report (the promotion gate compares like with like)
+    assert list(result.set_digests) == ["test"] and len(result.set_digests["test"]) == 64

@@ -45,7 +45,7 @@ from typing import Mapping, Optional, Sequence, TypedDict
 import torch
 from safetensors import SafetensorError
 
-from colar_core.files import fsync_dir
+from colar_core.files import atomic_write_json, fsync_dir
 from colar_core.training.engines import Engine
 from colar_core.training.loop import LoopState, Stateful
 
@@ -152,6 +152,60 @@ def latest_checkpoint(output_dir) -> Optional[Path]:
     """The newest complete checkpoint of the run in ``output_dir`` (None if there is none)."""
     found = complete_checkpoints(Path(output_dir) / CHECKPOINT_DIR)
     return found[-1][1] if found else None
+
+
+#: Beside checkpoints carried over from another folder of the same stage (:func:`carry_checkpoints`).
+CARRIED_FILE = "CARRIED_FROM.json"
+
+
+def carry_checkpoints(src_output_dir, dst_output_dir, reason: str) -> list[Path]:
+    """Give the stage folder ``dst_output_dir`` the complete checkpoints of ``src_output_dir`` (an
+    earlier attempt of the same stage, e.g. under older code), so that the stage resumes from them;
+    ``reason`` is recorded in ``checkpoints/CARRIED_FROM.json``. Files are hard links where the file
+    system allows (a checkpoint file is never written again once complete), copies otherwise.
+    Nothing is carried into a folder that has checkpoints of its own. Returns the carried folders."""
+    src, dst = Path(src_output_dir) / CHECKPOINT_DIR, Path(dst_output_dir) / CHECKPOINT_DIR
+    found = complete_checkpoints(src)
+    if not found or complete_checkpoints(dst):
+        return []
+    dst.mkdir(parents=True, exist_ok=True)
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    carried = []
+    for _, path in found:
+        tmp = dst / f"{_TMP}{path.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(path, tmp, copy_function=link_or_copy)
+        fsync_dir(tmp)
+        tmp.rename(dst / path.name)
+        carried.append(dst / path.name)
+    fsync_dir(dst)
+    atomic_write_json(dst / CARRIED_FILE, {"from": str(Path(src_output_dir)), "reason": reason,
+                                           "steps": [step for step, _ in found]})
+    return carried
+
+
+def carried_checkpoints_failed(output_dir) -> Optional[str]:
+    """Where the checkpoints of ``output_dir`` came from, when they were carried over
+    (:func:`carry_checkpoints`) and none of them is left intact: resume quarantined them all because
+    none loads with this code. None otherwise (nothing carried, or one still loads)."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not (root / CARRIED_FILE).is_file() or complete_checkpoints(root):
+        return None
+    try:
+        return str(json.loads((root / CARRIED_FILE).read_text()).get("from", "?"))
+    except (OSError, ValueError):
+        return "?"
+
+
+def drop_carried_marker(output_dir) -> None:
+    """Forget that the checkpoints of ``output_dir`` were carried over (the stage starts again)."""
+    (Path(output_dir) / CHECKPOINT_DIR / CARRIED_FILE).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ record of the stage, ``stage_result.json`` beside it, is another file with anoth
 :mod:`tasks.stage_spec`.) Resume does not read it: it reads ``checkpoints/``.
 
 A method builds its engine, batches and loss, then calls :func:`run_stage_loop`: validation with
-best-k exports (:func:`make_evaluator`), the shared :func:`~colar_core.training.loop.train_loop` with
+best-k exports (:mod:`colar_core.training.validation`), the shared :func:`~colar_core.training.loop.train_loop` with
 checkpoints and resume (the model's own state kept by :class:`ModelStateKeeper`), and the final
 ``model/`` (the best validated model or the last).
 """
@@ -23,16 +23,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Optional, Protocol, Sequence, TypeVar, Union
 
-import torch
 from pydantic import Field
 from typing_extensions import Self
 
 from colar_core.config import StrictModel
 from colar_core.data import builtin_splits, load_split
 from colar_core.files import atomic_write_json, atomic_write_text
-from colar_core.inference import generate
 from colar_core.model import ColarModel
-from colar_core.scoring import accuracy
 from colar_core.text import PromptEncoder
 from colar_core.training.callbacks import Callback, stage_callbacks
 from colar_core.training.checkpoint import CheckpointManager, export_model
@@ -45,9 +42,9 @@ from colar_core.training.loop import (
     LoopState,
     LossFn,
     Stateful,
-    Validation,
     train_loop,
 )
+from colar_core.training.validation import stage_validation
 
 METRICS_FILE = "metrics.jsonl"
 MODEL_DIR = "model"
@@ -160,70 +157,6 @@ class ModelStateKeeper:
                 setattr(self.model.state, k, v)
 
 
-def make_evaluator(engine: Engine, encoder: PromptEncoder, val_records: Sequence, cfg: TrainConfig,
-                   mode: Optional[str] = None):
-    """``evaluate(step) -> metrics`` run by every process on its share of the validation set.
-
-    colar mode: latent generation at each of ``cfg.eval_factors()``, giving ``acc_c{c}`` and
-    ``mean_latents_c{c}``; cot / nocot: text generation, ``acc`` and ``mean_chain_tokens``; ``mode``
-    (default ``cfg.objective.mode``) may name another ``generate`` mode (a baseline of
-    ``colar_core.baselines``), evaluated like cot. ``score`` is the mean accuracy (what best-k and
-    early stopping use).
-    """
-    records = list(val_records)[: cfg.eval_size] if cfg.eval_size else list(val_records)
-    shard = records[engine.rank::engine.world_size]
-    questions, golds = [r.question for r in shard], [r.answer for r in shard]
-    mode = mode or cfg.objective.mode
-    factors: list[Optional[int]] = list(cfg.eval_factors()) if mode == "colar" else [None]
-
-    def evaluate(step: int) -> dict:
-        vals = []
-        with engine.full_model() as model:
-            for c in factors:
-                if questions:
-                    gens = generate(model, encoder, questions, "latent" if c is not None else mode,
-                                    c or 1, cfg.generation, seed=cfg.eval_seed + 1009 * engine.rank)
-                    correct = accuracy([g.answer for g in gens], golds) * len(golds)
-                    length = float(sum(g.chain_length for g in gens))
-                else:
-                    correct = length = 0.0
-                vals += [correct, length, float(len(questions))]
-        tot = engine.all_reduce_sum(torch.tensor(vals, dtype=torch.float64)).tolist()
-        metrics: dict = {"n_eval": int(tot[2]) if tot else 0}
-        accs = []
-        for i, c in enumerate(factors):
-            correct, length, n = tot[3 * i: 3 * i + 3]
-            acc, mean_len = (correct / n, length / n) if n else (0.0, 0.0)
-            accs.append(acc)
-            if c is None:
-                metrics.update({"acc": acc, "mean_chain_tokens": mean_len})
-            else:
-                metrics.update({f"acc_c{c}": acc, f"mean_latents_c{c}": mean_len})
-        metrics["score"] = sum(accs) / len(accs) if accs else 0.0
-        return metrics
-
-    return evaluate
-
-
-def stage_validation(engine: Engine, encoder: PromptEncoder, val_records: Sequence, cfg: TrainConfig,
-                     manager: CheckpointManager, tokenizer, mode: Optional[str] = None) -> Validation:
-    """:func:`make_evaluator`, whose best-k exports (``best/step_N``) carry the metrics that ranked
-    them (``val_metrics.json``)."""
-    evaluate = make_evaluator(engine, encoder, val_records, cfg, mode)
-    last_eval: dict = {}
-
-    def evaluate_and_keep(step: int) -> dict:
-        last_eval.clear()
-        last_eval.update(evaluate(step))
-        return last_eval
-
-    def save_best(step: int) -> Path:
-        return export_model(engine, manager.best_path(step), tokenizer,
-                            {"val_metrics.json": {"step": step, **last_eval}})
-
-    return Validation(evaluate_and_keep, save_best)
-
-
 class StageBatches(BatchSource, Stateful, Protocol):
     """A stage's batch source: gives each step's batch, and its position is checkpointed."""
 
@@ -243,7 +176,7 @@ def run_stage_loop(engine: Engine, batches: StageBatches, loss_fn: LossFn, cfg: 
     :func:`~colar_core.training.loop.train_loop` with checkpoints and resume (reporting to
     :func:`~colar_core.training.callbacks.stage_callbacks`), then ``out/model`` (the best validated
     model or the last weights, per ``cfg.final_model``). ``eval_mode``: how validation decodes
-    (:func:`make_evaluator`'s ``mode``)."""
+    (:func:`~colar_core.training.validation.make_evaluator`'s ``mode``)."""
     validation = None
     if cfg.eval_every and len(val_records):
         validation = stage_validation(engine, encoder, val_records, cfg, manager, tokenizer, eval_mode)

@@ -47,9 +47,10 @@ class MlflowMetricsCallback:
     thread sends the buffer with ``client.log_batch`` in chunks, retrying ``max_retries`` times
     with exponential backoff. If the server is unreachable the buffer is kept and retried at the
     next flush. :meth:`close` makes a last attempt; what still could not be sent is written to a
-    pending file (``fallback_path``, default the run's own
-    ``$COLAR_HOME|./.colar/unflushed/<run_id>.jsonl``, :func:`colar_infra.tracking.pending.pending_path`;
-    sent with :func:`colar_infra.tracking.pending.replay_pending`) and a warning is issued.
+    pending file (``fallback_path``, default the run's own ``<folder>/<run_id>.jsonl``,
+    :func:`colar_infra.tracking.pending.pending_path`: the absolute folder its pipeline run recorded when it
+    started, else ``$COLAR_HOME/unflushed``; sent with :func:`colar_infra.tracking.pending.replay_pending`)
+    and a warning is issued.
 
     For an http(s) tracking URI each attempt first probes ``/health`` with a short timeout:
     MLflow's own client retries a dead server for minutes, the probe fails in milliseconds.

@@ -1,10 +1,18 @@
 """What a run could not send to MLflow while the server was away: its pending file.
 
-A run's pending file ``$COLAR_HOME/unflushed/<run_id>.jsonl`` (:func:`pending_path`; ``COLAR_HOME``
-defaults to ``./.colar``) holds typed records, one JSON object a line: the metrics and tags the training
-callback could not send (:class:`MetricRecord`, :class:`TagRecord`), the artifacts a stage logs at its end
-(:class:`ArtifactRecord`) and the run's end (:class:`EndRecord`). :func:`append_records` is the one writer
-(append, flush, fsync), :func:`read_records` the one reader and :func:`replay_pending` sends a file.
+A run's pending file ``<folder>/<run_id>.jsonl`` (:func:`pending_path`) holds typed records, one JSON
+object a line: the metrics and tags the training callback could not send (:class:`MetricRecord`,
+:class:`TagRecord`), the artifacts a stage logs at its end (:class:`ArtifactRecord`) and the run's end
+(:class:`EndRecord`). :func:`append_records` is the one writer (append, flush, fsync), :func:`read_records`
+the one reader and :func:`replay_pending` sends a file.
+
+The folder is absolute and chosen once per pipeline run: ``$COLAR_HOME/unflushed`` as it is when the
+parent run starts (``COLAR_HOME`` defaults to ``./.colar`` under the folder ``colar run`` started in).
+The parent run records it in its tag ``colar.pending_dir`` (:data:`PENDING_DIR_TAG`) and this process
+remembers it for the parent and every child run it starts (:func:`remember_pending_dir`), so every writer
+uses it whatever the current folder, and ``colar retry`` finds the files from any folder
+(:func:`colar_infra.tracking.runs.settle_pending`). A run this process knows nothing about writes to the
+current home's ``unflushed`` folder (:func:`pending_dir` with no run).
 
 One line per record, as :meth:`MetricRecord.to_json` and the others write it::
 
@@ -23,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,6 +48,7 @@ __all__ = [
     "ArtifactRecord",
     "EndRecord",
     "MetricRecord",
+    "PENDING_DIR_TAG",
     "PendingRecord",
     "TagRecord",
     "append_records",
@@ -50,18 +60,47 @@ __all__ = [
     "Unreadable",
     "read_records",
     "rejected_path",
+    "remember_pending_dir",
+    "remembered_pending_dir",
     "replay_pending",
 ]
 
 
-def pending_dir() -> Path:
-    """``$COLAR_HOME/unflushed`` (:func:`colar_infra.home.colar_home`, as for the local servers)."""
-    return colar_home() / "unflushed"
+#: Tag of a pipeline's parent run: the absolute folder of the pending files of the parent and its children.
+PENDING_DIR_TAG = "colar.pending_dir"
+
+_FOLDERS: dict[str, Path] = {}  # run id -> its pending folder, for the runs this process started or resumed
+_FOLDERS_LOCK = threading.Lock()
+
+
+def pending_dir(run_id: Optional[str] = None) -> Path:
+    """The folder of ``run_id``'s pending file, absolute: the one remembered for its pipeline run
+    (:func:`remember_pending_dir`); for another run, or with no run, ``$COLAR_HOME/unflushed``
+    (:func:`colar_infra.home.colar_home`, as for the local servers) made absolute now."""
+    folder = remembered_pending_dir(run_id) if run_id is not None else None
+    return folder if folder is not None else (colar_home() / "unflushed").absolute()
+
+
+def remembered_pending_dir(run_id: str) -> Optional[Path]:
+    """The pending folder this process remembers for ``run_id`` (:func:`remember_pending_dir`), or None."""
+    with _FOLDERS_LOCK:
+        return _FOLDERS.get(run_id)
+
+
+def remember_pending_dir(folder: Union[str, os.PathLike], *run_ids: str) -> Path:
+    """From now on, in this process, the pending files of ``run_ids`` go to ``folder`` (made absolute),
+    whatever the current folder; returns it. The tracking helpers call it when they start or resume a
+    run (:mod:`colar_infra.tracking.runs`)."""
+    path = Path(folder).absolute()
+    with _FOLDERS_LOCK:
+        _FOLDERS.update(dict.fromkeys(run_ids, path))
+    return path
 
 
 def pending_path(run_id: str) -> Path:
-    """The pending file of ``run_id``: what the run still has to send to MLflow, one JSON record a line."""
-    return pending_dir() / f"{run_id}.jsonl"
+    """The pending file of ``run_id`` (in :func:`pending_dir` of the run): what the run still has to send
+    to MLflow, one JSON record a line."""
+    return pending_dir(run_id) / f"{run_id}.jsonl"
 
 
 # ---- the records ----------------------------------------------------------------------------------

@@ -19,11 +19,14 @@ Children carry ``mlflow.parentRunId`` (the UI nests them) and ``colar.stage``. T
 When the tracking server is away, what a run still has to record is not lost and does not stop the
 stage: metrics the training callback could not send, the artifacts a stage logs at its end
 (:func:`log_or_defer`) and the run's end (:func:`ending_run`, :func:`log_metrics`) go to the run's
-pending file (:mod:`colar_infra.tracking.pending`: ``$COLAR_HOME/unflushed/<run_id>.jsonl``, ``COLAR_HOME``
-defaulting to ``./.colar``). A server that does not answer its ``/health`` probe within 2 s is not called
-at all (MLflow's own client would retry it for minutes). The pending files of a pipeline run are sent
-(:func:`settle_pending`) when its next stage starts a child run and by ``colar retry`` (before the
-runs still RUNNING are ended KILLED: :func:`end_orphaned_children`).
+pending file (:mod:`colar_infra.tracking.pending`: ``<folder>/<run_id>.jsonl``). The folder is chosen,
+absolute, when the parent run starts (``$COLAR_HOME/unflushed``, ``COLAR_HOME`` defaulting to
+``./.colar`` under the current folder), recorded in the parent's tag ``colar.pending_dir`` and used by
+every run of that pipeline, so a later change of folder does not lose the files. A server that does not
+answer its ``/health`` probe within 2 s is not called at all (MLflow's own client would retry it for
+minutes). The pending files of a pipeline run are sent (:func:`settle_pending`, which looks in the
+recorded folder and in the current home's) when its next stage starts a child run and by ``colar retry``
+from any folder (before the runs still RUNNING are ended KILLED: :func:`end_orphaned_children`).
 
 Training runs also carry MLflow's own system metrics (``child_run(..., log_system_metrics=True)``,
 :mod:`colar_infra.tracking.system_metrics`).
@@ -35,6 +38,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from mlflow import MlflowClient
@@ -45,6 +49,7 @@ from colar_infra.health import PROBE_TIMEOUT_S, health_url, probe
 from colar_infra.secrets import mask_secrets, mask_url, masked_tags
 from colar_infra.tracking.params import MAX_PARAMS_PER_BATCH, flatten_params
 from colar_infra.tracking.pending import (
+    PENDING_DIR_TAG,
     ArtifactRecord,
     EndRecord,
     MetricRecord,
@@ -52,6 +57,8 @@ from colar_infra.tracking.pending import (
     apply_record,
     pending_dir,
     pending_path,
+    remember_pending_dir,
+    remembered_pending_dir,
     replay_pending,
 )
 
@@ -68,6 +75,7 @@ __all__ = [
     "find_child_run",
     "log_metrics",
     "log_or_defer",
+    "pipeline_pending_dir",
     "require_server",
     "server_answers",
     "settle_pending",
@@ -140,29 +148,48 @@ def log_or_defer(record: Union[ArtifactRecord, EndRecord], *, client: Optional[M
     return False
 
 
+def pipeline_pending_dir(parent: Run) -> Path:
+    """The pending folder of the pipeline run ``parent`` (its tag ``colar.pending_dir``; for a run started
+    before that tag existed, the one this process remembers for it, else the current home's), remembered
+    from now on for the parent in this process."""
+    recorded = parent.data.tags.get(PENDING_DIR_TAG)
+    return remember_pending_dir(recorded or pending_dir(parent.info.run_id), parent.info.run_id)
+
+
 def settle_pending(parent_run_id: str, *, client: Optional[MlflowClient] = None) -> list[str]:
     """Send the pending files (:func:`~colar_infra.tracking.pending.replay_pending`) of ``parent_run_id``
-    and of its child runs; return the ids of the runs whose file was sent. A file that cannot be sent is
-    kept (a warning). Costs nothing when no pending file exists."""
-    folder = pending_dir()
-    if not folder.is_dir() or not any(folder.glob("*.jsonl")):
-        return []
+    and of its child runs; return the ids of the runs whose file was sent. The files are looked for in the
+    folder the parent run recorded (:func:`pipeline_pending_dir`), whatever the current folder, and in the
+    current home's (files written by older versions). A file that cannot be sent is kept (a warning).
+    Costs no call to the server when no pending file exists and the folder is known in this process."""
     client = client_or_default(client)
-    parent = client.get_run(parent_run_id)
+    parent: Optional[Run] = None
+    recorded = remembered_pending_dir(parent_run_id)
+    if recorded is None:  # a run this process did not start (`colar retry`): its tag says
+        parent = client.get_run(parent_run_id)
+        recorded = pipeline_pending_dir(parent)
+    folders = list(dict.fromkeys([recorded, pending_dir()]))
+    if not any(folder.is_dir() and any(folder.glob("*.jsonl")) for folder in folders):
+        return []
+    parent = parent or client.get_run(parent_run_id)
     flt = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
     run_ids = [parent_run_id] + [r.info.run_id for r in
                                  client.search_runs([parent.info.experiment_id], filter_string=flt, max_results=1000)]
     settled = []
     for run_id in run_ids:
-        path = pending_path(run_id)
-        if not path.is_file():
-            continue
-        try:
-            replay_pending(path, client)
+        sent = False
+        for folder in folders:
+            path = folder / f"{run_id}.jsonl"
+            if not path.is_file():
+                continue
+            try:
+                replay_pending(path, client)
+                sent = True
+            except Exception as err:  # noqa: BLE001 - kept for the next try; it must not stop a stage
+                warnings.warn(f"could not send the pending file {path}: {err!r}; kept for the next try",
+                              RuntimeWarning, stacklevel=2)
+        if sent:
             settled.append(run_id)
-        except Exception as err:  # noqa: BLE001 - kept for the next try; it must not stop a stage
-            warnings.warn(f"could not send the pending file {path}: {err!r}; kept for the next try",
-                          RuntimeWarning, stacklevel=2)
     return settled
 
 
@@ -214,12 +241,15 @@ def start_parent_run(
     """Create the pipeline's parent run (experiment created if missing); return its run id.
 
     ``params`` may be nested (it goes through :func:`~colar_infra.tracking.params.flatten_params`). The run
-    stays RUNNING until :func:`end_run`.
+    stays RUNNING until :func:`end_run`. Its tag ``colar.pending_dir`` records, absolute, the folder of the
+    pending files of the run and its children (``$COLAR_HOME/unflushed`` as it is now).
     """
     client = client_or_default(client)
     exp_id = _experiment_id(client, experiment)
     name = None if run_name is None else mask_secrets(run_name)
-    run = client.create_run(exp_id, tags=masked_tags(tags), run_name=name)
+    folder = pending_dir()  # absolute, now: the pipeline's runs keep to it wherever they run later
+    run = client.create_run(exp_id, tags={**masked_tags(tags), PENDING_DIR_TAG: str(folder)}, run_name=name)
+    remember_pending_dir(folder, run.info.run_id)
     if params:
         _log_params(client, run.info.run_id, params)
     return run.info.run_id
@@ -239,14 +269,17 @@ def start_child_run(
     Tags: ``mlflow.parentRunId=<parent>``, ``colar.stage=<stage_name>``, plus ``tags``. The run
     name defaults to the stage name; ``params`` may be nested. A server that does not answer raises
     :class:`MlflowUnreachable` at once; pending files of the pipeline run are sent first
-    (:func:`settle_pending`).
+    (:func:`settle_pending`). The child's own pending file goes to the parent's folder
+    (:func:`pipeline_pending_dir`).
     """
     client = client_or_default(client)
     require_server(client, f"start the run of stage {stage_name}")
     parent = client.get_run(parent_run_id)
+    folder = pipeline_pending_dir(parent)  # the child's pending file goes where the parent's does
     settle_pending(parent_run_id, client=client)  # what an earlier stage could not send, now that it answers
     all_tags = {**masked_tags(tags), PARENT_TAG: parent_run_id, STAGE_TAG: stage_name}
     run = client.create_run(parent.info.experiment_id, tags=all_tags, run_name=mask_secrets(run_name or stage_name))
+    remember_pending_dir(folder, run.info.run_id)
     if params:
         _log_params(client, run.info.run_id, params)
     return run.info.run_id
@@ -307,8 +340,10 @@ def end_orphaned_children(
     ending them: SIGKILL, lost machine) with ``status`` and a ``colar.end_reason`` tag; return their ids.
 
     Call it only when no live process owns the pipeline (``colar retry`` checks that first). The
-    pending files of the parent and its children are sent first (:func:`settle_pending`): a stage that
-    finished while the server was away is ended as it ended (its status and time), not KILLED.
+    pending files of the parent and its children are sent first (:func:`settle_pending`, from the folder
+    the parent recorded, whatever the current folder): a stage that finished while the server was away
+    is ended as it ended (its status and time), not KILLED. From then on this process writes the parent's
+    pending records to that folder too.
     """
     client = client_or_default(client)
     settle_pending(parent_run_id, client=client)  # runs that ended while the server was away end now
