@@ -34,23 +34,81 @@ from flows.config import ConfigError, PipelineConfig, load_config, preflight
 EXIT_CONFIG, EXIT_SERVER = 2, 3
 
 
-def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optional[str], flow_run_id: Optional[str]):
+def run_links(urls: dict, parent_run_id: Optional[str], experiment_id: Optional[str],
+              flow_run_id: Optional[str]) -> dict[str, str]:
+    """The MLflow run page and Prefect flow-run page of a pipeline run (credentials masked)."""
     mlflow_url = mask_url(urls["mlflow"]).rstrip("/")
     prefect_ui = mask_url(urls["prefect"]).rstrip("/").removesuffix("/api")
+    links = {}
     if parent_run_id and experiment_id:
-        print(f"MLflow run:      {mlflow_url}/#/experiments/{experiment_id}/runs/{parent_run_id}")
+        links["mlflow_run"] = f"{mlflow_url}/#/experiments/{experiment_id}/runs/{parent_run_id}"
     if flow_run_id:
-        print(f"Prefect flow run: {prefect_ui}/runs/flow-run/{flow_run_id}")
-    print("Stop the local servers with: colar servers stop")
+        links["prefect_flow_run"] = f"{prefect_ui}/runs/flow-run/{flow_run_id}"
+    return links
+
+
+def _print_urls(urls: dict, parent_run_id: Optional[str], experiment_id: Optional[str], flow_run_id: Optional[str],
+                file=None):
+    links = run_links(urls, parent_run_id, experiment_id, flow_run_id)
+    if "mlflow_run" in links:
+        print(f"MLflow run:       {links['mlflow_run']}", file=file)
+    if "prefect_flow_run" in links:
+        print(f"Prefect flow run: {links['prefect_flow_run']}", file=file)
+    print("Stop the local servers with: colar servers stop", file=file)
+
+
+def final_report(result: dict, parent_run_id: Optional[str]) -> str:
+    """What a person reads at the end of a finished ``colar run``: Table 1 as text (per test set and
+    method: accuracy in % with its 95% interval over seeds, #L, ms per question; the average over sets
+    last), the promotion decision and what each stage did. ``--json`` prints :func:`run_summary` instead."""
+    from tasks.table1 import table1  # pandas: lazily, as the other pipeline imports
+
+    table = table1(result.get("metrics", {}))
+    lines = [f"Table 1{f' (pipeline run {parent_run_id})' if parent_run_id else ''}: accuracy (%) ± 95% "
+             "interval over seeds, #L (mean chain length), ms/q (decoding time per question)"]
+    if table.empty:
+        lines.append("(no accuracy metrics)")
+    else:
+        with pd_display():
+            lines.append(table.to_string())
+    if result.get("alias_uri"):
+        lines.append(f"Registered model: {result['alias_uri']} (version {result.get('version')}: "
+                     f"{result.get('promotion_reason')})")
+    elif result.get("registered_model"):
+        lines.append(f"Registered model: {result['registered_model']} version {result.get('version')}; "
+                     f"'candidate' kept: {result.get('promotion_reason')}")
+    elif result.get("model_uri"):
+        lines.append(f"Model: {result['model_uri']} (not registered)")
+    if result.get("stages"):
+        lines.append("Stages: " + ", ".join(f"{name} {st}" for name, st in result["stages"].items()))
+    return "\n".join(lines)
+
+
+def pd_display():
+    """pandas display options that print every column of a wide table on one line."""
+    import pandas as pd
+
+    return pd.option_context("display.max_columns", None, "display.width", 250)
+
+
+def run_summary(result: dict, parent_run_id: Optional[str], links: dict[str, str]) -> dict:
+    """The machine-readable end of ``colar run --json``: one JSON object on stdout (everything else
+    goes to stderr): metrics, stage states, the model and the promotion decision, links."""
+    keys = ("metrics", "stages", "model_uri", "registered_model", "version", "promoted", "promotion_reason",
+            "alias_uri")
+    return {"parent_run_id": parent_run_id, **{k: result[k] for k in keys if k in result}, "links": links}
 
 
 def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Optional[ServerSettings] = None,
-         from_stage: Optional[str] = None) -> int:
+         from_stage: Optional[str] = None, as_json: bool = False) -> int:
     """Run the pipeline on ``cfg`` (under ``parent_run_id`` for a retry, re-running ``from_stage`` and
-    what follows); print metrics, what each stage did and URLs. ``settings``: how to start servers
-    that are not running (default: the ``COLAR_*`` variables)."""
+    what follows); end with :func:`final_report` and the links, or with ``as_json`` one JSON object on
+    stdout (:func:`run_summary`; every other line to stderr). ``settings``: how to start servers that
+    are not running (default: the ``COLAR_*`` variables)."""
+    chatter = sys.stderr if as_json else sys.stdout
     urls = servers.ensure_servers(settings=settings)
-    print(f"MLflow tracking server: {mask_url(urls['mlflow'])}\nPrefect API: {mask_url(urls['prefect'])}", flush=True)
+    print(f"MLflow tracking server: {mask_url(urls['mlflow'])}\nPrefect API: {mask_url(urls['prefect'])}", flush=True,
+          file=chatter)
     # Pipeline commands import prefect and mlflow here, not at module level: `colar data prepare`
     # must work where they are not installed.
     import mlflow
@@ -78,19 +136,17 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Opt
     experiment_id = client.get_run(parent).info.experiment_id if parent else None
     if state.is_completed():
         result = state.result()
-        print(json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}, indent=2, sort_keys=True))
-        print("Stages: " + ", ".join(f"{name} {st}" for name, st in result.get("stages", {}).items()))
-        if result.get("alias_uri"):
-            print(f"Registered model: {result['alias_uri']} (version {result.get('version')}: {result.get('promotion_reason')})")
-        elif result.get("registered_model"):
-            print(f"Registered model: {result['registered_model']} version {result.get('version')}; "
-                  f"'candidate' kept: {result.get('promotion_reason')}")
+        if as_json:
+            summary = run_summary(result, parent, run_links(urls, parent, experiment_id, flow_run_id))
+            print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+            return 0
+        print(final_report(result, parent))
         _print_urls(urls, parent, experiment_id, flow_run_id)
         return 0
     print(f"pipeline {state.name}: {mask_secrets(state.message)}", file=sys.stderr)
     if parent:
         print(f"Re-trigger the failed stages with: colar retry {parent}", file=sys.stderr)
-    _print_urls(urls, parent, experiment_id, flow_run_id)
+    _print_urls(urls, parent, experiment_id, flow_run_id, file=chatter)
     return 1
 
 
@@ -104,7 +160,7 @@ def cmd_run(args) -> int:
     settings = server_settings(args)
     cfg = load_config(args.config, args.set or [])
     preflight(cfg)  # model path, dataset id: before any server or stage starts (ConfigError: see main)
-    return _run(cfg, settings=settings)
+    return _run(cfg, settings=settings, as_json=args.json)
 
 
 def resolve_parent_run(run: str):
@@ -150,8 +206,9 @@ def cmd_retry(args) -> int:
         print(f"colar retry: {err}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"retrying pipeline run {parent.info.run_id} ({parent.info.status})"
-          + (f" from stage {args.from_stage}" if args.from_stage else ""), flush=True)
-    return _run(cfg, parent_run_id=parent.info.run_id, from_stage=args.from_stage)
+          + (f" from stage {args.from_stage}" if args.from_stage else ""), flush=True,
+          file=sys.stderr if args.json else sys.stdout)
+    return _run(cfg, parent_run_id=parent.info.run_id, from_stage=args.from_stage, as_json=args.json)
 
 
 def load_stored_config(path: str) -> PipelineConfig:
@@ -298,12 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline (default config: the embedded tiny default)")
     run.add_argument("--config", help="YAML config file (see configs/)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. sft_colar.max_steps=100")
+    run.add_argument("--json", action="store_true",
+                     help="end with one JSON object on stdout (metrics, stages, model, links) instead of Table 1 as text")
     add_server_options(run)
     run.set_defaults(func=cmd_run)
     retry = sub.add_parser("retry", help="re-run a failed pipeline: finished stages are reused, the failed one resumes")
     retry.add_argument("run", help="MLflow parent run id or Prefect flow-run id")
     retry.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
                        help="re-run STAGE and every stage after it (the stages before it are reused)")
+    retry.add_argument("--json", action="store_true", help="end with one JSON object on stdout, as `colar run --json`")
     retry.set_defaults(func=cmd_retry)
     compare = sub.add_parser("compare", help="table of pipeline runs: accuracy and #L per compression factor")
     compare.add_argument("--experiment", default="colar")
