@@ -10,8 +10,16 @@ The steps block keeps its leading ``###`` alone in its own group (so the model s
 group may be short. Groups are described as a ``[B, G, r]`` tensor of token ids with a mask, so
 the merge itself is one tensor operation on the device (see ``colar_core.merging``).
 
-Each group gets one label, drawn uniformly from its real tokens; the ``###`` group gets none (it
-is predicted from a question position, and question positions are ignored).
+Each group gets one label, drawn uniformly from its real tokens; the ``###`` group gets none in
+``group_labels``. Two more terms of the reference's objective are indexed separately, so that
+``ObjectiveConfig`` switches them (``ColarModel.sft_loss``) without changing the rest of the batch:
+
+* the *opening* ``###`` label (``open_label_index``): the last prompt position is trained to predict
+  the ``###`` that opens the steps block, as the reference labels every token after the question;
+* the *closing* latent (``end_latent_src`` / ``end_latent_tgt``): the row's last group (its last step
+  group; the ``###`` group when the row has no steps) predicts, with the latent head, the embedding
+  of the ``###`` that follows it, which is the merged embedding of the row's own ``###`` group (a
+  one-token group merges to the token's embedding under every pooling).
 
 What the backbone sees is the *packed* form of that layout: each row's real positions moved to the
 front in order (prompt, groups, answer), pads only at the end. Only trailing pads are left, so the
@@ -54,6 +62,11 @@ class ColarBatch:
     label_targets: torch.Tensor  # [N] long: those labels
     latent_src: torch.Tensor  # [M] long: flat packed slots that predict a compressed embedding
     latent_tgt: torch.Tensor  # [M] long: flat index into [B * G] of the group each one predicts
+    # the reference's two extra terms, one per row (see the module docstring)
+    open_label_index: torch.Tensor  # [B] long: flat packed slot (last prompt slot) predicting the opening '###'
+    open_label_targets: torch.Tensor  # [B] long: the '###' id
+    end_latent_src: torch.Tensor  # [B] long: flat packed slot of each row's last group
+    end_latent_tgt: torch.Tensor  # [B] long: flat index into [B * G] of that row's '###' group
 
     @property
     def group_mask(self) -> torch.Tensor:
@@ -137,8 +150,8 @@ def collate(
             token_mask[i, start:].view(-1)[: len(ex.step_ids)] = True
 
     labels = sample_group_labels(group_ids, token_mask, generator)
-    labels[think_group] = IGNORE  # the '###' group is predicted from a question position: ignored
-    packing = pack_layout(prompt_mask, token_mask.any(-1), labels, answer_ids, answer_mask)
+    labels[think_group] = IGNORE  # the '###' group's label is the separate opening term (open_label_index)
+    packing = pack_layout(prompt_mask, token_mask.any(-1), labels, answer_ids, answer_mask, encoder.think_id)
     return ColarBatch(prompt_ids, prompt_mask, group_ids, token_mask, labels, answer_ids, answer_mask, r, **packing)
 
 
@@ -158,11 +171,13 @@ def packing(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def pack_layout(prompt_mask: torch.Tensor, group_mask: torch.Tensor, group_labels: torch.Tensor,
-                answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                answer_ids: torch.Tensor, answer_mask: torch.Tensor, think_id: int) -> dict[str, torch.Tensor]:
     """Indices of the packed layout (CPU): real positions first in each row, pads at the end.
 
-    Slot order inside a row, and row-major order of ``label_index`` and ``latent_src``, follow the
-    padded layout exactly, so losses (and the noise drawn for each latent) do not depend on packing.
+    Slot order inside a row, and row-major order of ``label_index``, ``latent_src`` and the per-row
+    extra terms, follow the padded layout exactly, so losses (and the noise drawn for each latent)
+    do not depend on packing. Every row holds its ``###`` group (its first real group) and its
+    last group in column ``G - 1`` (groups are left-padded).
     """
     b, lp = prompt_mask.shape
     g = group_mask.shape[1]
@@ -186,6 +201,14 @@ def pack_layout(prompt_mask: torch.Tensor, group_mask: torch.Tensor, group_label
     predicts[:, :-1] = step_groups[:, 1:]
     src_slot = slot_of[:, lp: lp + g]
     bi, gj = predicts.nonzero(as_tuple=True)
+
+    # the opening '###' is predicted by the slot before the row's '###' group, its last prompt slot
+    think_col = group_mask.long().argmax(1)  # first real group of each row
+    think_slot = slot_of[:, lp:][torch.arange(b), think_col]
+    has_prompt = think_slot > 0
+    open_rows = torch.arange(b)[has_prompt]
+    # the row's last group (column G - 1) predicts the closing '###', i.e. its own '###' group's embedding
+    end_rows = torch.arange(b)[group_mask[:, -1]]
     return {
         "pack_index": pack_index,
         "packed_mask": packed_mask,
@@ -193,4 +216,8 @@ def pack_layout(prompt_mask: torch.Tensor, group_mask: torch.Tensor, group_label
         "label_targets": next_labels.reshape(-1)[label_index],
         "latent_src": bi * width + src_slot[bi, gj],
         "latent_tgt": bi * g + gj + 1,
+        "open_label_index": open_rows * width + think_slot[open_rows] - 1,
+        "open_label_targets": torch.full((open_rows.numel(),), think_id, dtype=torch.long),
+        "end_latent_src": end_rows * width + src_slot[end_rows, g - 1],
+        "end_latent_tgt": end_rows * g + think_col[end_rows],
     }

@@ -181,6 +181,18 @@ class ObjectiveConfig(StrictModel):
     second_pass_weight: float = Field(
         0.0, ge=0.0, description="CE of a second forward pass fed the predicted latents (0 = off)."
     )
+    opening_think_label: bool = Field(
+        True, description="Cross-entropy label on the '###' that opens the steps block, predicted from the last "
+        "prompt position, as the reference labels every token after the question (src/models/colar.py, the "
+        "'###' group's label; cot.py likewise). Every mode. Inference feeds that '###' as part of the prompt, so "
+        "the label is never sampled; it is on to match the reference's objective. False: colar's earlier "
+        "objective (no label there).")
+    closing_think_latent: bool = Field(
+        True, description="Mode 'colar': a latent-loss term at each row's last step group (the '###' group if a row "
+        "has no steps) whose target is the embedding of the closing '###' that follows it (divided by the "
+        "embedding scale, like every target), as the reference's latent loss covers every real steps position "
+        "with the next input embedding as target. Part of the latent-loss mean (and of the entropy term); not "
+        "fed to the second pass. False: colar's earlier objective (no latent target after the last step group).")
 
     @field_validator("compression_factors")
     @classmethod
@@ -270,6 +282,11 @@ class EvalConfig(StrictModel):
         default_factory=list, description="Named test sets, each evaluated at every factor and seed (and the "
         "baselines); the first is the primary set, whose metrics are also logged without the set name "
         "(accuracy/c{c}, as runs before named sets). Empty: the test split of `data`, named 'test'.")
+    thoughts_questions: int = Field(
+        3, ge=0, description="How many questions of the primary set (its first) the evaluate stage shows step by "
+        "step in `thoughts.html` (colar_core.latent_inspect: each latent's nearest tokens, LM-head tokens and sigma "
+        "at every compression factor, beside the CoT text); 0 = none. One extra generation per factor and model "
+        "for these questions, with the first seed.")
 
     @field_validator("datasets")
     @classmethod

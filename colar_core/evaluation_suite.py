@@ -10,7 +10,10 @@ loads the inputs, calls :func:`evaluate_suite` and logs what it returns):
 - names: each set's metrics carry its name (``accuracy/svamp/c2``: :func:`~colar_core.evaluation.for_set`);
   the primary (first) set's also go without it (``accuracy/c2``: the names of runs before named sets,
   which the promotion gate and older comparisons read), right after that set's named ones; with several
-  sets, the plain mean over them follows (``accuracy/avg/c2``: :func:`~colar_core.evaluation.average_over_sets`).
+  sets, the plain mean over them follows (``accuracy/avg/c2``: :func:`~colar_core.evaluation.average_over_sets`);
+- thoughts: the first ``eval.thoughts_questions`` questions of the primary set read step by step
+  (:mod:`colar_core.latent_inspect`): the CoLaR model's latent chains at each factor and its own CoT text,
+  then the CoT model's CoT text when there is one; generated while each model is loaded for its sweep.
 
 Nothing here knows Prefect or MLflow.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -28,6 +31,7 @@ from colar_core.data.prepare import load_split
 from colar_core.data.readers import read_records
 from colar_core.data.records import Record
 from colar_core.evaluation import average_over_sets, evaluate_baseline, evaluate_latent, evaluate_text, for_set
+from colar_core.latent_inspect import QuestionThoughts, TextChain, cot_chains, inspect_questions
 from colar_core.model import ColarModel
 from colar_core.text import PromptEncoder
 
@@ -50,11 +54,13 @@ class SuiteModels:
 
 @dataclass(frozen=True)
 class SuiteResult:
-    """What :func:`evaluate_suite` returns: the metrics (in the order the module docstring gives) and
-    one prediction row per setting, seed and question, its set's name in ``set``."""
+    """What :func:`evaluate_suite` returns: the metrics (in the order the module docstring gives),
+    one prediction row per setting, seed and question, its set's name in ``set``, and the thoughts of
+    the first questions (module docstring; empty with ``eval.thoughts_questions: 0``)."""
 
     metrics: dict[str, float]
     rows: list[dict]
+    thoughts: list[QuestionThoughts] = field(default_factory=list)
 
 
 def load_eval_set(spec: EvalSet, data_dir: Union[str, Path], n_examples: Optional[int]) -> list[Record]:
@@ -99,11 +105,20 @@ def evaluate_suite(models: SuiteModels, sets: Mapping[str, Sequence[Record]], cf
     primary = next(iter(sets))
     metrics: dict[str, float] = {}
     rows: list[dict] = []
+    shown = list(sets[primary])[: cfg.thoughts_questions]
+    questions = [r.question for r in shown]
+    thoughts: list[QuestionThoughts] = []
+    cot_text: list[TextChain] = []
     for folder, method, evaluate in _plan(models, cfg):
         model, tokenizer = ColarModel.load_dir(folder, is_trainable=False, **options)
         if method is not None and model.state.method != method:
             raise ValueError(f"{folder}: trained as {model.state.method!r}, evaluated as {method!r}")
         encoder = PromptEncoder(tokenizer)
+        if questions and folder == models.colar:
+            thoughts = inspect_questions(model, encoder, questions, cfg.compression_factors, cfg.generation,
+                                         cfg.seeds[0], records=shown)
+        elif questions and folder == models.cot:
+            cot_text = cot_chains(model, encoder, questions, "CoT model", cfg.generation, cfg.seeds[0])
         for name, records in sets.items():
             m, r = evaluate(model, encoder, records)
             metrics.update(for_set(m, name))
@@ -113,4 +128,6 @@ def evaluate_suite(models: SuiteModels, sets: Mapping[str, Sequence[Record]], cf
         del model
     if len(sets) > 1:
         metrics.update(average_over_sets(metrics, list(sets)))
-    return SuiteResult(metrics, rows)
+    if cot_text:
+        thoughts = [replace(q, cot=q.cot + (c,)) for q, c in zip(thoughts, cot_text)]
+    return SuiteResult(metrics, rows, thoughts)

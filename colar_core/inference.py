@@ -70,6 +70,9 @@ class LatentTrace:
     latent_mask: torch.Tensor  # [B, K] bool: latent k belongs to the row's chain
     answer_ids: torch.Tensor  # [B, T]: '###' then the decoded answer tokens (EOS included)
     answer_mask: torch.Tensor  # [B, T] bool
+    # [B, K + 1, H]: the last hidden state the head read to draw latent k, then the one after the last
+    # latent (the LM head's stop check after latent k reads k + 1); colar_core.latent_inspect shows them
+    hidden: torch.Tensor
 
 
 class DecodeState:
@@ -220,6 +223,7 @@ def generate_latent(
     active = torch.ones(b, dtype=torch.bool, device=device)
     n_latents = torch.zeros(b, dtype=torch.long, device=device)
     latents, latent_mask = [], []
+    hidden = [state.hidden] if return_trace else None
     scale = model.state.embedding_scale
     for _ in range(gen.max_latents):
         check_stop(stop)
@@ -227,6 +231,8 @@ def generate_latent(
         latents.append(z)
         latent_mask.append(active.clone())
         state.feed(z * scale, active)
+        if hidden is not None:
+            hidden.append(state.hidden)
         n_latents += active.long()
         # the stop check samples from the full softmax (top_p=1), as the reference's (no nucleus there)
         ends = active & (pick_tokens(model.token_logits(state.hidden), gen, generator, top_p=1.0) == encoder.think_id)
@@ -242,7 +248,7 @@ def generate_latent(
     for i in range(b):
         text = encoder.decode(answer_tokens[i].tolist())
         results.append(Generation(text=text, answer=extract_answer(text), n_latents=int(n_latents[i])))
-    if not return_trace:
+    if hidden is None:
         return results
     answer_ids = torch.cat([think[:, None], answer_tokens], dim=1)
     answer_mask = torch.ones_like(answer_ids, dtype=torch.bool)
@@ -250,7 +256,7 @@ def generate_latent(
         after_eos = (answer_tokens == encoder.eos_id).long().cumsum(1) - (answer_tokens == encoder.eos_id).long()
         answer_mask[:, 1:] = after_eos == 0
     trace = LatentTrace(state.prompt_ids, state.prompt_mask, torch.stack(latents, 1), torch.stack(latent_mask, 1),
-                        answer_ids, answer_mask)
+                        answer_ids, answer_mask, torch.stack(hidden, 1))
     return results, trace
 
 

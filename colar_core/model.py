@@ -456,18 +456,26 @@ class ColarModel(nn.Module):
 
         hidden, _ = self.run_decoder(inputs, None, position_ids)
         flat = hidden.reshape(b * w, h)
-        ce = token_cross_entropy(self.token_logits(flat.index_select(0, batch.label_index)), batch.label_targets)
+        label_index, label_targets = batch.label_index, batch.label_targets
+        if objective.opening_think_label:  # the reference's label on the opening '###' (ObjectiveConfig)
+            label_index = torch.cat([label_index, batch.open_label_index])
+            label_targets = torch.cat([label_targets, batch.open_label_targets])
+        ce = token_cross_entropy(self.token_logits(flat.index_select(0, label_index)), label_targets)
         zero = ce.new_zeros(())
         parts = {"ce": ce, "latent": zero, "entropy": zero, "second_pass": zero}
         total = objective.ce_weight * ce
 
         wants_latent = objective.mode == "colar" and (objective.latent_weight > 0 or objective.second_pass_weight > 0
                                                       or objective.entropy_weight != 0)
-        if wants_latent and batch.latent_src.numel() > 0:
+        latent_src, latent_tgt = batch.latent_src, batch.latent_tgt
+        if objective.closing_think_latent:  # the last group predicts the closing '###' (ObjectiveConfig)
+            latent_src = torch.cat([latent_src, batch.end_latent_src])
+            latent_tgt = torch.cat([latent_tgt, batch.end_latent_tgt])
+        if wants_latent and latent_src.numel() > 0:
             scale = self.state.embedding_scale
-            mean, log_std = self.latent_head(flat.index_select(0, batch.latent_src))
+            mean, log_std = self.latent_head(flat.index_select(0, latent_src))
             flat_groups = groups.reshape(-1, h)
-            target = (flat_groups.index_select(0, batch.latent_tgt) / scale).detach()
+            target = (flat_groups.index_select(0, latent_tgt) / scale).detach()
             lat, entropy, sample = latent_loss(
                 mean, log_std, target, objective.latent_loss, self.state.deterministic_latents, generator
             )
@@ -475,14 +483,17 @@ class ColarModel(nn.Module):
             # the entropy term is added, as the reference's (see ObjectiveConfig.entropy_weight)
             total = total + objective.latent_weight * lat + objective.entropy_weight * entropy
             if objective.second_pass_weight > 0:
-                replaced = flat_groups.index_copy(0, batch.latent_tgt, (sample * scale).to(flat_groups.dtype))
+                # each step group is replaced by its prediction; the closing latents' predictions (the
+                # rows after batch.latent_src's) are not fed: the answer's real '###' stays
+                fed = sample[: batch.latent_src.numel()]
+                replaced = flat_groups.index_copy(0, batch.latent_tgt, (fed * scale).to(flat_groups.dtype))
                 inputs2 = self._packed(batch, prompt, replaced.view_as(groups), answer)
                 hidden2, _ = self.run_decoder(inputs2, None, position_ids)
-                logits2 = self.token_logits(hidden2.reshape(b * w, h).index_select(0, batch.label_index))
-                ce2 = token_cross_entropy(logits2, batch.label_targets)
+                logits2 = self.token_logits(hidden2.reshape(b * w, h).index_select(0, label_index))
+                ce2 = token_cross_entropy(logits2, label_targets)
                 parts["second_pass"] = ce2
                 total = total + objective.second_pass_weight * ce2
         parts["loss"] = total
-        parts["n_label_tokens"] = batch.label_targets.new_full((), batch.label_index.numel())
+        parts["n_label_tokens"] = label_targets.new_full((), label_index.numel())
         parts["n_positions"] = batch.packed_mask.sum()
         return parts

@@ -36,7 +36,15 @@ field                  environment variable        flag (``colar servers start``
 ``db_url``             ``COLAR_DB_URL``            ``--db-url URL``
 ``db_prefix``          ``COLAR_DB_PREFIX``         ``--db-prefix NAME``
 ``mlflow_auth``        ``COLAR_MLFLOW_AUTH``       ``--mlflow-auth none|basic-auth``
+``host``               ``COLAR_SERVER_HOST``       ``--host ADDRESS``
 =====================  ==========================  =========================================
+
+Binding (``host``): 127.0.0.1 unless asked. An address that is not loopback (another interface's, or
+``0.0.0.0``: all of them) is taken only with authentication on both servers (:func:`bind_problems`):
+MLflow basic auth with its credentials, and a Prefect API auth string (:func:`prefect_server_auth`:
+``PREFECT_API_AUTH_STRING``, what Prefect's clients send; Prefect's own ``PREFECT_SERVER_API_AUTH_STRING``
+wins for the server if set). Asked without it, colar refuses before any server starts, naming what is
+missing. The auth string travels only in environments, like the MLflow password.
 
 This module imports neither mlflow nor prefect; ``psycopg2`` only when it creates or drops a database.
 """
@@ -44,6 +52,7 @@ This module imports neither mlflow nor prefect; ``psycopg2`` only when it create
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import secrets
@@ -69,7 +78,11 @@ __all__ = [
     "create_database",
     "drop_database",
     "ensure_databases",
+    "bind_problems",
+    "check_bind",
+    "is_loopback",
     "mlflow_auth_setup",
+    "prefect_server_auth",
 ]
 
 #: Environment variable of each :class:`ServerSettings` field.
@@ -78,9 +91,16 @@ ENV_VARS = {
     "db_url": "COLAR_DB_URL",
     "db_prefix": "COLAR_DB_PREFIX",
     "mlflow_auth": "COLAR_MLFLOW_AUTH",
+    "host": "COLAR_SERVER_HOST",
 }
 #: The flag of each field, for error messages.
-FLAGS = {"backend": "--backend", "db_url": "--db-url", "db_prefix": "--db-prefix", "mlflow_auth": "--mlflow-auth"}
+FLAGS = {"backend": "--backend", "db_url": "--db-url", "db_prefix": "--db-prefix", "mlflow_auth": "--mlflow-auth",
+         "host": "--host"}
+#: Where a server is bound when no host is asked for.
+DEFAULT_HOST = "127.0.0.1"
+#: Prefect's variables for the API auth string: what its clients send, and what its server requires.
+PREFECT_CLIENT_AUTH_ENV, PREFECT_SERVER_AUTH_ENV = "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 #: Seconds to wait for the PostgreSQL server when colar creates or drops a database.
 CONNECT_TIMEOUT_S = 5
 #: SQLAlchemy URL schemes of the two servers' drivers. A bare ``postgresql://`` means psycopg 3 to
@@ -113,6 +133,26 @@ class ServerSettings(StrictModel):
     mlflow_auth: Optional[Literal["none", "basic-auth"]] = Field(
         None, description="`basic-auth`: MLflow's basic-auth app; its admin is MLFLOW_TRACKING_USERNAME / "
         "MLFLOW_TRACKING_PASSWORD, which the pipeline's client sends. Default `none`.")
+    host: Optional[str] = Field(
+        None, description="The address both servers are bound to (default 127.0.0.1): an IPv4 address of this "
+        "machine, a name that resolves to one, or 0.0.0.0 (every interface). One that is not loopback needs "
+        "mlflow_auth basic-auth and a Prefect API auth string (PREFECT_API_AUTH_STRING); asked without them, "
+        "colar refuses. A running server is reused wherever it is bound unless a host is asked for.")
+
+    @field_validator("host")
+    @classmethod
+    def _bind_address(cls, host: Optional[str]) -> Optional[str]:
+        if host is None:
+            return None
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(host):
+                raise ValueError(f"{host!r} is neither an IPv4 address nor a host name") from None
+            return host
+        if address.version != 4:
+            raise ValueError(f"{host}: an IPv4 address (the servers are bound over IPv4)")
+        return host
 
     @field_validator("db_url")
     @classmethod
@@ -158,6 +198,11 @@ class ServerSettings(StrictModel):
     @property
     def effective_auth(self) -> str:
         return self.mlflow_auth or "none"
+
+    @property
+    def effective_host(self) -> str:
+        """The address a new server is bound to."""
+        return self.host or DEFAULT_HOST
 
     @property
     def pg(self) -> Optional["PgServer"]:
@@ -474,3 +519,53 @@ def _flask_secret(state_dir: Path) -> str:
     if not path.exists():  # the caller holds the MLflow server's lock: no other writer
         atomic_write_bytes(path, secrets.token_hex(32).encode(), mode=0o600)
     return path.read_text().strip()
+
+
+# --------------------------------------------------------------------------------------------
+# binding beyond loopback
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is this machine's loopback: ``localhost`` or 127.0.0.0/8.
+    Any other name counts as not loopback (what it resolves to may change), as does ``0.0.0.0``."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def prefect_server_auth() -> Optional[str]:
+    """The auth string a Prefect server colar starts requires: ``$PREFECT_SERVER_API_AUTH_STRING`` (Prefect's
+    own) if set, else ``$PREFECT_API_AUTH_STRING`` (what Prefect's clients send); None when neither is."""
+    return os.environ.get(PREFECT_SERVER_AUTH_ENV) or os.environ.get(PREFECT_CLIENT_AUTH_ENV) or None
+
+
+def bind_problems(settings: ServerSettings, host: Optional[str] = None, *, mlflow: bool = True,
+                  prefect: bool = True) -> list[str]:
+    """What is missing for binding ``host`` (default: ``settings.effective_host``), for the servers asked
+    about: nothing on loopback; elsewhere MLflow basic auth with its credentials (``mlflow``) and a Prefect
+    API auth string (``prefect``). Names variables, never values."""
+    host = host or settings.effective_host
+    if is_loopback(host):
+        return []
+    missing = []
+    if mlflow and settings.effective_auth != "basic-auth":
+        missing.append(f"MLflow basic auth ({FLAGS['mlflow_auth']} basic-auth or ${ENV_VARS['mlflow_auth']}=basic-auth)")
+    if mlflow and client_credentials() is None:
+        missing.append(f"${CLIENT_USER_ENV} and ${CLIENT_PASSWORD_ENV} (MLflow's admin)")
+    if prefect and prefect_server_auth() is None:
+        missing.append(f"${PREFECT_CLIENT_AUTH_ENV} (Prefect's API auth string)")
+    return missing
+
+
+def check_bind(settings: ServerSettings, host: Optional[str] = None, *, mlflow: bool = True,
+               prefect: bool = True) -> None:
+    """:class:`ConfigError` in one line when ``host`` is not loopback and :func:`bind_problems` finds
+    authentication missing: the servers are not started on an address others reach without it."""
+    host = host or settings.effective_host
+    missing = bind_problems(settings, host, mlflow=mlflow, prefect=prefect)
+    if missing:
+        raise ConfigError(f"refusing to bind the servers to {host} (not loopback) without authentication; "
+                          f"missing: {'; '.join(missing)}")

@@ -22,14 +22,16 @@ MASK = "***"
 
 # Words (of a key split on "_", "-", "." and camelCase) that mark a secret.
 _SECRET_WORDS = {"token", "password", "passwd", "secret", "apikey", "credential", "credentials"}
-_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("auth", "key")}
+_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("auth", "key"),
+                 ("auth", "string")}
 # "pad_token", "eos_token_id", "latent_token" ... name vocabulary entries, not credentials.
 _VOCAB_TOKEN_ROLES = {
     "pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "latent", "start", "end", "stop",
     "think", "answer", "bot", "eot", "thought", "step", "sentinel", "additional", "chat",
 }
-# Env var names whose values are treated as secrets when they appear in a value.
-_SECRET_ENV_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|KEY", re.IGNORECASE)
+# Env var names whose values are treated as secrets when they appear in a value (AUTH_STRING: Prefect's
+# API auth string, PREFECT_API_AUTH_STRING / PREFECT_SERVER_API_AUTH_STRING).
+_SECRET_ENV_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|KEY|AUTH_STRING", re.IGNORECASE)
 # Env values shorter than this are masked only where a value equals them exactly ("1", "true"
 # would otherwise be cut out of every value); longer ones wherever they occur in a value.
 _MIN_SECRET_SUBSTRING = 8

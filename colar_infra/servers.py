@@ -2,8 +2,10 @@
 
 ``colar run`` calls :func:`ensure_servers` (or the two ``ensure_*`` functions) before it runs a
 flow. Each server is a detached background process (its own session, so it outlives the CLI
-command and can be stopped as one process group), bound to 127.0.0.1 on a free port, logging to
-a file in the state directory. What was started is recorded in ``<state_dir>/servers.json``; the
+command and can be stopped as one process group), bound to 127.0.0.1 on a free port (or to the
+address asked for: ``--host`` / ``$COLAR_SERVER_HOST``; one that is not loopback only with both
+servers' authentication on, :func:`colar_infra.backends.check_bind`), logging to a file in the state
+directory. What was started is recorded in ``<state_dir>/servers.json``; the
 next ``colar run`` finds the record, checks the process is alive and answering, and reuses it. A
 recorded process is recognised by its identity ``host:pid:start time`` (:mod:`colar_core.procs`), so
 a pid reused by another process is not taken for the server (nor stopped).
@@ -14,8 +16,14 @@ one, after a quick check that it answers (a wrong URI fails in seconds, naming t
 Backends (:mod:`colar_infra.backends`): SQLite files in the state directory by default, or databases
 on a PostgreSQL server (``--backend postgres --db-url ...`` / ``$COLAR_DB_URL``); MLflow optionally
 with its basic-auth app (``--mlflow-auth basic-auth``). A running server is reused whatever it was
-started with, unless a command asks for another backend or auth explicitly: then it says so and
+started with, unless a command asks for another backend, auth or host explicitly: then it says so and
 stops (it is never restarted under pipelines that may use it).
+
+Prefect API auth: a Prefect server colar starts requires the auth string of
+:func:`colar_infra.backends.prefect_server_auth` when one is set (``$PREFECT_API_AUTH_STRING``, what
+Prefect's clients send; it reaches the server only through its environment, as
+``PREFECT_SERVER_API_AUTH_STRING``). After each start or reuse of such a server colar asks it whether it
+accepts the client's string, as it does for MLflow's credentials. ``/api/health`` needs none.
 
 State directory: the colar home (:func:`colar_infra.home.colar_home`: ``$COLAR_HOME`` if set, else
 ``./.colar``). Layout::
@@ -53,19 +61,23 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional, TypeVar
 
 from colar_core.files import atomic_write_json, exclusive_lock
 from colar_core.net import free_port
 from colar_core.procs import group_processes, identity_alive, process_identity, start_time, stop_processes
 from colar_infra.backends import (
     MLFLOW_PG_DRIVER,
+    PREFECT_CLIENT_AUTH_ENV,
     PREFECT_PG_DRIVER,
+    PREFECT_SERVER_AUTH_ENV,
     DatabaseError,
     ServerSettings,
+    check_bind,
     client_credentials,
     ensure_databases,
     mlflow_auth_setup,
+    prefect_server_auth,
 )
 from colar_infra.health import health_url, probe
 from colar_infra.home import colar_home
@@ -194,6 +206,7 @@ class _Server(ABC):
     state_dir: Path
     host: str
     settings: ServerSettings
+    host_asked: bool = False  # a running server bound elsewhere is refused (not reused, not restarted)
 
     @abstractmethod
     def command(self, port: int) -> list[str]:
@@ -318,7 +331,10 @@ class _Prefect(_Server):
     def env(self, port: int) -> dict[str, str]:
         inherited_db = tuple(k for k in os.environ
                              if k.startswith(("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")))
-        env = _base_env(drop=("PREFECT_API_URL", "PREFECT_PROFILE") + _PREFECT_UI_ENV + inherited_db)
+        env = _base_env(drop=("PREFECT_API_URL", "PREFECT_PROFILE", PREFECT_SERVER_AUTH_ENV, PREFECT_CLIENT_AUTH_ENV)
+                        + _PREFECT_UI_ENV + inherited_db)
+        if (auth := prefect_server_auth()) is not None:  # in its environment only: never on a command line
+            env[PREFECT_SERVER_AUTH_ENV] = env[PREFECT_CLIENT_AUTH_ENV] = auth  # the server's own clients too
         env.update({
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_UI_ENABLED": "true",
@@ -338,11 +354,14 @@ class _Prefect(_Server):
         return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database, **pg.env()}
 
     def identity(self) -> dict[str, str]:
-        return {"backend": self.settings.effective_backend, "database": self.database}
+        return {"backend": self.settings.effective_backend, "database": self.database,
+                "auth": "auth-string" if prefect_server_auth() is not None else "none"}
 
     def options(self) -> dict[str, Any]:
         return {"prefect_home": str(self.home), "ui": True}
 
+
+_S = TypeVar("_S", bound=_Server)
 
 #: Health path of each server, by record name (for :func:`server_status`).
 _HEALTH_PATHS = {kind.name: kind.health_path for kind in (_Mlflow, _Prefect)}
@@ -448,15 +467,22 @@ def _spawn(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> su
 
 def _ensure(server: _Server, port: Optional[int], timeout_s: float) -> str:
     """The URL of ``server``, answering: the recorded one if it is alive and answers (and matches what was
-    asked for), else a new one. A recorded one that is alive but silent, or elsewhere, is stopped."""
+    asked for), else a new one. A recorded one that is alive but silent, or on another port than asked
+    for, is stopped; one that answers bound to another host than asked for is refused."""
     name, state_dir = server.name, server.state_dir
     with _locked(state_dir, name):
         rec = _get_record(state_dir, name)
         if rec:
-            same_place = rec.get("host") == server.host and (port is None or rec.get("port") == port)
+            same_port = port is None or rec.get("port") == port
             if _recorded_alive(rec):
-                # Alive: reuse it if it answers (waiting in case it is still starting).
-                if same_place and _wait_healthy(health_url(rec["base_url"], server.health_path), timeout_s):
+                # Alive: reuse it if it answers (waiting in case it is still starting), wherever it is bound
+                # unless a host was asked for: one bound elsewhere is then refused, not restarted.
+                if same_port and _wait_healthy(health_url(rec["base_url"], server.health_path), timeout_s):
+                    if server.host_asked and rec.get("host") != server.host:
+                        raise ServerError(
+                            f"the running {name} server (pid {rec.get('pid')}, {mask_url(str(rec.get('base_url')))}) "
+                            f"is bound to {rec.get('host')}; this command asks for host {server.host}. Stop it with "
+                            "`colar servers stop` (when no pipeline uses it) or leave --host out to use it as it is.")
                     _refuse_if_other_identity(name, rec, server.identity(), server.explicit())
                     _warn_if_outdated(name, rec, server.options())
                     return rec["url"]
@@ -557,9 +583,16 @@ def _settings(settings: Optional[ServerSettings]) -> ServerSettings:
     return settings if settings is not None else ServerSettings.from_env()
 
 
+def _server(kind: type[_S], state_dir: Optional[os.PathLike | str], host: Optional[str],
+            settings: ServerSettings) -> _S:
+    """``kind`` in ``state_dir`` bound to ``host`` (default: the settings' host, else 127.0.0.1)."""
+    asked = host or settings.host
+    return kind(_state_dir(state_dir), asked or settings.effective_host, settings, host_asked=asked is not None)
+
+
 def ensure_mlflow(
     state_dir: Optional[os.PathLike | str] = None,
-    host: str = "127.0.0.1",
+    host: Optional[str] = None,
     port: Optional[int] = None,
     *,
     timeout_s: float = DEFAULT_START_TIMEOUT_S,
@@ -570,12 +603,16 @@ def ensure_mlflow(
     ``$MLFLOW_TRACKING_URI`` wins if set (checked to answer within a few seconds, else
     :class:`ServerError` naming it). Otherwise reuse the server recorded in ``state_dir``, or start
     one (:class:`_Mlflow`; a basic-auth server is then asked whether it accepts the client's credentials).
-    ``settings`` default: :meth:`ServerSettings.from_env`.
+    ``settings`` default: :meth:`ServerSettings.from_env`. ``host`` (default ``settings.host``): where a new
+    server is bound (127.0.0.1 when neither says); one that is not loopback needs basic auth
+    (:func:`~colar_infra.backends.check_bind`, a ``ConfigError`` naming what is missing).
     """
     external = os.environ.get("MLFLOW_TRACKING_URI")
     if external:
         return _check_external("MLflow", "MLFLOW_TRACKING_URI", external, "health", EXTERNAL_CHECK_TIMEOUT_S)
-    server = _Mlflow(_state_dir(state_dir), host, _settings(settings))
+    settings = _settings(settings)
+    server = _server(_Mlflow, state_dir, host, settings)
+    check_bind(settings, server.host, prefect=False)
     url = _ensure(server, port, timeout_s)
     if (_get_record(server.state_dir, server.name) or {}).get("auth") == "basic-auth":
         _check_mlflow_credentials(url)
@@ -613,7 +650,7 @@ def _check_mlflow_credentials(url: str, timeout_s: float = 10.0) -> None:
 
 def ensure_prefect(
     state_dir: Optional[os.PathLike | str] = None,
-    host: str = "127.0.0.1",
+    host: Optional[str] = None,
     port: Optional[int] = None,
     *,
     timeout_s: float = DEFAULT_START_TIMEOUT_S,
@@ -624,13 +661,46 @@ def ensure_prefect(
     ``$PREFECT_API_URL`` wins if set (checked via ``/health``). Otherwise reuse the recorded server
     or start one (:class:`_Prefect`). Callers then point flows at it with :func:`use_prefect` (setting
     ``os.environ`` alone is not enough once ``prefect`` has been imported: it reads settings at import time).
+    ``host``: as for :func:`ensure_mlflow`; one that is not loopback needs an auth string
+    (:func:`~colar_infra.backends.prefect_server_auth`). A server started with one is asked whether it
+    accepts ``$PREFECT_API_AUTH_STRING``, after each start or reuse.
     """
     external = os.environ.get("PREFECT_API_URL")
     if external:
         return _check_external("Prefect", "PREFECT_API_URL", external, "health", EXTERNAL_CHECK_TIMEOUT_S)
-    server = _Prefect(_state_dir(state_dir), host, _settings(settings))
+    settings = _settings(settings)
+    server = _server(_Prefect, state_dir, host, settings)
+    check_bind(settings, server.host, mlflow=False)
     server.home.mkdir(parents=True, exist_ok=True)
-    return _ensure(server, port, timeout_s)
+    url = _ensure(server, port, timeout_s)
+    if (_get_record(server.state_dir, server.name) or {}).get("auth") == "auth-string":
+        _check_prefect_auth(url)
+    return url
+
+
+#: A Prefect API call that needs the auth string when the server has one (only health and ready do not).
+_PREFECT_AUTH_PROBE = "admin/version"
+
+
+def _check_prefect_auth(url: str, timeout_s: float = 10.0) -> None:
+    """The Prefect server at ``url`` (its API URL) accepts ``$PREFECT_API_AUTH_STRING``, else
+    :class:`ServerError` saying what to set (never the string)."""
+    auth = os.environ.get(PREFECT_CLIENT_AUTH_ENV)
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    request = urllib.request.Request(f"{url}/{_PREFECT_AUTH_PROBE}", headers=headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):  # noqa: S310 (the server colar started)
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            what = (f"refuses ${PREFECT_CLIENT_AUTH_ENV}" if auth else
+                    f"asks for an API auth string: set ${PREFECT_CLIENT_AUTH_ENV}")
+            raise ServerError(f"the Prefect server at {mask_url(url)} {what} (HTTP {err.code}); it requires the "
+                              f"string it was started with (${PREFECT_CLIENT_AUTH_ENV} or "
+                              f"${PREFECT_SERVER_AUTH_ENV} of that start)") from None
+        raise ServerError(f"the Prefect server at {mask_url(url)} failed the auth check: HTTP {err.code}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise ServerError(f"the Prefect server at {mask_url(url)} failed the auth check: {err}") from None
 
 
 def use_mlflow(tracking_uri: str) -> None:
@@ -661,11 +731,15 @@ def ensure_servers(
     settings: Optional[ServerSettings] = None,
 ) -> dict[str, str]:
     """Ensure both servers (started in parallel); with ``apply_env`` point this process at them.
-    ``settings`` (backend, database, MLflow auth) default: :meth:`ServerSettings.from_env`.
+    ``settings`` (backend, database, MLflow auth, host) default: :meth:`ServerSettings.from_env`. A host
+    that is not loopback without both servers' authentication is refused before either starts
+    (:func:`~colar_infra.backends.check_bind`).
 
     Returns ``{"mlflow": tracking_uri, "prefect": api_url}``.
     """
     settings = _settings(settings)
+    check_bind(settings, mlflow=not os.environ.get("MLFLOW_TRACKING_URI"),
+               prefect=not os.environ.get("PREFECT_API_URL"))
     # Servers named by MLFLOW_TRACKING_URI / PREFECT_API_URL are only probed (seconds): probe them
     # first, so a dead one fails the command at once instead of after the other server has started.
     if os.environ.get("MLFLOW_TRACKING_URI"):

@@ -1,4 +1,5 @@
-"""The ``colar`` command: ``data prepare``, and the pipeline's ``run``, ``retry``, ``compare``, ``servers``.
+"""The ``colar`` command: ``data prepare``, and the pipeline's ``run``, ``retry``, ``compare``, ``servers``;
+``inspect`` reads a model's latent chains step by step (:mod:`colar_core.latent_inspect`).
 
 ``colar data prepare`` runs on the library alone: Prefect and MLflow are imported only inside the
 pipeline commands, so it works where neither is installed (tests/test_layering.py checks this).
@@ -10,14 +11,17 @@ prints where to look. Every command ends a bad config in one line and exit code 
 server in one line and exit code 3; a URL is never printed with its credentials (``mask_url``).
 
 ``colar servers start`` and ``colar run`` take the server options ``--backend sqlite|postgres``,
-``--db-url``, ``--db-prefix`` and ``--mlflow-auth none|basic-auth`` (or ``COLAR_BACKEND``,
-``COLAR_DB_URL``, ``COLAR_DB_PREFIX``, ``COLAR_MLFLOW_AUTH``; see :mod:`colar_infra.backends`). They
-choose how a server is started; a running one is reused when they are left out.
+``--db-url``, ``--db-prefix``, ``--mlflow-auth none|basic-auth`` and ``--host ADDRESS`` (or ``COLAR_BACKEND``,
+``COLAR_DB_URL``, ``COLAR_DB_PREFIX``, ``COLAR_MLFLOW_AUTH``, ``COLAR_SERVER_HOST``; see
+:mod:`colar_infra.backends`). They choose how a server is started; a running one is reused when they are
+left out. A host that is not loopback without MLflow basic auth and ``PREFECT_API_AUTH_STRING`` is
+refused (exit code 2, one line naming what is missing).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Optional, Sequence
@@ -118,7 +122,9 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Opt
     from colar_infra.tracking.runs import server_answers
     from flows.pipeline import run_pipeline
 
-    state = run_pipeline(cfg, parent_run_id=parent_run_id, return_state=True, from_stage=from_stage)
+    # --json: stdout carries the one JSON object; what the flow prints (MLflow's "View run" lines) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        state = run_pipeline(cfg, parent_run_id=parent_run_id, return_state=True, from_stage=from_stage)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
     mlflow.set_tracking_uri(urls["mlflow"])
     client = MlflowClient()
@@ -153,7 +159,7 @@ def _run(cfg: PipelineConfig, parent_run_id: Optional[str] = None, settings: Opt
 def server_settings(args) -> ServerSettings:
     """The server options of ``args`` over the ``COLAR_*`` variables (ConfigError naming a bad one)."""
     return ServerSettings.from_env(backend=args.backend, db_url=args.db_url, db_prefix=args.db_prefix,
-                                   mlflow_auth=args.mlflow_auth)
+                                   mlflow_auth=args.mlflow_auth, host=args.host)
 
 
 def cmd_run(args) -> int:
@@ -248,6 +254,79 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def colar_model_folder(uri: str, dst: str) -> str:
+    """Download the logged CoLaR pyfunc at ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``runs:/RUN/colar_model``) into ``dst``; return its model folder (the ``colar_model`` artifact,
+    :func:`tasks.report.log_colar_model`). ValueError for a model that has none."""
+    from pathlib import Path
+
+    import mlflow  # lazily: see _run
+    from mlflow.models import Model
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+    flavor = Model.load(local).flavors.get("python_function", {})
+    path = (flavor.get("artifacts") or {}).get("colar_model", {}).get("path")
+    if not path:
+        raise ValueError(f"{uri} is not a colar model: its MLmodel names no colar_model artifact")
+    return str(Path(local) / path)
+
+
+def _inspect_source(args, dst: str) -> str:
+    """The model folder ``colar inspect`` reads: DIR as given, else downloaded from MLflow."""
+    given = [x for x in (args.dir, args.model, args.run) if x]
+    if len(given) != 1:
+        raise ConfigError("give one model: a model folder DIR, --model models:/NAME@ALIAS or --run RUN_ID")
+    if args.dir:
+        return args.dir
+    from mlflow.exceptions import MlflowException  # lazily: see _run
+
+    servers.use_mlflow(servers.ensure_mlflow())
+    try:
+        if args.model:
+            return colar_model_folder(args.model, dst)
+        parent = resolve_parent_run(args.run)
+        return colar_model_folder(f"runs:/{parent.info.run_id}/colar_model", dst)
+    except (LookupError, MlflowException, OSError, ValueError) as err:
+        raise ConfigError(f"no colar model at {args.model or args.run}: {err}") from None
+
+
+def cmd_inspect(args) -> int:
+    """Read one model's latent chains for the questions given, step by step, beside its CoT text:
+    text on stdout, and with ``--html`` one self-contained page."""
+    import tempfile
+    from pathlib import Path
+
+    from colar_core.config import GenerationConfig
+    from colar_core.latent_inspect import inspect_questions, render_html, render_text
+    from colar_core.model import ColarModel
+    from colar_core.text import PromptEncoder
+
+    if args.top_k < 1 or args.max_latents < 1:
+        raise ConfigError("--top-k and --max-latents must be at least 1")
+    if any(c < 1 for c in args.c or []):
+        raise ConfigError(f"--c takes compression factors >= 1, got {args.c}")
+    with tempfile.TemporaryDirectory(prefix="colar-inspect-") as tmp:
+        folder = _inspect_source(args, tmp)
+        try:
+            model, tokenizer = ColarModel.load_dir(folder, is_trainable=False, trust_remote_code=args.trust_remote_code,
+                                                   base_model=args.base_model)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot load the model folder {folder}: {err}") from None
+        factors = args.c or list(model.state.trained_compression_factors or [1, 2, 3])
+        gen = GenerationConfig(max_latents=args.max_latents, sample_latents=not args.greedy, do_sample=not args.greedy)
+        thoughts = inspect_questions(model, PromptEncoder(tokenizer), args.question, factors, gen, args.seed,
+                                     args.top_k, cot_label=None if args.no_cot else "CoT (same model)")
+    source = args.dir or args.model or f"run {args.run}"
+    print(f"model: {source}; seed {args.seed}, {'greedy' if args.greedy else 'sampled as evaluation samples'}")
+    print(render_text(thoughts, args.top_k))
+    if args.html:
+        Path(args.html).write_text(render_html(thoughts, f"colar: latent thoughts of {source}", args.top_k,
+                                               subtitle=f"seed {args.seed}, {'greedy' if args.greedy else 'sampled'}"),
+                                   encoding="utf-8")
+        print(f"page: {args.html}")
+    return 0
+
+
 def cmd_servers(args) -> int:
     if args.action == "start":
         urls = servers.ensure_servers(apply_env=False, settings=server_settings(args))
@@ -326,6 +405,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mlflow-auth", choices=["none", "basic-auth"],
                        help="basic-auth: MLflow asks for credentials; its admin user is MLFLOW_TRACKING_USERNAME / "
                        "MLFLOW_TRACKING_PASSWORD [COLAR_MLFLOW_AUTH]")
+    group.add_argument("--host", metavar="ADDRESS",
+                       help="bind both servers to ADDRESS (default 127.0.0.1). One that is not loopback (0.0.0.0 "
+                       "included) only with --mlflow-auth basic-auth and a Prefect API auth string in "
+                       "PREFECT_API_AUTH_STRING (what Prefect clients send; never on a command line) [COLAR_SERVER_HOST]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,6 +454,26 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--table", action="store_true",
                          help="print each run's Table 1 (methods x test sets: Acc +- CI, #L, ms per question)")
     compare.set_defaults(func=cmd_compare)
+    insp = sub.add_parser("inspect", help="a model's latent chains step by step (nearest tokens, LM-head tokens, "
+                             "sigma) beside its CoT text; --html writes one self-contained page")
+    insp.add_argument("dir", nargs="?", metavar="DIR", help="a saved model folder (a stage's model/)")
+    insp.add_argument("--model", metavar="URI", help="a logged model: models:/NAME@ALIAS or models:/NAME/VERSION")
+    insp.add_argument("--run", metavar="RUN_ID", help="the model a pipeline run logged (MLflow parent run id or "
+                         "Prefect flow-run id)")
+    insp.add_argument("--question", action="append", required=True, metavar="TEXT",
+                         help="a question (repeat for several)")
+    insp.add_argument("--c", type=int, nargs="+", metavar="C",
+                         help="compression factors (default: those the model was trained at)")
+    insp.add_argument("--top-k", type=int, default=5, help="tokens shown per list (default 5)")
+    insp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    insp.add_argument("--greedy", action="store_true",
+                         help="latent means and greedy tokens instead of sampling as evaluation does")
+    insp.add_argument("--max-latents", type=int, default=64, help="cap on latent steps (default 64)")
+    insp.add_argument("--no-cot", action="store_true", help="skip the model's own CoT text")
+    insp.add_argument("--html", metavar="PATH", help="also write the page here (default: text only)")
+    insp.add_argument("--trust-remote-code", action="store_true", help="allow the backbone's own code")
+    insp.add_argument("--base-model", help="the LoRA base, for a folder whose base is a hub id or lives elsewhere")
+    insp.set_defaults(func=cmd_inspect)
     model = sub.add_parser("model", help="pretrained backbones: import a GGUF file (needs neither Prefect nor MLflow)")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     imp = model_sub.add_parser("import", help="convert a GGUF checkpoint into a safetensors model folder with its "

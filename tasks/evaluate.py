@@ -9,7 +9,12 @@ Each set's content digest (:func:`colar_core.evaluation.eval_set_digest`: the qu
 scored) and number of questions go to the child run as the artifact ``eval_sets.json`` (deferred like
 the others), and the digests go on in the result (``set_digests``): the report stage records them on
 the parent run as tags, where the promotion gate reads them to compare a run only with a candidate
-measured on the same set."""
+measured on the same set.
+
+The first ``eval.thoughts_questions`` questions of the primary set, read step by step by the suite
+(:mod:`colar_core.latent_inspect`), go to the child run as the self-contained page ``thoughts.html``
+(deferred like the others; the MLflow UI's artifact view shows it) and to the Prefect UI as the markdown
+artifact ``colar-thoughts``."""
 
 from __future__ import annotations
 
@@ -23,11 +28,12 @@ from prefect import get_run_logger, task
 from colar_core.config import EvalConfig, ModelConfig
 from colar_core.evaluation import eval_set_digest
 from colar_core.evaluation_suite import SuiteModels, evaluate_suite, load_eval_sets
-from colar_core.files import atomic_write_json
+from colar_core.files import atomic_write_json, atomic_write_text
+from colar_core.latent_inspect import render_html, render_markdown
 from colar_infra.tracking.pending import ArtifactRecord
 from colar_infra.tracking.runs import child_run, log_metrics, log_or_defer
 from tasks.keys import CACHED_STAGE
-from tasks.prefect_artifacts import evaluation_table_artifact
+from tasks.prefect_artifacts import evaluation_table_artifact, thoughts_artifact
 from tasks.stage_spec import StageResult, stage_folder
 
 
@@ -72,7 +78,17 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
         atomic_write_json(out / "metrics.json", metrics)
         atomic_write_json(out / "eval_sets.json", {name: {"digest": set_digests[name], "n_questions": len(recs)}
                                                    for name, recs in records.items()})
-        for name in ("predictions.csv", "metrics.json", "eval_sets.json"):
+        names = ["predictions.csv", "metrics.json", "eval_sets.json"]
+        if suite.thoughts:
+            primary = next(iter(records))
+            where = f"the first {len(suite.thoughts)} questions of test set {primary}, seed {cfg.seeds[0]}"
+            atomic_write_text(out / "thoughts.html", render_html(suite.thoughts, "colar: latent thoughts",
+                                                                 subtitle=f"MLflow run {run_id} (stage evaluate); "
+                                                                 + where))
+            names.append("thoughts.html")
+            thoughts_artifact(render_markdown(suite.thoughts),
+                              f"MLflow run `{run_id}` (stage evaluate), artifact thoughts.html: {where}")
+        for name in names:
             log_or_defer(ArtifactRecord(run_id, str(out / name)), client=client)
         logger.info("evaluation: %s", {k: round(v, 3) for k, v in metrics.items()})
         evaluation_table_artifact(metrics, f"MLflow run `{run_id}` (stage evaluate); test sets: "

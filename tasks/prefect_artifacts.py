@@ -3,6 +3,8 @@
 - ``colar-evaluation``: a table artifact, one row per test set and method (accuracy, its 95 %
   interval, mean chain length, ms per question), made by the ``evaluate`` stage;
 - ``colar-table1``: the Table-1 report (``table1.md`` of the report stage) as markdown;
+- ``colar-thoughts``: a few test questions read step by step (each latent chain's nearest tokens beside
+  the CoT text; ``thoughts.html`` of the evaluate stage's MLflow run is the full page), as markdown;
 - ``colar-links``: markdown linking the MLflow parent run, its stage runs and the registered model
   version in the MLflow UI;
 - ``colar-progress-<stage>``: a progress artifact per training stage, updated while it trains
@@ -37,6 +39,7 @@ __all__ = [
     "EVALUATION_KEY",
     "LINKS_KEY",
     "TABLE1_KEY",
+    "THOUGHTS_KEY",
     "TrainingProgress",
     "evaluation_rows",
     "evaluation_table_artifact",
@@ -47,11 +50,13 @@ __all__ = [
     "mlflow_ui_base",
     "progress_key",
     "table1_artifact",
+    "thoughts_artifact",
 ]
 
 EVALUATION_KEY = "colar-evaluation"
 TABLE1_KEY = "colar-table1"
 LINKS_KEY = "colar-links"
+THOUGHTS_KEY = "colar-thoughts"
 
 _log = logging.getLogger(__name__)
 
@@ -141,6 +146,13 @@ def table1_artifact(markdown: str, description: str = "") -> Optional[UUID]:
     """The Table-1 report (markdown) as the artifact ``colar-table1``."""
     return _best_effort("colar-table1", create_markdown_artifact, markdown, key=TABLE1_KEY,
                         description=description or "Table 1 of this run (table1.md on the MLflow parent run)")
+
+
+def thoughts_artifact(markdown: str, description: str = "") -> Optional[UUID]:
+    """A few questions' latent chains and CoT text (markdown: colar_core.latent_inspect.render_markdown)
+    as the artifact ``colar-thoughts``."""
+    return _best_effort("colar-thoughts", create_markdown_artifact, markdown, key=THOUGHTS_KEY,
+                        description=description or "Latent thoughts (thoughts.html on the MLflow evaluate run)")
 
 
 def links_markdown(*, tracking_uri: str, experiment_id: str, parent_run_id: str, pipeline: str = "",

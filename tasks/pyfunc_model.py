@@ -3,7 +3,19 @@
 Logged by path (no pickled Python objects). Input: a DataFrame with a ``question`` column (or a
 list of strings). Params: ``compression_factor`` (the speed, default 2), ``seed``,
 ``max_latents`` (default 64), ``sample``. Output: a DataFrame with ``answer``, ``n_latents`` and
-``text`` per question.
+``text`` per question, and the request's ``compression_factor``, ``why`` it was used and a
+``warning`` ("" when none), the same on each row.
+
+Serving under a budget (issue 26, item 4): a request may give ``latency_budget_ms`` or
+``min_accuracy`` (a fraction, 0 to 1) instead of ``compression_factor``, at most one of the three.
+The model then picks its factor from the frontier it was logged with (artifact ``frontier``, the
+file :data:`colar_core.frontier.FILE_NAME`: accuracy, #L and ms per question of each factor at
+evaluation) by :func:`colar_core.frontier.choose`: the most accurate factor whose measured time fits
+the budget, or the fastest that meets the accuracy; when none does, the fastest factor and a
+``warning``. The times are those of the evaluate stage's machine, in batches (that module's
+docstring), not a promise about this server's response time. A model logged without a frontier
+answers a budget with HTTP 400; ``compression_factor`` works as before. Two of the three params, a
+budget <= 0 or a ``min_accuracy`` outside 0..1: HTTP 400.
 
 What one request may cost is bounded (issue 22, item 15):
 
@@ -30,6 +42,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import mlflow
@@ -41,6 +54,7 @@ from mlflow.pyfunc import PythonModel
 
 from colar_core.config import GenerationConfig
 from colar_core.evaluation import check_compression_factors
+from colar_core.frontier import Choice, Frontier, choose, given
 from colar_core.inference import GenerationStopped, StopCheck, generate
 from colar_core.model import ColarModel
 from colar_core.text import PromptEncoder
@@ -59,17 +73,23 @@ class ColarPyfunc(PythonModel):
     def __init__(self):
         self.limits = dict(LIMITS)
         self.timeout_s: Optional[float] = None  # a request's deadline: only inside MLflow's scoring server
+        self.frontier: Optional[Frontier] = None  # what a budget is chosen from (module docstring)
 
     def load_context(self, context):
         """Load the logged model folder. Remote code and an outside LoRA base are the loader's choice,
         never the folder's: ``mlflow.pyfunc.load_model(uri, model_config={"trust_remote_code": True,
-        "base_model": ...})``."""
+        "base_model": ...})``. The artifact ``frontier``, when the model has one, is what budgets choose from."""
         allowed = dict(getattr(context, "model_config", None) or {})
         self.limits = serving_limits(allowed)
         self.model, tokenizer = ColarModel.load_dir(
             context.artifacts["colar_model"], is_trainable=False,
             trust_remote_code=bool(allowed.get("trust_remote_code", False)), base_model=allowed.get("base_model"))
         self.encoder = PromptEncoder(tokenizer)
+        # The frontier logged with the model (tasks.report.log_colar_model); a model logged without one
+        # (before issue 26, or with no timed factor) serves compression_factor only. A file that is not a
+        # frontier stops the model from loading.
+        frontier_path = context.artifacts.get("frontier")
+        self.frontier = Frontier.from_json(Path(frontier_path).read_text()) if frontier_path else None
         # Under MLflow's scoring server: the request timeout its middleware answers 504 at (module
         # docstring). Elsewhere (a Python caller) no deadline applies.
         self.timeout_s = None
@@ -78,8 +98,9 @@ class ColarPyfunc(PythonModel):
 
     def predict(self, context, model_input, params=None):
         limits = self.limits
-        c, gen, seed = request_settings(dict(params or {}), self.model.state.trained_compression_factors,
-                                        max_latents_cap=limits["serve_max_latents"])
+        choice, gen, seed = request_settings(dict(params or {}), self.model.state.trained_compression_factors,
+                                             max_latents_cap=limits["serve_max_latents"], frontier=self.frontier)
+        c = choice.compression_factor
         if isinstance(model_input, pd.DataFrame):
             questions = [str(q) for q in model_input["question"]]
         else:
@@ -99,7 +120,8 @@ class ColarPyfunc(PythonModel):
             raise MlflowException(f"stopped: {err}", error_code=TEMPORARILY_UNAVAILABLE if server_shutting_down()
                                   else DEADLINE_EXCEEDED) from None
         return pd.DataFrame({"answer": [g.answer for g in gens], "n_latents": [g.n_latents for g in gens],
-                             "text": [g.text for g in gens]})
+                             "text": [g.text for g in gens], "compression_factor": [c] * len(gens),
+                             "why": [choice.reason] * len(gens), "warning": [choice.warning] * len(gens)})
 
 
 def serving_limits(model_config: Mapping[str, Any]) -> dict[str, int]:
@@ -147,23 +169,55 @@ def server_shutting_down() -> bool:
     return type(server).__module__.startswith("uvicorn.") and getattr(server, "should_exit", False) is True
 
 
-def request_settings(params: dict, trained: list[int],
-                     max_latents_cap: Optional[int] = None) -> tuple[int, GenerationConfig, int]:
-    """The compression factor, generation settings and seed a request asks for, checked as the evaluate
-    stage checks its factors: a bad value is MLflow's INVALID_PARAMETER_VALUE (HTTP 400 from the scoring
-    server) with a one-line message naming the param, never a stack trace. ``max_latents_cap``: the most
-    latents this server allows (None: no cap)."""
+def request_settings(params: dict, trained: list[int], max_latents_cap: Optional[int] = None,
+                     frontier: Optional[Frontier] = None) -> tuple[Choice, GenerationConfig, int]:
+    """The compression factor (with why it was chosen: :class:`~colar_core.frontier.Choice`),
+    generation settings and seed a request asks for, checked as the evaluate stage checks its factors: a
+    bad value is MLflow's INVALID_PARAMETER_VALUE (HTTP 400 from the scoring server) with a one-line
+    message naming the param, never a stack trace. ``max_latents_cap``: the most latents this server
+    allows (None: no cap). ``frontier``: the model's, from which ``latency_budget_ms`` or
+    ``min_accuracy`` choose the factor (module docstring; None: a request with either is refused).
+
+    A param that is absent or None is not given (the signature declares ``compression_factor``,
+    ``latency_budget_ms`` and ``min_accuracy`` with the default None, which MLflow fills in)."""
     def refuse(message: str) -> MlflowException:
         return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
+    def number(name: str, kind: Callable[[Any], Any], default: Any) -> Any:
+        value = params.get(name)
+        if value is None:
+            return default
+        what = "compression_factor, max_latents and seed are integers" if kind is int else "a number"
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise refuse(f"{name}: {what}, got {value!r}")
+        try:
+            return kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise refuse(f"{name}: {what}, got {value!r}") from None
+
+    asked_c = number("compression_factor", int, None)
+    budget = number("latency_budget_ms", float, None)
+    min_accuracy = number("min_accuracy", float, None)
+    max_latents = number("max_latents", int, 64)
+    seed = number("seed", int, 0)
+    named = [name for name, value in (("compression_factor", asked_c), ("latency_budget_ms", budget),
+                                      ("min_accuracy", min_accuracy)) if value is not None]
+    if len(named) > 1:
+        raise refuse(f"{' and '.join(named)}: give at most one of compression_factor, latency_budget_ms and "
+                     "min_accuracy")
+    if budget is not None or min_accuracy is not None:
+        if frontier is None:
+            raise refuse(f"{named[0]}: this model was logged without a frontier (the accuracy and time of each "
+                         "compression factor at evaluation), so it cannot choose by a budget; give "
+                         "compression_factor instead")
+        try:
+            choice = choose(frontier, latency_budget_ms=budget, min_accuracy=min_accuracy)
+        except ValueError as err:
+            raise refuse(str(err)) from None
+    else:
+        choice = given(frontier, 2 if asked_c is None else asked_c, default=asked_c is None)
     try:
-        c = int(params.get("compression_factor", 2))
-        max_latents = int(params.get("max_latents", 64))
-        seed = int(params.get("seed", 0))
-    except (TypeError, ValueError) as err:
-        raise refuse(f"compression_factor, max_latents and seed are integers: {err}") from None
-    try:
-        check_compression_factors([c], trained, field="compression_factor")
+        check_compression_factors([choice.compression_factor], trained, field="compression_factor")
     except ValueError as err:
         raise refuse(f"{err}; allowed: 1 to {max(trained) if trained else 'any'}") from None
     if max_latents < 1:
@@ -172,7 +226,7 @@ def request_settings(params: dict, trained: list[int],
         raise refuse(f"max_latents: at most {max_latents_cap} on this server (COLAR_SERVE_MAX_LATENTS), "
                      f"got {max_latents}")
     sample = bool(params.get("sample", False))
-    return c, GenerationConfig(max_latents=max_latents, sample_latents=sample, do_sample=sample), seed
+    return choice, GenerationConfig(max_latents=max_latents, sample_latents=sample, do_sample=sample), seed
 
 
 mlflow.models.set_model(ColarPyfunc())

@@ -1,7 +1,9 @@
 """The ``report`` step, on the parent run: headline metrics, the accuracy-vs-length plot (a panel per
 test set), the Table-1 report (``table1.md``, ``table1.png``: :mod:`tasks.table1`), and the
-final model logged as an MLflow pyfunc (with its signature and an input example) and registered; the
-alias ``candidate`` moves to it when the promotion gate says so (:mod:`tasks.promotion`).
+final model logged as an MLflow pyfunc (with its signature, an input example and the frontier of the
+evaluation, :mod:`colar_core.frontier`, which a served request's budget chooses its compression factor
+from) and registered; the alias ``candidate`` moves to it when the promotion gate says so
+(:mod:`tasks.promotion`).
 
 One version per pipeline run: a retry of a run whose report was interrupted after its version was
 created (Ctrl-C, a lost machine) finds that version (:func:`registered_version_of_run`) and reuses it,
@@ -27,6 +29,7 @@ FINISHED (FAILED if logging raised), and the flow ends it for good right after t
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -38,10 +41,14 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import ParamSchema, ParamSpec
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from colar_core.files import atomic_write_json, atomic_write_text
+from colar_core.frontier import FILE_NAME as FRONTIER_FILE
+from colar_core.frontier import Frontier
 from colar_infra.secrets import mask_url
 from colar_infra.tracking.model_lock import model_lock
 from colar_infra.tracking.runs import PARENT_TAG, STAGE_TAG, log_metrics, tracking_uri_of
@@ -55,6 +62,12 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
 #: The request the logged model's input example shows: one question, the speed chosen per request.
 EXAMPLE_PARAMS = {"compression_factor": 2}
+#: The params of the logged model's signature: (name, MLflow type, default). None means "not given":
+#: MLflow fills each param a request leaves out with its default, and the model must tell a
+#: ``compression_factor`` asked for from none (then 2, unless a budget chooses: tasks.pyfunc_model).
+SERVING_PARAMS = (("compression_factor", "long", None), ("latency_budget_ms", "double", None),
+                  ("min_accuracy", "double", None), ("seed", "long", 0), ("max_latents", "long", 64),
+                  ("sample", "boolean", False))
 
 
 def run_description(metrics: Mapping[str, float], *, name: str = "", table_md: str = "",
@@ -92,15 +105,21 @@ def run_description(metrics: Mapping[str, float], *, name: str = "", table_md: s
 
 
 def log_colar_model(run_id: str, model_dir: str, example_question: str,
-                    registered_model_name: Optional[str] = None) -> ModelInfo:
+                    registered_model_name: Optional[str] = None, frontier: Optional[Frontier] = None) -> ModelInfo:
     """Log the model folder ``model_dir`` to the run ``run_id`` as the CoLaR pyfunc (model from code:
     :mod:`tasks.pyfunc_model`, artifact ``colar_model``), with its signature (input ``question``;
-    params ``compression_factor``, ``seed``, ``max_latents``, ``sample``; output ``answer``,
-    ``n_latents``, ``text``) and an input example; register it as a new version of
+    params :data:`SERVING_PARAMS`; output ``answer``, ``n_latents``, ``text``, ``compression_factor``,
+    ``why``, ``warning``) and an input example; register it as a new version of
     ``registered_model_name`` when one is given (no alias is set here). What :func:`report_stage`
     logs, and what ``mlflow models serve`` serves (tests/test_serving.py).
 
-    A signature param has a type and a default (``max_latents`` 64) but no maximum: the caps on one
+    ``frontier``: the accuracy, #L and time of each compression factor at evaluation
+    (:class:`colar_core.frontier.Frontier`), logged as the artifact ``frontier`` (``frontier.json``),
+    from which a request's ``latency_budget_ms`` or ``min_accuracy`` chooses the factor. None: no
+    frontier; the served model then refuses a budget (HTTP 400) and serves ``compression_factor``.
+
+    A signature param has a type and a default (``max_latents`` 64; None for the three that choose the
+    factor: not given) but no maximum: the caps on one
     request (``max_latents``, and questions per request; 1024 each unless the server's environment
     sets ``COLAR_SERVE_MAX_LATENTS`` / ``COLAR_SERVE_MAX_ROWS`` or the loader's ``model_config``
     ``serve_max_latents`` / ``serve_max_rows``) belong to whoever serves the model, and are stated in
@@ -109,17 +128,27 @@ def log_colar_model(run_id: str, model_dir: str, example_question: str,
     Resumes ``run_id`` as this thread's active run for the call (module docstring) and leaves it
     ended FINISHED (FAILED if logging raised)."""
     example = pd.DataFrame({"question": [example_question]})
-    output = pd.DataFrame({"answer": ["0"], "n_latents": [1], "text": ["Answer:0"]})
-    signature = infer_signature(example, output, params={"compression_factor": 2, "seed": 0, "max_latents": 64,
-                                                         "sample": False})
+    output = pd.DataFrame({"answer": ["0"], "n_latents": [1], "text": ["Answer:0"], "compression_factor": [2],
+                           "why": ["compression_factor 2 as asked"], "warning": [""]})
+    # infer_signature cannot type a None default: the params are spelled out.
+    inferred = infer_signature(example, output)
+    signature = ModelSignature(inputs=inferred.inputs, outputs=inferred.outputs,
+                               params=ParamSchema([ParamSpec(name, kind, default)
+                                                   for name, kind, default in SERVING_PARAMS]))
     # The active run (this thread only): pyfunc.log_model has no run_id parameter (module docstring).
     # The input example (a question and the per-request speed) is saved with the model, with the
     # serving payload MLflow derives from it.
-    with mlflow.start_run(run_id=run_id, nested=False, log_system_metrics=False):
-        return mlflow.pyfunc.log_model(name="colar_model", python_model=str(PYFUNC_CODE),
-                                       artifacts={"colar_model": model_dir}, signature=signature,
-                                       input_example=(example, dict(EXAMPLE_PARAMS)),
-                                       registered_model_name=registered_model_name)
+    with tempfile.TemporaryDirectory(prefix="colar-frontier-") as tmp:
+        artifacts = {"colar_model": model_dir}
+        if frontier is not None:
+            path = Path(tmp) / FRONTIER_FILE
+            path.write_text(frontier.to_json())
+            artifacts["frontier"] = str(path)
+        with mlflow.start_run(run_id=run_id, nested=False, log_system_metrics=False):
+            return mlflow.pyfunc.log_model(name="colar_model", python_model=str(PYFUNC_CODE),
+                                           artifacts=artifacts, signature=signature,
+                                           input_example=(example, dict(EXAMPLE_PARAMS)),
+                                           registered_model_name=registered_model_name)
 
 
 def eval_digest_tags(set_digests: Mapping[str, str]) -> dict[str, str]:
@@ -141,16 +170,18 @@ def registered_version_of_run(client: MlflowClient, name: str, run_id: str) -> O
 
 
 def register_model(client: MlflowClient, parent_run_id: str, model_dir: str, example_question: str,
-                   registered_model_name: Optional[str]) -> tuple[str, Optional[str]]:
+                   registered_model_name: Optional[str],
+                   frontier: Optional[Frontier] = None) -> tuple[str, Optional[str]]:
     """``(model URI, version)``: the model logged to the parent run (:func:`log_colar_model`) and
     registered as a version of ``registered_model_name`` (None: not registered, no version). When the
     run already registered a version (an attempt interrupted after that, then retried), that version and
-    its model are returned and nothing is logged or registered again: one version per pipeline run."""
+    its model are returned and nothing is logged or registered again: one version per pipeline run.
+    ``frontier``: logged with the model (:func:`log_colar_model`)."""
     if registered_model_name:
         existing = registered_version_of_run(client, registered_model_name, parent_run_id)
         if existing is not None:
             return str(existing.source), str(existing.version)
-    info = log_colar_model(parent_run_id, model_dir, example_question, registered_model_name)
+    info = log_colar_model(parent_run_id, model_dir, example_question, registered_model_name, frontier=frontier)
     return info.model_uri, (str(info.registered_model_version) if registered_model_name else None)
 
 
@@ -245,7 +276,9 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
     first, as the evaluate stage hands them on) and the plot to the parent run; log (and register, if
     named) the model, once per run (:func:`register_model`), and move the alias ``candidate`` to it if
     the promotion gate says so (:func:`promote`; ``promotion``: the config's ``tracking.promotion``;
-    None = rule 'always'; see :mod:`tasks.promotion`)."""
+    None = rule 'always'; see :mod:`tasks.promotion`). The model carries its frontier, built from
+    ``metrics`` (the primary set's: :meth:`colar_core.frontier.Frontier.from_metrics`), also written
+    to the report folder as ``frontier.json``: what a served request's budget chooses from."""
     logger = get_run_logger()
     client = MlflowClient()
     out = stage_folder(out_dir)
@@ -263,7 +296,14 @@ def report_stage(parent_run_id: str, metrics: dict, model_dir: str, out_dir: str
         client.log_artifact(parent_run_id, str(out / name))
     table1_artifact(table_md)
 
-    model_uri, version = register_model(client, parent_run_id, model_dir, example_question, registered_model_name)
+    frontier = Frontier.from_metrics(metrics, set_name=next(iter(set_digests or {}), None))
+    if frontier is not None:
+        atomic_write_text(out / FRONTIER_FILE, frontier.to_json())
+    else:
+        logger.warning("no compression factor has accuracy, #L and time in the metrics: the model is logged "
+                       "without a frontier and serves compression_factor only (no latency_budget_ms or min_accuracy)")
+    model_uri, version = register_model(client, parent_run_id, model_dir, example_question, registered_model_name,
+                                        frontier)
     result: dict[str, Any] = {"model_uri": model_uri, "plot": str(plot), "table1": str(out / "table1.md")}
     if registered_model_name and version is not None:
         decision = promote(client, registered_model_name, version, parent_run_id, metrics,

@@ -50,7 +50,8 @@ _TEST_ENV = {
 }
 # A developer's server choices (colar_infra.backends) and MLflow credentials never reach a test's servers.
 _UNSET = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_PROFILE", "COLAR_BACKEND", "COLAR_DB_URL",
-          "COLAR_DB_PREFIX", "COLAR_MLFLOW_AUTH", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+          "COLAR_DB_PREFIX", "COLAR_MLFLOW_AUTH", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+          "COLAR_SERVER_HOST", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING")
 
 os.environ.update(_TEST_ENV)
 for _name in _UNSET:

@@ -35,18 +35,21 @@ def test_every_arch_trains_one_step_with_all_loss_parts(tok, arch):
     assert model.causal_lm.get_input_embeddings().weight.grad is not None
 
 
-def test_r1_cross_entropy_equals_the_plain_causal_lm_loss_on_the_training_text(tok):
-    """At r=1 the CoLaR batch is exactly the training text; its CE must match HF's own loss."""
+@pytest.mark.parametrize("opening_label", [True, False])
+def test_r1_cross_entropy_equals_the_plain_causal_lm_loss_on_the_training_text(tok, opening_label):
+    """At r=1 the CoLaR batch is exactly the training text; its CE must match HF's own loss with the
+    reference's labels: every token after the question and speed suffix, the opening '###' included
+    (src/models/cot.py, colar.py). ``opening_think_label=False`` leaves that '###' out (colar's earlier objective)."""
     torch.manual_seed(0)
     model = tiny_model(tok)
     enc = encoder_for(tok)
     ex = enc.encode(PROBLEMS[0])
     batch = collate([ex], enc, r=1)
-    ours = model.sft_loss(batch, ObjectiveConfig(mode="cot"))["ce"]
+    ours = model.sft_loss(batch, ObjectiveConfig(mode="cot", opening_think_label=opening_label))["ce"]
     prompt = list(ex.question_ids + enc.speed_ids(1))
     ids = torch.tensor([prompt + [enc.think_id] + list(ex.step_ids) + list(ex.answer_ids)])
     labels = ids.clone()
-    labels[0, : len(prompt) + 1] = -100  # question, speed and the opening '###' are not learned
+    labels[0, : len(prompt) + (0 if opening_label else 1)] = -100  # question and speed are not learned
     reference = model.causal_lm(input_ids=ids, labels=labels).loss
     assert torch.allclose(ours, reference, atol=1e-5)
 

@@ -35,33 +35,54 @@ def padded_reference_loss(model, batch: ColarBatch, objective: ObjectiveConfig, 
     next_labels = torch.cat([labels[:, 1:], torch.full((b, 1), IGNORE)], 1)
     labelled = next_labels != IGNORE
     hidden, _ = model.run_decoder(inputs, mask, position_ids)
-    out = {"ce": token_cross_entropy(model.token_logits(hidden[labelled]), next_labels[labelled])}
+    # the opening '###' (its group is each row's first real group) is predicted by the last prompt column
+    think_col = batch.group_mask.long().argmax(1)
+    rows = torch.arange(b)
+    think_ids = batch.group_ids[rows, think_col, 0]
+
+    def ce_of(hid):
+        logits, targets = model.token_logits(hid[labelled]), next_labels[labelled]
+        if objective.opening_think_label:
+            logits = torch.cat([logits, model.token_logits(hid[:, lp - 1])])
+            targets = torch.cat([targets, think_ids])
+        return token_cross_entropy(logits, targets)
+
+    out = {"ce": ce_of(hidden)}
     predicts = torch.zeros_like(batch.step_group_mask)
     predicts[:, :-1] = batch.step_group_mask[:, 1:]
     scale = model.state.embedding_scale
-    mean, log_std = model.latent_head(hidden[:, lp: lp + g][predicts])
-    target = (groups[:, 1:][predicts[:, :-1]] / scale).detach()
-    out["latent"], out["entropy"], sample = latent_loss(mean, log_std, target, objective.latent_loss,
-                                                        model.state.deterministic_latents, generator)
+    src = hidden[:, lp: lp + g][predicts]
+    target = groups[:, 1:][predicts[:, :-1]]
+    n_fed = src.shape[0]
+    if objective.closing_think_latent:  # the last group column predicts the row's '###' group embedding
+        src = torch.cat([src, hidden[:, lp + g - 1]])
+        target = torch.cat([target, groups[rows, think_col]])
+    mean, log_std = model.latent_head(src)
+    out["latent"], out["entropy"], sample = latent_loss(mean, log_std, (target / scale).detach(),
+                                                        objective.latent_loss, model.state.deterministic_latents,
+                                                        generator)
     replaced = groups.clone()
-    replaced[:, 1:][predicts[:, :-1]] = sample * scale
+    replaced[:, 1:][predicts[:, :-1]] = sample[:n_fed] * scale
     hidden2, _ = model.run_decoder(torch.cat([prompt, replaced, answer], 1), mask, position_ids)
-    out["second_pass"] = token_cross_entropy(model.token_logits(hidden2[labelled]), next_labels[labelled])
+    out["second_pass"] = ce_of(hidden2)
     out["n_positions"] = mask.sum()
-    out["n_label_tokens"] = labelled.sum()
+    out["n_label_tokens"] = labelled.sum() + (b if objective.opening_think_label else 0)
     return out
 
 
+@pytest.mark.parametrize("reference_terms", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("r", [1, 2, 3])
-def test_packed_loss_equals_the_padded_masked_layout(arch, r):
+def test_packed_loss_equals_the_padded_masked_layout(arch, r, reference_terms):
     tok = tiny_tokenizer(RECORDS)
     torch.manual_seed(0)
     model = tiny_model(tok, arch=arch).eval()  # eval: no dropout, so both passes see the same network
     enc = encoder_for(tok)
     batch = collate([enc.encode(x) for x in RECORDS], enc, r=r, generator=torch.Generator().manual_seed(1))
     assert (~batch.prompt_mask).any() and (~batch.group_mask).any()  # the padded layout really has gaps
-    objective = ObjectiveConfig(second_pass_weight=0.5, entropy_weight=0.1)
+    # reference_terms: the opening '###' label and the closing latent (the defaults) on or both off
+    objective = ObjectiveConfig(second_pass_weight=0.5, entropy_weight=0.1, opening_think_label=reference_terms,
+                                closing_think_latent=reference_terms)
     ours = model.sft_loss(batch, objective, generator=torch.Generator().manual_seed(2))
     ref = padded_reference_loss(model, batch, objective, generator=torch.Generator().manual_seed(2))
     for key in ("ce", "latent", "entropy", "second_pass"):

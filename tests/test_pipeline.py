@@ -100,7 +100,13 @@ def test_pipeline_end_to_end_is_tracked_and_serves_the_model(tmp_path, mlflow_se
     model = mlflow.pyfunc.load_model("models:/colar-test@candidate")
     out = model.predict(pd.DataFrame({"question": ["Mia has 3 boxes of 4 pens. How many pens?"]}),
                         params={"compression_factor": 2})
-    assert list(out.columns) == ["answer", "n_latents", "text"]
+    assert list(out.columns) == ["answer", "n_latents", "text", "compression_factor", "why", "warning"]
+    # the pipeline logs the model with its frontier (issue 26, item 4): a latency budget chooses the factor
+    out = model.predict(pd.DataFrame({"question": ["Mia has 3 boxes of 4 pens. How many pens?"]}),
+                        params={"latency_budget_ms": 1e9})
+    chosen = int(out["compression_factor"][0])  # every factor fits: the most accurate one evaluated
+    assert f"accuracy/c{chosen}" in parent.data.metrics and out["warning"][0] == ""
+    assert out["why"][0].startswith("latency_budget_ms 1e+09: the most accurate of the")
     assert 1 <= int(out["n_latents"][0]) <= 64
 
 

@@ -291,4 +291,8 @@ def test_training_loss_tolerates_records_without_steps():
     rows = [Record(p.id, p.question, (), p.answer) for p in PROBLEMS]
     batch = collate([enc.encode(r) for r in rows], enc, r=2, generator=torch.Generator().manual_seed(0))
     out = model.sft_loss(batch, ObjectiveConfig())
+    # no step group to predict: the only latent term is the closing one (the '###' group predicts the
+    # closing '###', issue 25); without it there is none
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["latent"])
+    out = model.sft_loss(batch, ObjectiveConfig(closing_think_latent=False))
     assert torch.isfinite(out["loss"]) and float(out["latent"]) == 0.0

@@ -73,14 +73,11 @@ def _stop_group(proc: subprocess.Popen) -> None:
     proc.poll()
 
 
-@pytest.fixture
-def candidate_model(tmp_path, mlflow_server, one_thread):
-    """``models:/colar-serve-test@candidate``: a tiny model logged by the report stage's code path."""
+def _tiny_model_dir(tmp_path: Path) -> Path:
+    """A tiny untrained CoLaR model folder, trained factors 1-3 as the CoLaR SFT stage records them."""
     import torch
-    from mlflow import MlflowClient
 
-    from bench.tiny import PROBLEMS, tiny_model, tiny_tokenizer
-    from tasks.report import log_colar_model
+    from bench.tiny import tiny_model, tiny_tokenizer
 
     torch.manual_seed(0)
     tok = tiny_tokenizer()
@@ -88,14 +85,33 @@ def candidate_model(tmp_path, mlflow_server, one_thread):
     model = tiny_model(tok)
     model.state.trained_compression_factors = [1, 2, 3]  # as the CoLaR SFT stage records it
     model.save_pretrained(model_dir, tok)
+    return model_dir
+
+
+def _serving_run() -> str:
+    from mlflow import MlflowClient
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("colar-serving-test")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("colar-serving-test")
-    run = client.create_run(experiment_id, run_name="serving-test")
-    info = log_colar_model(run.info.run_id, str(model_dir), PROBLEMS[0].question, MODEL_NAME)
+    return client.create_run(experiment_id, run_name="serving-test").info.run_id
+
+
+@pytest.fixture
+def candidate_model(tmp_path, mlflow_server, one_thread):
+    """``models:/colar-serve-test@candidate``: a tiny model logged by the report stage's code path (no
+    frontier, as a model logged before issue 26 or from metrics without times)."""
+    from mlflow import MlflowClient
+
+    from bench.tiny import PROBLEMS
+    from tasks.report import log_colar_model
+
+    model_dir = _tiny_model_dir(tmp_path)
+    client = MlflowClient()
+    run_id = _serving_run()
+    info = log_colar_model(run_id, str(model_dir), PROBLEMS[0].question, MODEL_NAME)
     client.set_registered_model_alias(MODEL_NAME, "candidate", str(info.registered_model_version))
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).info.status == "FINISHED"
     return f"models:/{MODEL_NAME}@candidate", info
 
 
@@ -130,7 +146,10 @@ def test_mlflow_models_serve_answers_invocations_with_answer_and_latents_per_com
         first_s = time.monotonic() - t0
         assert status == 200, body
         rows = body["predictions"]
-        assert len(rows) == 1 and set(rows[0]) == {"answer", "n_latents", "text"}
+        assert len(rows) == 1 and set(rows[0]) == {"answer", "n_latents", "text", "compression_factor", "why",
+                                                   "warning"}
+        assert (rows[0]["compression_factor"], rows[0]["why"], rows[0]["warning"]) == \
+            (2, "compression_factor 2 as asked", "")
         assert isinstance(rows[0]["answer"], str) and isinstance(rows[0]["text"], str)
         assert 1 <= rows[0]["n_latents"] <= 64  # the signature's default max_latents
 
@@ -155,7 +174,10 @@ def test_mlflow_models_serve_answers_invocations_with_answer_and_latents_per_com
         # it used to run on behind the server's 504)
         for bad, word in (({"compression_factor": 0}, "compression_factor"), ({"compression_factor": 1000}, "trained"),
                           ({"max_latents": 0}, "max_latents"), ({"max_latents": -1}, "max_latents"),
-                          ({"max_latents": 10_000_000}, "max_latents: at most 1024")):
+                          ({"max_latents": 10_000_000}, "max_latents: at most 1024"),
+                          # issue 26, item 4: this model was logged without a frontier
+                          ({"latency_budget_ms": 50.0}, "latency_budget_ms: this model was logged without a frontier"),
+                          ({"min_accuracy": 0.5}, "min_accuracy: this model was logged without a frontier")):
             status, body = _post(base + "/invocations", {"dataframe_split": {"columns": ["question"],
                                                                              "data": [[question]]}, "params": bad})
             assert status == 400 and word in body.get("message", ""), (bad, body)
@@ -174,6 +196,101 @@ def test_mlflow_models_serve_answers_invocations_with_answer_and_latents_per_com
         _stop_group(proc)
     assert proc.poll() is not None
 
+
+
+def test_a_served_model_chooses_its_factor_for_a_latency_budget_or_a_minimum_accuracy(mlflow_server, tmp_path,
+                                                                                      one_thread):
+    """Issue 26, item 4: the model logged with its frontier (here made by hand: c=1 80 % at 30 ms, c=2
+    70 % at 20 ms, c=3 50 % at 10 ms per question) picks the factor for ``latency_budget_ms`` or
+    ``min_accuracy``; each answer says which and why; a budget nothing meets gets the fastest and a
+    warning; a budget that means nothing is a 400."""
+    import mlflow
+
+    from bench.tiny import PROBLEMS
+    from colar_core.frontier import Frontier, FrontierPoint
+    from tasks.report import log_colar_model
+
+    frontier = Frontier(set_name="gsm8k", points=tuple(
+        FrontierPoint(compression_factor=c, accuracy=acc, accuracy_ci95=0.0, accuracy_qci95=0.04,
+                      mean_latents=12.0 / c, ms_per_question=ms, n_questions=500)
+        for c, acc, ms in ((1, 0.8, 30.0), (2, 0.7, 20.0), (3, 0.5, 10.0))))
+    name = "colar-serve-frontier-test"
+    info = log_colar_model(_serving_run(), str(_tiny_model_dir(tmp_path)), PROBLEMS[0].question, name,
+                           frontier=frontier)
+    uri = f"models:/{name}/{info.registered_model_version}"
+    logged = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "logged")))
+    assert Frontier.from_json((logged / "artifacts" / "frontier.json").read_text()) == frontier
+
+    with _serving(uri, tmp_path, mlflow_server) as (base, _, _, _):
+        def ask(params: dict, n: int = 1) -> tuple[int, dict]:
+            return _post(base + "/invocations", {"dataframe_split": {
+                "columns": ["question"], "data": [[PROBLEMS[i + 1].question] for i in range(n)]},
+                "params": {"max_latents": 3, **params}})
+
+        for params, c, why in (({"latency_budget_ms": 25}, 2, "latency_budget_ms 25: the most accurate of the 2"),
+                               ({"latency_budget_ms": 30.0}, 1, "latency_budget_ms 30: the most accurate of the 3"),
+                               ({"min_accuracy": 0.75}, 1, "min_accuracy 0.75: the fastest of the 1 of 3"),
+                               ({"min_accuracy": 0.6}, 2, "min_accuracy 0.6: the fastest of the 2 of 3"),
+                               ({"compression_factor": 3}, 3, "compression_factor 3 as asked (c=3: accuracy 50.0 %"),
+                               ({}, 2, "compression_factor 2 (the default")):
+            status, body = ask(params, n=2)
+            assert status == 200, (params, body)
+            rows = body["predictions"]
+            assert [r["compression_factor"] for r in rows] == [c, c], (params, rows)
+            assert all(r["why"].startswith(why) and r["warning"] == "" for r in rows), (params, rows)
+            assert all(1 <= r["n_latents"] <= 3 for r in rows)
+        assert "measured at evaluation on gsm8k, 500 questions" in rows[0]["why"]
+
+        # a budget nothing meets: the fastest factor, and a warning that says so
+        for params, warning in (({"latency_budget_ms": 1}, "no compression factor meets latency_budget_ms 1: the "
+                                 "fastest, c=3, took 10 ms per question at evaluation"),
+                                ({"min_accuracy": 0.95}, "no compression factor meets min_accuracy 0.95: the most "
+                                 "accurate, c=1, had 80.0 %")):
+            status, body = ask(params)
+            assert status == 200, body
+            row = body["predictions"][0]
+            assert row["compression_factor"] == 3 and row["warning"].startswith(warning), row
+
+        # two of the three, or a budget that means nothing: HTTP 400, one line, no trace
+        for bad, word in (({"latency_budget_ms": 50, "min_accuracy": 0.5}, "give at most one of"),
+                          ({"compression_factor": 2, "latency_budget_ms": 50}, "give at most one of"),
+                          ({"latency_budget_ms": 0}, "latency_budget_ms: must be a number of milliseconds > 0"),
+                          ({"latency_budget_ms": -5}, "latency_budget_ms: must be a number of milliseconds > 0"),
+                          ({"min_accuracy": 2}, "min_accuracy: a fraction from 0 to 1"),
+                          ({"latency_budget_ms": "fast"}, "latency_budget_ms")):
+            status, body = ask(bad)
+            assert status == 400 and word in body.get("message", ""), (bad, body)
+            assert "Traceback" not in json.dumps(body) and "stack_trace" not in body, body
+
+
+def test_the_report_stage_logs_the_model_with_the_frontier_of_its_metrics(mlflow_server, tmp_path, monkeypatch,
+                                                                          one_thread):
+    """What the pipeline logs: the frontier of the evaluate stage's metrics (the primary set's, named by
+    the first set digest) goes with the model as the artifact ``frontier`` and into the report folder."""
+    import logging
+
+    import mlflow
+
+    import tasks.report as report
+    from bench.tiny import PROBLEMS
+    from colar_core.frontier import Frontier
+
+    metrics: dict[str, float] = {}
+    for c, acc, sec in ((1, 0.8, 0.03), (2, 0.7, 0.02)):
+        for prefix, scale in (("", 1.0), ("svamp/", 0.5)):
+            metrics.update({f"accuracy/{prefix}c{c}": acc * scale, f"accuracy_ci95/{prefix}c{c}": 0.0,
+                            f"accuracy_qci95/{prefix}c{c}": 0.05, f"n_questions/{prefix}c{c}": 40.0,
+                            f"mean_latents/{prefix}c{c}": 10.0 / c, f"sec_per_question/{prefix}c{c}": sec / scale})
+    monkeypatch.setattr(report, "get_run_logger", lambda: logging.getLogger("test-report"))
+    for quiet in ("table1_artifact", "links_artifact"):  # Prefect artifacts: no Prefect server here
+        monkeypatch.setattr(report, quiet, lambda *a, **k: None)
+    result = report.report_stage.fn(_serving_run(), metrics, str(_tiny_model_dir(tmp_path)), str(tmp_path / "report"),
+                                    None, PROBLEMS[0].question, set_digests={"gsm8k": "a" * 64, "svamp": "b" * 64})
+    expected = Frontier.from_metrics(metrics, set_name="gsm8k")
+    assert expected is not None and [p.accuracy for p in expected.points] == [0.8, 0.7]
+    assert Frontier.from_json((tmp_path / "report" / "frontier.json").read_text()) == expected
+    logged = Path(mlflow.artifacts.download_artifacts(result["model_uri"], dst_path=str(tmp_path / "logged")))
+    assert Frontier.from_json((logged / "artifacts" / "frontier.json").read_text()) == expected
 
 
 @contextlib.contextmanager

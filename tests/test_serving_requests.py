@@ -28,9 +28,10 @@ def test_a_request_outside_the_trained_factors_or_without_latents_is_a_400_with_
 def test_a_request_within_the_trained_factors_gets_its_settings():
     from tasks.pyfunc_model import request_settings
 
-    c, gen, seed = request_settings({"compression_factor": 3, "max_latents": 5, "seed": 7, "sample": True}, [1, 2, 3])
-    assert (c, gen.max_latents, gen.sample_latents, gen.do_sample, seed) == (3, 5, True, True, 7)
-    assert request_settings({}, [])[0] == 2  # a model that does not record its factors: any c >= 1
+    choice, gen, seed = request_settings({"compression_factor": 3, "max_latents": 5, "seed": 7, "sample": True},
+                                         [1, 2, 3])
+    assert (choice.compression_factor, gen.max_latents, gen.sample_latents, gen.do_sample, seed) == (3, 5, True, True, 7)
+    assert request_settings({}, [])[0].compression_factor == 2  # a model that does not record its factors: any c >= 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,3 +190,119 @@ def test_the_server_is_shutting_down_once_uvicorn_handled_sigterm():
         assert not server_shutting_down()
     finally:
         signal.signal(signal.SIGTERM, saved)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 26, item 4: a latency budget or a minimum accuracy chooses the factor from the model's frontier.
+
+
+def _frontier():
+    """c=1: 80 %, 30 ms; c=2: 70 %, 20 ms; c=3: 50 %, 10 ms per question at evaluation."""
+    from colar_core.frontier import Frontier, FrontierPoint
+
+    return Frontier(set_name="test", points=tuple(
+        FrontierPoint(compression_factor=c, accuracy=acc, accuracy_qci95=0.05, mean_latents=12.0 / c,
+                      ms_per_question=ms, n_questions=40) for c, acc, ms in ((1, 0.8, 30.0), (2, 0.7, 20.0),
+                                                                             (3, 0.5, 10.0))))
+
+
+#: What MLflow hands predict for the params a request left out (the signature's defaults).
+NOT_GIVEN = {"compression_factor": None, "latency_budget_ms": None, "min_accuracy": None, "seed": 0,
+             "max_latents": 64, "sample": False}
+
+
+@pytest.mark.parametrize("params, c, warned", [
+    ({"latency_budget_ms": 25}, 2, False),
+    ({"latency_budget_ms": 1000.0}, 1, False),
+    ({"min_accuracy": 0.75}, 1, False),
+    ({"min_accuracy": 0.5}, 3, False),
+    ({"latency_budget_ms": 1}, 3, True),
+    ({"min_accuracy": 0.99}, 3, True),
+    ({"compression_factor": 1}, 1, False),
+    ({}, 2, False),
+])
+def test_a_budget_chooses_the_factor_from_the_frontier(params, c, warned):
+    from tasks.pyfunc_model import request_settings
+
+    choice, _, _ = request_settings({**NOT_GIVEN, **params}, [1, 2, 3], frontier=_frontier())
+    assert choice.compression_factor == c and bool(choice.warning) == warned, choice
+    assert choice.reason.startswith(next(iter(params), "compression_factor 2 (the default"))
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"latency_budget_ms": 50, "min_accuracy": 0.5}, "latency_budget_ms and min_accuracy: give at most one of"),
+    ({"compression_factor": 2, "latency_budget_ms": 50}, "compression_factor and latency_budget_ms: give at most one"),
+    ({"compression_factor": 2, "min_accuracy": 0.5}, "compression_factor and min_accuracy: give at most one"),
+    ({"latency_budget_ms": 0}, "latency_budget_ms: must be a number of milliseconds > 0, got 0"),
+    ({"latency_budget_ms": -3}, "latency_budget_ms: must be a number of milliseconds > 0, got -3"),
+    ({"min_accuracy": 1.5}, "min_accuracy: a fraction from 0 to 1"),
+    ({"latency_budget_ms": "fast"}, "latency_budget_ms: a number, got 'fast'"),
+    ({"compression_factor": 2.5}, "compression_factor: compression_factor, max_latents and seed are integers"),
+])
+def test_a_budget_request_that_means_nothing_is_a_400_with_one_line(params, words):
+    from mlflow.exceptions import MlflowException
+
+    from tasks.pyfunc_model import request_settings
+
+    with pytest.raises(MlflowException, match=words) as err:
+        request_settings({**NOT_GIVEN, **params}, [1, 2, 3], frontier=_frontier())
+    assert err.value.get_http_status_code() == 400 and "\n" not in err.value.message
+
+
+def test_a_model_without_a_frontier_refuses_a_budget_and_serves_a_factor():
+    """A model logged before issue 26 (or with no timed factor) has no frontier to choose from."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.pyfunc_model import request_settings
+
+    for params in ({"latency_budget_ms": 50}, {"min_accuracy": 0.5}):
+        with pytest.raises(MlflowException, match=rf"^{next(iter(params))}: this model was logged without a "
+                           "frontier .* give compression_factor instead$") as err:
+            request_settings({**NOT_GIVEN, **params}, [1, 2, 3])
+        assert err.value.get_http_status_code() == 400
+    choice, _, _ = request_settings({**NOT_GIVEN, "compression_factor": 3}, [1, 2, 3])
+    assert (choice.compression_factor, choice.reason, choice.warning) == (3, "compression_factor 3 as asked", "")
+
+
+def test_a_chosen_factor_beyond_the_trained_ones_is_refused():
+    """A frontier is measured on the model it is logged with; one that names a factor above the trained
+    maximum (a hand-made file) still cannot make the model run it."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.pyfunc_model import request_settings
+
+    with pytest.raises(MlflowException, match="above the trained maximum 2") as err:
+        request_settings({"latency_budget_ms": 15}, [1, 2], frontier=_frontier())
+    assert err.value.get_http_status_code() == 400
+
+
+def test_each_answer_says_which_factor_it_used_and_why(tiny_model_dir, tmp_path, one_thread):
+    """predict's rows carry compression_factor, why and warning; the frontier comes from the model's
+    artifact ``frontier`` (a missing artifact: no frontier; a broken file: the model does not load)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from tasks.pyfunc_model import ColarPyfunc
+
+    path = tmp_path / "frontier.json"
+    path.write_text(_frontier().to_json())
+    pyfunc = ColarPyfunc()
+    pyfunc.load_context(SimpleNamespace(artifacts={"colar_model": tiny_model_dir, "frontier": str(path)},
+                                        model_config={}))
+    assert pyfunc.frontier == _frontier()
+    out = pyfunc.predict(None, pd.DataFrame({"question": _questions(2)}),
+                         params={**NOT_GIVEN, "latency_budget_ms": 25, "max_latents": 2})
+    assert list(out.columns) == ["answer", "n_latents", "text", "compression_factor", "why", "warning"]
+    assert out["compression_factor"].tolist() == [2, 2] and out["warning"].tolist() == ["", ""]
+    assert out["why"][0].startswith("latency_budget_ms 25: the most accurate of the 2 of 3 factors")
+    out = pyfunc.predict(None, pd.DataFrame({"question": _questions(1)}),
+                         params={**NOT_GIVEN, "latency_budget_ms": 1, "max_latents": 2})
+    assert out["compression_factor"].tolist() == [3] and out["warning"][0].startswith(
+        "no compression factor meets latency_budget_ms 1")
+
+    assert _loaded(tiny_model_dir).frontier is None
+    path.write_text('{"format": 1, "points": []}')
+    with pytest.raises(ValueError):
+        pyfunc.load_context(SimpleNamespace(artifacts={"colar_model": tiny_model_dir, "frontier": str(path)},
+                                            model_config={}))

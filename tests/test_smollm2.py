@@ -141,5 +141,5 @@ def test_smollm2_lora_cot_then_colar_sft_generate_save_reload_pyfunc(tmp_path):
                              artifacts={"colar_model": str(colar.model_dir)}, pip_requirements=[])
     predicted = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(pd.DataFrame({"question": questions}),
                                                                            params=params)
-    assert list(predicted.columns) == ["answer", "n_latents", "text"] and len(predicted) == 2
+    assert list(predicted.columns)[:3] == ["answer", "n_latents", "text"] and len(predicted) == 2
     assert list(predicted["n_latents"]) == [g.n_latents for g in reloaded]

@@ -204,3 +204,39 @@ def test_the_evaluate_task_defers_its_artifacts_as_the_training_stages_do(tmp_pa
         ArtifactRecord("run-e", str(out / name)) for name in ("predictions.csv", "metrics.json", "eval_sets.json")]
     # each set's content digest goes on to the report (the promotion gate compares like with like)
     assert list(result.set_digests) == ["test"] and len(result.set_digests["test"]) == 64
+
+
+def test_the_evaluate_task_logs_the_thoughts_page_and_its_prefect_artifact(tmp_path, monkeypatch):
+    """The suite's thoughts become ``thoughts.html`` on the evaluate run (deferred like every artifact
+    while the server is away) and the markdown artifact ``colar-thoughts``."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    import tasks.evaluate as evaluate
+    from colar_core.evaluation_suite import SuiteResult
+    from colar_core.latent_inspect import LatentChain, LatentStep, QuestionThoughts, Scored
+    from colar_core.net import free_port
+    from colar_infra.tracking.pending import ArtifactRecord, pending_path, read_records
+
+    monkeypatch.setenv("COLAR_HOME", str(tmp_path / "home"))
+    step = LatentStep(0, (Scored("20", 0.9),), (Scored("###", 0.8),), 0.01, 0.6)
+    thoughts = [QuestionThoughts("How many <pens>?", (LatentChain(2, (step,), "Answer:20", "20"),))]
+    markdown: list[str] = []
+    monkeypatch.setattr(evaluate, "MlflowClient", lambda: MlflowClient(f"http://127.0.0.1:{free_port()}"))
+    monkeypatch.setattr(evaluate, "child_run", contextlib.contextmanager(lambda *a, **k: (yield "run-t")))
+    monkeypatch.setattr(evaluate, "load_eval_sets", lambda cfg, data_dir: {"test": [SimpleNamespace(question="q?", answer="1")]})
+    monkeypatch.setattr(evaluate, "evaluate_suite", lambda *a: SuiteResult({"accuracy/c2": 0.5}, [], thoughts))
+    monkeypatch.setattr(evaluate, "evaluation_table_artifact", lambda *a: None)
+    monkeypatch.setattr(evaluate, "thoughts_artifact", lambda md, description="": markdown.append(md))
+    monkeypatch.setattr(evaluate, "get_run_logger", lambda: SimpleNamespace(info=lambda *a: None))
+
+    out = tmp_path / "evaluate-t"
+    with pytest.warns(RuntimeWarning, match="MLflow server away"):
+        evaluate.evaluate_stage.fn({}, "/models/colar", None, None, str(tmp_path), str(out), "parent", "k")
+    artifacts = [r for r in read_records(pending_path("run-t")).records if isinstance(r, ArtifactRecord)]
+    assert ArtifactRecord("run-t", str(out / "thoughts.html")) in artifacts
+    page = (out / "thoughts.html").read_text()
+    assert "How many &lt;pens&gt;?" in page and "c = 2" in page and "run-t" in page
+    assert len(markdown) == 1 and "How many &lt;pens&gt;?" in markdown[0]

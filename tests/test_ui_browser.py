@@ -5,10 +5,12 @@ Prefect servers (tests/conftest.py; both serve their UI), and Debian's ``chromiu
 user opens: the links ``colar run`` prints (MLflow parent run, Prefect flow run) and the pages they
 lead to (the registered model version, a training run's system metrics, the flow run's task runs
 and artifacts, two artifacts). The test looks for text in the rendered DOM (``--dump-dom`` after
-the page's scripts ran) and saves a screenshot of the MLflow parent run and of the Prefect flow run.
+the page's scripts ran) and saves a screenshot of the MLflow parent run, of the evaluate run's
+``thoughts.html`` in MLflow's artifact view and of the Prefect flow run.
 
 Screenshots go to this test's temporary folder, and to ``$COLAR_UI_SCREENSHOTS`` when set (how
-``docs/img/mlflow-parent-run.png`` and ``docs/img/prefect-flow-run.png`` were made).
+``docs/img/mlflow-parent-run.png``, ``docs/img/mlflow-thoughts.png`` and ``docs/img/prefect-flow-run.png``
+were made).
 
 Without Chromium the test fails, saying so: it never passes without having looked. It needs
 Debian's binary (``apt-get install -y chromium``, as .ci/run does): no browser download works here.
@@ -154,6 +156,17 @@ def test_finished_pipeline_is_visible_in_the_mlflow_and_prefect_uis(chromium, tm
     screenshot(mlflow_run_url, tmp_path, "mlflow-parent-run.png", size="1400,1300")
     page_text(f"{mlflow_base}/#/models/{MODEL}/versions/{version}", tmp_path,
               expect=[MODEL, f"Version {version}", "candidate", "test-ui"])
+    # The evaluate run's thoughts.html (colar_core.latent_inspect): the file renders on its own, and
+    # MLflow's artifact view shows it (in a sandboxed frame, whose text --dump-dom does not include)
+    evaluate_id = children["evaluate"].info.run_id
+    thoughts = Path(client.download_artifacts(evaluate_id, "thoughts.html", str(tmp_path)))
+    page_text(thoughts.as_uri(), tmp_path, expect=[
+        "colar: latent thoughts", "Question 1", "Question 3", "c = 1", "c = 2", "nearest tokens (cosine)",
+        "LM head next (p)", "CoT (same model)", "CoT model", "the data's chain"])
+    artifact_view = (f"{mlflow_base}/#/experiments/{parent.info.experiment_id}/runs/{evaluate_id}"
+                     "/artifactPath/thoughts.html")
+    page_text(artifact_view, tmp_path, expect=["evaluate", "thoughts.html", "eval_sets.json"])
+    screenshot(artifact_view, tmp_path, "mlflow-thoughts.png", size="1400,1100")
     sysmetrics = page_text(
         f"{mlflow_base}/#/experiments/{parent.info.experiment_id}/runs/{children['sft-colar'].info.run_id}/system-metrics",
         tmp_path, expect=["sft-colar", "System metrics ("])
@@ -165,7 +178,7 @@ def test_finished_pipeline_is_visible_in_the_mlflow_and_prefect_uis(chromium, tm
         artifacts = {a.key: a for a in pc.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))}
     assert {"colar-evaluation", "colar-table1", "colar-links", "colar-progress-sft-cot",
-            "colar-progress-sft-colar"} <= set(artifacts)
+            "colar-progress-sft-colar", "colar-thoughts"} <= set(artifacts)
     assert artifacts["colar-progress-sft-colar"].data == 100  # the training stages brought it to the end
 
     page_text(flow_run_url, tmp_path, expect=[flow_run.name, "Completed", "colar-pipeline"])  # the printed link
@@ -181,3 +194,5 @@ def test_finished_pipeline_is_visible_in_the_mlflow_and_prefect_uis(chromium, tm
               expect=["Parent run", "test-ui", f"{MODEL} version {version}", "sft-colar"])
     page_text(f"{v2}/artifacts/artifact/{artifacts['colar-table1'].id}", tmp_path,
               expect=["Table 1", "test Acc (%)", "CoLaR-2"])
+    page_text(f"{v2}/artifacts/artifact/{artifacts['colar-thoughts'].id}", tmp_path,
+              expect=["colar-thoughts", "Question 1.", "c=1", "c=2", "CoT (same model)", "nearest vocabulary tokens"])

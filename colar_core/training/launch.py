@@ -18,6 +18,13 @@ the same. ``auto`` picks the deepspeed launcher when it is installed, else torch
 the deepspeed launcher starts every node from a hostfile over ssh/pdsh; torchrun needs one command
 per node (same ``master_addr``/``master_port``, its own ``node_rank``).
 
+Every node must see the stage folder at the same path (shared storage, such as NFS): each rank reads
+the job file there and writes its checkpoint shards there. Before a multi-node deepspeed launch,
+:func:`check_nodes_see` asks each host of the hostfile over ssh (as the launcher reaches them) whether
+it sees the folder, and a host that does not stops the stage with :class:`FolderNotSharedError` naming
+the folder and the host (otherwise that host's rank would fail and the others wait for it to join).
+A rank whose host cannot read its job file (torchrun, one command per node) ends at once naming both.
+
 The launcher runs in its own process group (session), and it and every process it starts carry
 ``COLAR_LAUNCH_ID=<id>`` in their environment (torchrun puts each worker in a session of its own, so
 the group alone would miss them). Any exception in the caller (Ctrl-C, a cancelled task, a failed
@@ -35,8 +42,10 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +63,7 @@ from colar_core.training.config import LauncherConfig
 ENTRY_MODULE = "colar_core.training.sft_main"
 LAUNCHER_RECORD = "launcher.json"
 LAUNCH_ID_ENV = "COLAR_LAUNCH_ID"  # inherited by every process of a launch: how they are found
+MLFLOW_ENV_PREFIX = "MLFLOW_"  # variables a launched job does not get (see launch)
 STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL grace when a launch is stopped
 
 
@@ -64,6 +74,58 @@ class LaunchError(RuntimeError):
         self.cmd, self.returncode, self.tail = list(cmd), returncode, tail
         short = "\n".join(tail.splitlines()[-40:])
         super().__init__(f"{' '.join(cmd)} exited with {returncode}\n--- last output ---\n{short}")
+
+
+class FolderNotSharedError(RuntimeError):
+    """A node of a multi-node launch cannot see the stage folder (it is not on storage every node sees)."""
+
+
+#: Seconds one host has to answer the folder check over ssh.
+SSH_CHECK_TIMEOUT_S = 30.0
+_SHARED_HINT = "every node must see the stage folders at the same path (shared storage such as NFS)"
+
+
+def hostfile_hosts(hostfile: Union[str, Path]) -> list[str]:
+    """The hosts of a DeepSpeed hostfile, in order: the first word of each ``HOST slots=N`` line (blank
+    lines and ``#`` comments skipped)."""
+    hosts = []
+    for line in Path(hostfile).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            hosts.append(line.split()[0])
+    return hosts
+
+
+def check_nodes_see(folder: Union[str, Path], launcher: LauncherConfig,
+                    timeout_s: float = SSH_CHECK_TIMEOUT_S) -> None:
+    """Each of the first ``launcher.num_nodes`` hosts of ``launcher.hostfile`` sees ``folder`` at the same
+    path, asked over ssh (``ssh HOST test -d FOLDER``, as the deepspeed launcher's pdsh reaches them);
+    else :class:`FolderNotSharedError` naming the folder and every host that does not (or that ssh
+    cannot reach). Nothing to check without a hostfile."""
+    if launcher.hostfile is None:
+        return
+    problems = []
+    for host in hostfile_hosts(launcher.hostfile)[:launcher.num_nodes]:
+        cmd = ["ssh", "-o", "BatchMode=yes", host, f"hostname; test -d {shlex.quote(str(folder))}"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise RuntimeError("the deepspeed launcher starts the nodes of a hostfile over ssh, and ssh is not "
+                               "installed here") from None
+        except subprocess.TimeoutExpired:
+            problems.append(f"host {host} did not answer over ssh within {timeout_s:.0f} s")
+            continue
+        if out.returncode == 0:
+            continue
+        name = (out.stdout.strip().splitlines() or [host])[0]
+        if out.returncode == 255:  # ssh's own failure
+            last = (out.stderr.strip().splitlines() or ["no message"])[-1]
+            problems.append(f"host {host} cannot be reached over ssh ({last})")
+        else:
+            problems.append(f"host {host}{f' ({name})' if name != host else ''} cannot see it")
+    if problems:
+        raise FolderNotSharedError(f"stage folder {folder}: {'; '.join(problems)}; {_SHARED_HINT} "
+                                   f"(hostfile {launcher.hostfile})")
 
 
 class LauncherAliveError(RuntimeError):
@@ -224,8 +286,15 @@ def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: s
         run_env.setdefault(PROGRESS_ENV, "1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         run_env.pop(var, None)  # set by the launcher, not inherited from an in-process run
+    # A launched job never talks to MLflow (colar_core does not import it; its metrics go to metrics.jsonl),
+    # and DeepSpeed's multi-node launcher writes every MLFLOW_* variable onto the pdsh command line
+    # (`ps`, its own log): MLFLOW_TRACKING_PASSWORD would be shown there. None is passed on.
+    for var in [k for k in run_env if k.startswith(MLFLOW_ENV_PREFIX)]:
+        del run_env[var]
     if record_dir is not None:
         check_no_live_launcher(record_dir)
+    if launcher.num_nodes > 1 and resolve_launcher(launcher) == "deepspeed":
+        check_nodes_see(record_dir if record_dir is not None else Path(config_path).resolve().parent, launcher)
     launch_id = run_env[LAUNCH_ID_ENV] = uuid.uuid4().hex
     emit = on_line or (lambda line: print(line, flush=True))
     tail: list[str] = []
@@ -300,6 +369,10 @@ def job_entry_main(argv, *, prog: str, description: str, job_name: str, run_file
     # the deepspeed launcher passes --local_rank; the environment carries the same value
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not os.path.isfile(args.config):  # a node that does not see the stage folder: say which, at once
+        print(f"{prog}: host {socket.gethostname()} cannot see the job file {args.config} (stage folder "
+              f"{os.path.dirname(os.path.abspath(args.config))}): {_SHARED_HINT}", file=sys.stderr, flush=True)
+        return 2
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     logging.basicConfig(level=os.environ.get("COLAR_LOG_LEVEL", "WARNING"),
