@@ -631,21 +631,30 @@ def _check_mlflow_credentials(url: str, timeout_s: float = 10.0) -> None:
         raise ServerError(f"the MLflow server at {mask_url(url)} asks for credentials (basic auth): set "
                           "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     token = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
-    request = urllib.request.Request(f"{url}/{_AUTH_PROBE}",  # noqa: S310 - the server colar started
-                                     headers={"Authorization": f"Basic {token}"})
+    refused = _refused_code(f"{url}/{_AUTH_PROBE}", {"Authorization": f"Basic {token}"}, "MLflow", url,
+                            "the credentials check", timeout_s)
+    if refused is not None:
+        raise ServerError(
+            f"the MLflow server at {mask_url(url)} refuses MLFLOW_TRACKING_USERNAME={creds[0]!r} with "
+            f"MLFLOW_TRACKING_PASSWORD (HTTP {refused}). Its admin user was created with the credentials "
+            "of its first start; use those, or change the password through MLflow's users API.")
+
+
+def _refused_code(probe_url: str, headers: dict[str, str], server: str, url: str, check: str,
+                  timeout_s: float) -> Optional[int]:
+    """GET ``probe_url`` with ``headers`` (the credentials of ``check`` against the ``server`` at ``url``):
+    None when it answers, the HTTP status (401 or 403) when it refuses them, else :class:`ServerError`
+    naming the check."""
+    request = urllib.request.Request(probe_url, headers=headers)  # noqa: S310 - the server colar started
     try:
         with urllib.request.urlopen(request, timeout=timeout_s):  # noqa: S310 (the server colar started)
-            return
+            return None
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
-            raise ServerError(
-                f"the MLflow server at {mask_url(url)} refuses MLFLOW_TRACKING_USERNAME={creds[0]!r} with "
-                f"MLFLOW_TRACKING_PASSWORD (HTTP {err.code}). Its admin user was created with the credentials "
-                "of its first start; use those, or change the password through MLflow's users API.") from None
-        raise ServerError(f"the MLflow server at {mask_url(url)} failed the credentials check: "
-                          f"HTTP {err.code}") from None
+            return err.code
+        raise ServerError(f"the {server} server at {mask_url(url)} failed {check}: HTTP {err.code}") from None
     except (urllib.error.URLError, OSError) as err:
-        raise ServerError(f"the MLflow server at {mask_url(url)} failed the credentials check: {err}") from None
+        raise ServerError(f"the {server} server at {mask_url(url)} failed {check}: {err}") from None
 
 
 def ensure_prefect(
@@ -687,20 +696,13 @@ def _check_prefect_auth(url: str, timeout_s: float = 10.0) -> None:
     :class:`ServerError` saying what to set (never the string)."""
     auth = os.environ.get(PREFECT_CLIENT_AUTH_ENV)
     headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
-    request = urllib.request.Request(f"{url}/{_PREFECT_AUTH_PROBE}", headers=headers)  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s):  # noqa: S310 (the server colar started)
-            return
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403):
-            what = (f"refuses ${PREFECT_CLIENT_AUTH_ENV}" if auth else
-                    f"asks for an API auth string: set ${PREFECT_CLIENT_AUTH_ENV}")
-            raise ServerError(f"the Prefect server at {mask_url(url)} {what} (HTTP {err.code}); it requires the "
-                              f"string it was started with (${PREFECT_CLIENT_AUTH_ENV} or "
-                              f"${PREFECT_SERVER_AUTH_ENV} of that start)") from None
-        raise ServerError(f"the Prefect server at {mask_url(url)} failed the auth check: HTTP {err.code}") from None
-    except (urllib.error.URLError, OSError) as err:
-        raise ServerError(f"the Prefect server at {mask_url(url)} failed the auth check: {err}") from None
+    refused = _refused_code(f"{url}/{_PREFECT_AUTH_PROBE}", headers, "Prefect", url, "the auth check", timeout_s)
+    if refused is not None:
+        what = (f"refuses ${PREFECT_CLIENT_AUTH_ENV}" if auth else
+                f"asks for an API auth string: set ${PREFECT_CLIENT_AUTH_ENV}")
+        raise ServerError(f"the Prefect server at {mask_url(url)} {what} (HTTP {refused}); it requires the "
+                          f"string it was started with (${PREFECT_CLIENT_AUTH_ENV} or "
+                          f"${PREFECT_SERVER_AUTH_ENV} of that start)")
 
 
 def use_mlflow(tracking_uri: str) -> None:
