@@ -9,8 +9,13 @@ FLOP convention (used by ``sft_throughput``; see docs/BENCHMARKS.md):
 * attention training FLOPs = ``12 * L * d * n`` per token of a row of ``n`` tokens (QK^T and AV,
   2 FLOPs per MAC, x3 for forward + backward), with ``d = heads * head_dim``; the PaLM convention,
   which does not halve for the causal mask.
-* MFU = achieved model FLOP/s / peak; peak = 989 TFLOP/s, the H100 SXM dense bf16 spec figure
-  (about 800 is reachable in practice, so 100 % MFU is not).
+* LoRA (frozen backbone, small trained adapters): ``4 * N_frozen + 6 * N_trained`` per token
+  (:func:`train_flops`): a frozen matmul still runs forward (2) and passes the gradient to its input
+  (2), but computes no weight gradient (the 2 a trained weight adds). ``6 * (N_frozen + N_trained)``,
+  the full fine-tune convention, is also reported (``mfu_6n``); it credits a LoRA step with ~1.5x the
+  work it does.
+* MFU = achieved model FLOP/s / the device's dense bf16 peak (:data:`PEAK_BF16_DENSE`, from NVIDIA's
+  datasheets; about 80 % of it is reachable in practice, so 100 % MFU is not).
 """
 
 from __future__ import annotations
@@ -29,8 +34,30 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 
-#: H100 SXM dense bf16 tensor-core peak from the spec sheet (FLOP/s). Used for every MFU figure.
+#: H100 SXM dense bf16 tensor-core peak from the spec sheet (FLOP/s); the reference peak of a device
+#: not in :data:`PEAK_BF16_DENSE` (a CPU run's MFU is then only a smoke number).
 H100_BF16_PEAK_FLOPS = 989e12
+#: Dense bf16 tensor-core peaks (FLOP/s) by a substring of ``torch.cuda.get_device_name()``, most
+#: specific first. NVIDIA's datasheets give the figures with 2:4 sparsity; dense is half of them:
+#: H100 SXM 1,979 -> 989 and H100 PCIe 1,513 -> 756 (H100 datasheet), H200 SXM 1,979 -> 989 (H200
+#: datasheet), A100 312 dense (A100 datasheet, 624 with sparsity).
+PEAK_BF16_DENSE: tuple[tuple[str, float, str], ...] = (
+    ("H100 PCIe", 756e12, "NVIDIA H100 datasheet, PCIe: 1,513 TFLOP/s bf16 with sparsity, dense half"),
+    ("H200", 989e12, "NVIDIA H200 datasheet: 1,979 TFLOP/s bf16 with sparsity, dense half"),
+    ("H100", 989e12, "NVIDIA H100 datasheet, SXM: 1,979 TFLOP/s bf16 with sparsity, dense half"),
+    ("A100", 312e12, "NVIDIA A100 datasheet: 312 TFLOP/s bf16 dense"),
+)
+#: Where the architectures of the recipes' models are written (their public ``config.json`` values).
+ARCHS_DIR = ROOT / "colar_core" / "archs"
+
+
+def peak_bf16_flops(device_name: str) -> tuple[float, str]:
+    """``(peak dense bf16 FLOP/s, where the figure comes from)`` for a device name; a device not in
+    :data:`PEAK_BF16_DENSE` (a CPU, say) gets the H100 SXM figure, and the source says so."""
+    for key, flops, source in PEAK_BF16_DENSE:
+        if key.lower() in device_name.lower():
+            return flops, source
+    return H100_BF16_PEAK_FLOPS, f"{device_name!r} is not in the table: the H100 SXM figure as a reference"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,9 +113,24 @@ class LlamaShape:
                                                                           "params": self.param_count()}
 
 
-#: Llama-3.2-1B: hidden 2048, 16 layers, 32 query / 8 key-value heads, MLP 8192, vocab 128256, tied.
-LLAMA_3_2_1B = LlamaShape(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
-                          vocab_size=128256)
+def arch_shape(name: str) -> LlamaShape:
+    """The :class:`LlamaShape` of ``colar_core/archs/<name>.json`` (a model's public config values)."""
+    path = ARCHS_DIR / f"{name}.json"
+    try:
+        c = json.loads(path.read_text())
+        rope = c.get("rope_scaling") or {}
+        return LlamaShape(hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+                          num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
+                          intermediate_size=c["intermediate_size"], vocab_size=c["vocab_size"],
+                          tie_word_embeddings=c["tie_word_embeddings"], rope_theta=float(c["rope_theta"]),
+                          llama3_rope_scaling=rope.get("rope_type") == "llama3",
+                          max_position_embeddings=c["max_position_embeddings"], rms_norm_eps=c["rms_norm_eps"])
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: not a readable Llama architecture ({type(err).__name__}: {err})") from None
+
+
+#: Llama-3.2-1B(-Instruct): hidden 2048, 16 layers, 32 query / 8 key-value heads, MLP 8192, vocab 128256, tied.
+LLAMA_3_2_1B = arch_shape("llama-3.2-1b-instruct")
 #: What ``--tiny`` runs: small enough for a CPU smoke run of every code path.
 # CPU proxy: small enough for one core, proportioned like the 1B shape where it matters for the
 # CoLaR-vs-plain comparison: the tied LM head is ~21 % of the parameters (1B: 262.7 M of 1,235.8 M)
@@ -116,6 +158,29 @@ def attention_train_flops(shape: LlamaShape, row_lengths: Sequence[int]) -> floa
 
 def dense_train_flops(n_params: int, tokens: float) -> float:
     return 6.0 * n_params * tokens
+
+
+def train_flops(n_frozen: int, n_trained: int, tokens: float) -> float:
+    """Training FLOPs of matmuls over ``tokens``: frozen weights 4 per token (forward and the input
+    gradient), trained ones 6 (plus their weight gradient). ``n_frozen = 0`` is :func:`dense_train_flops`."""
+    return (4.0 * n_frozen + 6.0 * n_trained) * tokens
+
+
+def _lora_widths(shape: LlamaShape) -> dict[str, tuple[int, int]]:
+    """Each LoRA target's (input, output) widths: its adapter adds ``r * (in + out)`` weights."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+            "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def lora_param_count(shape: LlamaShape, r: int, targets: Sequence[str]) -> int:
+    """Weights LoRA of rank ``r`` adds on ``targets`` (peft's A and B matrices, no bias) in every layer."""
+    widths = _lora_widths(shape)
+    unknown = sorted(set(targets) - set(widths))
+    if unknown:
+        raise ValueError(f"LoRA targets {unknown} are not Llama projections ({', '.join(widths)})")
+    return shape.num_layers * sum(r * sum(widths[t]) for t in targets)
 
 
 def tflops(flops: float, seconds: float) -> float:
@@ -185,7 +250,7 @@ def apply_threads(threads: Optional[int]) -> None:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
+    out: dict = {"python": platform.python_version()}
     for name in ("torch", "transformers", "deepspeed"):
         try:
             mod = __import__(name)

@@ -1,11 +1,15 @@
-"""SFT throughput: a plain causal-LM step vs a CoLaR SFT step, on the project's DeepSpeed engine.
+"""SFT throughput: a plain causal-LM step, a CoT SFT step and a CoLaR SFT step, on the project's engines.
 
-Both steps run through :func:`colar_core.training.engines.build_engine` (``TrainConfig``: backend
-deepspeed, ZeRO-2, bf16 on CUDA) and :func:`colar_core.training.loop.train_loop`, on the same
-random-weight Llama-3.2-1B-shaped backbone (nothing is downloaded):
+Every step runs through :func:`colar_core.training.engines.build_engine` (``TrainConfig``: backend
+deepspeed ZeRO-2 by default, or ``--backend torch``; bf16 on CUDA) and
+:func:`colar_core.training.loop.train_loop`, on the same random-weight Llama-3.2-1B backbone built
+from ``colar_core/archs/llama-3.2-1b-instruct.json`` (nothing is downloaded), trained in full or, with
+``--lora-r``, through LoRA adapters as the GPU recipe (r=128, alpha 32 on q_proj, v_proj):
 
 * ``plain``: ``LlamaForCausalLM(input_ids, labels)`` on ``micro_batch x seq_len`` random tokens
   (no padding), backward, optimizer step. Tokens counted: ``micro_batch * seq_len``.
+* ``cot``: the CoT SFT stage (``ObjectiveConfig(mode="cot")``, r = 1): ``SFTBatches`` collates the
+  synthetic examples below and ``ColarModel.sft_loss`` takes CE on the chain and the answer.
 * ``colar``: what ``colar_core.training.sft.train_sft`` runs: ``SFTBatches`` draws ``r`` from
   1..5 per step and collates synthetic examples (question ~100 tokens, steps ~120, answer ~10), then
   ``ColarModel.sft_loss`` (CE + soft-MSE latent loss). Tokens counted: ``n_positions`` returned by
@@ -33,9 +37,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench import common
+from colar_core.training.callbacks import CallbackBase
 
 MODULE = "bench.sft_throughput"
-PHASES = ("plain", "colar")
+PHASES = ("plain", "cot", "colar")
 EMBEDDING_SCALE = 0.018  # the paper's constant for Llama-3.2-1B (the scale does not change the cost)
 
 FULL = dict(micro_batch=32, seq_len=256, steps=30, warmup=5, question_tokens=100, step_tokens=120, answer_tokens=10)
@@ -62,7 +67,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--length-grouping", type=int, default=64,
                    help="CoLaR phase: TrainConfig.length_grouping, pools of k micro-batches sorted by length "
                         "(default 64; 0 = off, random batches)")
-    p.add_argument("--phases", default="plain,colar", help="comma-separated subset of plain,colar")
+    p.add_argument("--phases", default="plain,colar", help="comma-separated subset of plain,cot,colar")
+    p.add_argument("--backend", choices=("deepspeed", "torch"), default="deepspeed",
+                   help="TrainConfig.backend: DeepSpeed ZeRO-2 (default) or plain torch (bf16 autocast)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="TrainConfig.precision (default bf16; tiny fp32)")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="LoRA rank on the backbone (0 = full fine-tune, default; the GPU recipe: 128)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32, the recipe's)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="LoRA target modules (default q_proj,v_proj)")
     p.add_argument("--attn-impl", default="sdpa", help="transformers attention implementation (default sdpa)")
     p.add_argument("--isolate", choices=("process", "none"), default="process",
                    help="run each phase in a child process (default) or both in this one")
@@ -72,6 +84,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     common.resolve_size(args, FULL, TINY, PROXY)
     args.phase_list = [x.strip() for x in args.phases.split(",") if x.strip()]
+    args.lora_target_list = [x.strip() for x in args.lora_targets.split(",") if x.strip()]
+    if args.precision is None:
+        args.precision = "fp32" if args.tiny else "bf16"
+    if args.lora_r < 0 or (args.lora_r and not args.lora_target_list):
+        p.error("--lora-r must be >= 0, with at least one --lora-targets module")
     bad = [x for x in args.phase_list if x not in PHASES]
     if bad or not args.phase_list:
         p.error(f"--phases: unknown {bad}; choose from {PHASES}")
@@ -87,7 +104,7 @@ def train_config(args, objective=None):
     from colar_core.training.config import TrainConfig
 
     return TrainConfig(
-        backend="deepspeed", zero_stage=2, precision="fp32" if args.tiny else "bf16",
+        backend=args.backend, zero_stage=2, precision=args.precision,
         batch_size=args.micro_batch, grad_accum=1, max_steps=args.warmup + args.steps, lr=1e-5,
         objective=objective or ObjectiveConfig(mode="colar"), seed=args.seed, checkpoint_every=0,
         length_grouping=args.length_grouping,
@@ -131,19 +148,35 @@ def synthetic_examples(n: int, encoder, vocab_size: int, question: int, steps: i
     return out
 
 
-def build_backbone(shape: common.LlamaShape, device, seed: int, attn_impl: str, pad_id=None):
-    """A random-weight causal LM of ``shape``, initialised directly on ``device`` (fp32; the engine
-    casts to bf16)."""
+def build_backbone(shape: common.LlamaShape, device, seed: int, attn_impl: str, pad_id=None, lora=None):
+    """A random-weight causal LM of ``shape``, initialised directly on ``device`` (fp32; the DeepSpeed
+    engine casts to bf16, the torch engine autocasts); with ``lora`` (a ``colar_core.config.LoraConfig``)
+    wrapped in peft adapters, the backbone frozen."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(shape.hf_config(pad_id=pad_id), attn_implementation=attn_impl)
+        if lora is not None:
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import get_peft_model
+
+            model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                         target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     return model
 
 
-def build_colar(shape: common.LlamaShape, device, seed: int, attn_impl: str, encoder):
+def lora_config(args):
+    """The ``colar_core.config.LoraConfig`` of ``--lora-r/--lora-alpha/--lora-targets`` (None: full fine-tune)."""
+    from colar_core.config import LoraConfig
+
+    if not args.lora_r:
+        return None
+    return LoraConfig(r=args.lora_r, alpha=args.lora_alpha, target_modules=args.lora_target_list)
+
+
+def build_colar(shape: common.LlamaShape, device, seed: int, attn_impl: str, encoder, lora=None):
     """``ColarModel`` around a random backbone, constructed directly (the vocabulary stays at the
     backbone's size; the tokenizer is only needed for the special ids)."""
     import torch
@@ -151,11 +184,11 @@ def build_colar(shape: common.LlamaShape, device, seed: int, attn_impl: str, enc
     from colar_core.latent_head import LatentHead
     from colar_core.model import ColarModel, ColarState
 
-    lm = build_backbone(shape, device, seed, attn_impl, pad_id=encoder.pad_id)
+    lm = build_backbone(shape, device, seed, attn_impl, pad_id=encoder.pad_id, lora=lora)
     state = ColarState(base_model=f"random-{'tiny' if shape.vocab_size < 10000 else 'llama-3.2-1b'}-shape",
                        hidden_size=shape.hidden_size, latent_intermediate_size=shape.hidden_size,
                        embedding_scale=EMBEDDING_SCALE, embedding_scale_source="config",
-                       trained_compression_factors=[1, 2, 3, 4, 5])
+                       trained_compression_factors=[1, 2, 3, 4, 5], lora=lora.model_dump() if lora else None)
     with torch.device(device):
         head = LatentHead(shape.hidden_size, shape.hidden_size)
     return ColarModel(lm, head, state)
@@ -164,7 +197,7 @@ def build_colar(shape: common.LlamaShape, device, seed: int, attn_impl: str, enc
 # ----------------------------------------------------------------------------------------------
 # One phase
 # ----------------------------------------------------------------------------------------------
-class _Recorder:
+class _Recorder(CallbackBase):
     """train_loop callback: per-step metrics, and synchronised clocks (wall and process CPU time)
     read at the end of every step, so the timed window and each step's time come from one clock."""
 
@@ -205,14 +238,15 @@ def run_phase(phase: str, args) -> dict:
     device = common.pick_device(args.device)
     shape = model_shape(args)
     n_params = shape.param_count()
-    emb_params = shape.vocab_size * shape.hidden_size
+    lora = lora_config(args)
+    n_lora = common.lora_param_count(shape, lora.r, lora.target_modules) if lora else 0
     head_params = common.latent_head_param_count(shape.hidden_size)
     total = args.warmup + args.steps
     common.reset_peak_memory(device)
     stats: list[dict] = []  # per step: positions, per-row lengths, LM-head rows, latent-head rows
 
     if phase == "plain":
-        model = build_backbone(shape, device, args.seed, args.attn_impl)
+        model = build_backbone(shape, device, args.seed, args.attn_impl, lora=lora)
         cfg = train_config(args)
         engine = build_engine(model, cfg)
         g = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -233,8 +267,9 @@ def run_phase(phase: str, args) -> dict:
         from colar_core.training.sft import SFTBatches
 
         encoder = bench_encoder()
-        model = build_colar(shape, device, args.seed, args.attn_impl, encoder)
-        obj = ObjectiveConfig(mode="colar", compression_factors=[1, 2, 3, 4, 5])
+        model = build_colar(shape, device, args.seed, args.attn_impl, encoder, lora=lora)
+        obj = (ObjectiveConfig(mode="colar", compression_factors=[1, 2, 3, 4, 5]) if phase == "colar"
+               else ObjectiveConfig(mode="cot", compression_factors=[1]))
         cfg = train_config(args, obj)
         engine = build_engine(model, cfg)
         examples = synthetic_examples(max(64 * args.micro_batch, 256), encoder, shape.vocab_size,
@@ -255,6 +290,7 @@ def run_phase(phase: str, args) -> dict:
         def loss_fn(m, batch):  # exactly train_sft's loss_fn
             return m.sft_loss(batch.to(engine.device), obj, generator=batches.loss_gen)
 
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rec = _Recorder(engine.device, args.warmup, total)
     train_loop(engine, batches_fn, loss_fn, LoopPlan(max_steps=total, log_every=1), callbacks=[rec])
     wall, cpu = rec.window()
@@ -263,18 +299,15 @@ def run_phase(phase: str, args) -> dict:
 
     positions = sum(s["positions"] for s in timed_stats)
     counted = sum(m.get("n_positions", 0.0) for m in timed_steps)  # what the loss function reported
-    nominal = sum(common.dense_train_flops(n_params, s["positions"]) + common.attention_train_flops(shape, s["rows"])
-                  for s in timed_stats)
-    executed = sum(
-        common.dense_train_flops(n_params - emb_params, s["positions"])
-        + common.dense_train_flops(emb_params, s["lm_head_rows"])
-        + common.dense_train_flops(head_params, s["latent_head_rows"])
-        + common.attention_train_flops(shape, s["rows"]) for s in timed_stats)
+    flops = {k: sum(step_flops(shape, n_lora, head_params, s)[k] for s in timed_stats)
+             for k in ("nominal", "nominal_6n", "executed")}
+    peak, _ = common.peak_bf16_flops(common.device_info(device)["name"])
     out = {
         "tokens_per_s": counted / secs,
-        "tflops": common.tflops(nominal, secs),
-        "mfu": common.mfu(common.tflops(nominal, secs)),
-        "tflops_executed": common.tflops(executed, secs),
+        "tflops": common.tflops(flops["nominal"], secs),
+        "mfu": common.mfu(common.tflops(flops["nominal"], secs), peak),
+        "mfu_6n": common.mfu(common.tflops(flops["nominal_6n"], secs), peak),
+        "tflops_executed": common.tflops(flops["executed"], secs),
         "step_time_ms": 1000 * secs / args.steps,
         "tokens_per_step": counted / args.steps,
         "timed_steps": args.steps,
@@ -289,20 +322,47 @@ def run_phase(phase: str, args) -> dict:
         "peak_memory_gib": common.peak_memory_gib(device),
         "attn_implementation": _backbone(engine.model).config._attn_implementation,
         "zero_stage": getattr(engine, "zero_stage", None),
+        "backend": cfg.backend,
         "precision": cfg.precision,
+        "lora": lora.model_dump() if lora else None,
+        "trainable_params": trainable,
     }
     if abs(positions - counted) > 0.5:
         out["positions_mismatch"] = {"collated": positions, "reported": counted}
     if phase == "colar":
         out.update(_per_r(timed_steps, timed_stats, "bench_wall_s" if args.clock == "wall" else "bench_cpu_s"))
+    if phase != "plain":
         out["mean_padded_width"] = sum(s["width"] for s in timed_stats) / len(timed_stats)
         out["mean_unpacked_width"] = sum(s["unpacked_width"] for s in timed_stats) / len(timed_stats)
         out["padding_fraction"] = 1 - positions / sum(s["slots"] for s in timed_stats)
         out["mean_lm_head_rows"] = sum(s["lm_head_rows"] for s in timed_stats) / len(timed_stats)
-    out["params"] = n_params + (head_params if phase == "colar" else 0)
+    out["params"] = n_params + n_lora + (head_params if phase != "plain" else 0)
 
     _release(engine, device)
     return out
+
+
+def step_flops(shape: common.LlamaShape, n_lora: int, head_params: int, s: dict) -> dict:
+    """One step's FLOPs (``s``: its positions, row lengths, LM-head and latent-head rows), three ways:
+
+    * ``nominal``: the model FLOPs MFU counts: the backbone at every position, trained in full
+      (``6 N``) or frozen under LoRA adapters (``4 N + 6 N_lora``: :func:`common.train_flops`), plus attention;
+    * ``nominal_6n``: ``6 (N + N_lora)`` at every position plus attention, the full fine-tune convention;
+    * ``executed``: as nominal, but the tied LM head only on the rows whose logits are computed, plus the
+      latent head (trained: 6 per parameter) on each latent prediction.
+    """
+    n_params = shape.param_count()
+    emb = shape.vocab_size * shape.hidden_size
+    attn = common.attention_train_flops(shape, s["rows"])
+    pos = s["positions"]
+    frozen, trained = (n_params, n_lora) if n_lora else (0, n_params)
+    if n_lora:
+        body = common.train_flops(n_params - emb, n_lora, pos) + common.train_flops(emb, 0, s["lm_head_rows"])
+    else:
+        body = common.train_flops(0, n_params - emb, pos) + common.train_flops(0, emb, s["lm_head_rows"])
+    return {"nominal": common.train_flops(frozen, trained, pos) + attn,
+            "nominal_6n": common.dense_train_flops(n_params + n_lora, pos) + attn,
+            "executed": body + common.train_flops(0, head_params, s["latent_head_rows"]) + attn}
 
 
 def _backbone(model):
@@ -382,16 +442,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     common.apply_threads(args.threads)
     device = common.pick_device(args.device)
+    info = common.device_info(device)
+    peak, peak_source = common.peak_bf16_flops(info["name"])
     results = {}
     for phase in args.phase_list:
         print(f"[sft_throughput] {phase} phase ...", flush=True)
         results[phase] = _run_child(argv, phase) if args.isolate == "process" else run_phase(phase, args)
         r = results[phase]
         print(f"[sft_throughput] {phase}: {r['tokens_per_s']:.1f} tokens/s, {r['tflops']:.4g} TFLOP/s "
-              f"(MFU {100 * r['mfu']:.2f} % of 989), {r['step_time_ms']:.1f} ms/step", flush=True)
+              f"(MFU {100 * r['mfu']:.2f} % of {peak / 1e12:.0f}), {r['step_time_ms']:.1f} ms/step", flush=True)
 
-    info = common.device_info(device)
     shape = model_shape(args)
+    lora = lora_config(args)
     report = {
         "benchmark": "sft_throughput",
         "device": common.describe_device(info),
@@ -401,8 +463,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         **results,
         "config": {
             "model": shape.as_dict(), "micro_batch": args.micro_batch, "seq_len": args.seq_len,
-            "steps": args.steps, "warmup": args.warmup, "backend": "deepspeed", "zero_stage": 2,
-            "precision": "fp32" if args.tiny else "bf16", "optimizer": "torch AdamW (fused on CUDA) via TrainConfig",
+            "steps": args.steps, "warmup": args.warmup, "backend": args.backend,
+            "zero_stage": 2 if args.backend == "deepspeed" else None, "precision": args.precision,
+            "lora": lora.model_dump() if lora else None,
+            "optimizer": "torch AdamW (fused on CUDA) via TrainConfig",
             "grad_clip": 1.0, "attn_implementation": args.attn_impl, "isolate": args.isolate,
             "colar_data": {"question_tokens": args.question_tokens, "step_tokens": args.step_tokens,
                            "answer_tokens": args.answer_tokens, "length_spread": args.length_spread,
@@ -412,16 +476,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         },
         "flops": {
             "tflops": "(6 * N * positions + 12 * L * d * sum_rows(n_row^2)) / s, N = backbone params with the "
-                      "tied embedding counted once, d = heads * head_dim, n_row = real positions in a row",
-            "tflops_executed": "as tflops, but the LM-head share (6 * V * H) only on rows whose logits are "
-                               "computed, plus 6 * latent-head params per latent prediction (CoLaR)",
-            "mfu": "tflops / 989 (H100 SXM dense bf16 spec peak; ~800 is the practical ceiling)",
-            "peak_tflops": common.H100_BF16_PEAK_FLOPS / 1e12,
+                      "tied embedding counted once, d = heads * head_dim, n_row = real positions in a row; under "
+                      "LoRA (4 * N + 6 * N_lora) * positions: frozen weights run forward and pass input gradients, "
+                      "but compute no weight gradient",
+            "tflops_executed": "as tflops, but the LM-head share only on rows whose logits are computed, plus "
+                               "6 * latent-head params per latent prediction (CoT, CoLaR)",
+            "mfu": "tflops / the device's dense bf16 peak (peak_tflops, peak_source)",
+            "mfu_6n": "6 * (N + N_lora) * positions + attention, over the same peak: the full fine-tune "
+                      "convention (overstates a LoRA step's work by ~1.5x)",
+            "peak_tflops": peak / 1e12,
+            "peak_source": peak_source,
         },
         "versions": common.versions(),
         "command": common.command_line(MODULE, argv),
         "timestamp": common.utc_now(),
     }
+    if "cot" in results and "colar" in results:
+        report["colar_over_cot_tokens_per_s"] = results["colar"]["tokens_per_s"] / results["cot"]["tokens_per_s"]
     if "plain" in results and "colar" in results:
         ratio = results["colar"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
         report["colar_over_plain_tokens_per_s"] = ratio

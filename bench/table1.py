@@ -9,7 +9,9 @@ CoLaR and No-CoT stages and each baseline; the data and the evaluation's samplin
 (``eval.seeds``) stay as configured, so each seed's accuracy is itself a mean over those. Each run
 has its own output folder (``<output-root>/seed<k>``); its numbers are read from the evaluate
 stage's ``metrics.json``. Runs use one torch thread (``OMP_NUM_THREADS=1``) unless told otherwise.
-Writes ``bench/results/table1_cpu_tiny.json`` (or ``--out``) and prints the markdown table.
+Writes ``bench/results/table1_cpu_tiny.json`` (or ``--out``) and prints the markdown table. A config
+with ``eval.protocol: both`` (configs/table1.yaml) gives CoT and each baseline a second row, evaluated
+under the reference's protocol (setting ``{setting}-reference``, labelled ``(reference eval)``).
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ def evaluate_metrics(out_dir: Path) -> dict:
 
 def reevaluate(config_path: str, out_dir: Path, methods: Sequence[str]) -> dict:
     """Evaluate the finished run's models of ``methods`` (baselines) again with today's code, on the
-    run's own test split, evaluation seeds and decoding; returns their metrics (primary set). For a
-    fix to how a metric is counted, without training anything again."""
+    run's own test split, evaluation seeds, decoding and protocols (``eval.protocol``); returns their
+    metrics (primary set). For a fix to how a metric is counted, without training anything again."""
     from colar_core.data.prepare import load_split
     from colar_core.evaluation import evaluate_baseline, for_set
     from colar_core.model import ColarModel
@@ -76,7 +78,8 @@ def reevaluate(config_path: str, out_dir: Path, methods: Sequence[str]) -> dict:
     for method in methods:
         model_dir = sorted(out_dir.glob(f"sft-{method}-*/model"), key=lambda p: p.stat().st_mtime)[-1]
         model, tokenizer = ColarModel.load_dir(model_dir, is_trainable=False)
-        found, _ = evaluate_baseline(model, PromptEncoder(tokenizer), records, cfg.seeds, cfg.generation)
+        found, _ = evaluate_baseline(model, PromptEncoder(tokenizer), records, cfg.seeds, cfg.generation,
+                                     cfg.protocols())
         metrics.update(found)
     return {**metrics, **for_set(metrics, cfg.sets()[0].name)}  # unprefixed and under the primary set's name
 
@@ -147,10 +150,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     per_seed = {seed: evaluate_metrics(root / f"seed{seed}") for seed in args.seeds}
     pipeline_metrics = {seed: dict(m) for seed, m in per_seed.items()}
     if args.reevaluate:
+        from colar_core.evaluation import REFERENCE_SUFFIX  # torch: only here
+
         for seed in args.seeds:
             again = reevaluate(args.config, root / f"seed{seed}", args.reevaluate)
             per_seed[seed] = {k: v for k, v in per_seed[seed].items()
-                              if k.rsplit("/", 1)[-1] not in args.reevaluate} | again
+                              if k.rsplit("/", 1)[-1].removesuffix(REFERENCE_SUFFIX) not in args.reevaluate} | again
             for key in sorted(k for k in again if k.startswith(("accuracy/", "mean_")) and k.count("/") == 1):
                 print(f"[table1] seed {seed} {key}: pipeline {pipeline_metrics[seed].get(key)} -> again {again[key]}")
     table = aggregate(per_seed)

@@ -227,7 +227,8 @@ class GenerationConfig(StrictModel):
 #: The prepared test split of the pipeline's own data, as an ``eval.datasets`` source.
 TEST_SPLIT = "test"
 #: Names an evaluation set may not take: the average over sets, and the modes of the metric names.
-RESERVED_SET_NAMES = frozenset({"avg", "cot", "nocot", "icot", "coconut", "distill"})
+RESERVED_SET_NAMES = frozenset({"avg", "cot", "nocot", "icot", "coconut", "distill", "cot-reference",
+                                "icot-reference", "coconut-reference", "distill-reference"})
 _SET_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -287,6 +288,19 @@ class EvalConfig(StrictModel):
         "step in `thoughts.html` (colar_core.latent_inspect: each latent's nearest tokens, LM-head tokens and sigma "
         "at every compression factor, beside the CoT text); 0 = none. One extra generation per factor and model "
         "for these questions, with the first seed.")
+    protocol: Literal["colar", "reference", "both"] = Field(
+        "colar", description="How the baselines are decoded and #L counted. 'colar': the methods as their papers "
+        "describe them (metric names accuracy/icot, mean_tokens/cot, ...). 'reference': as the reference's own "
+        "evaluation (xiaomi-research/colar model_base.py): iCoT after the bare question with 16 new tokens, Coconut "
+        "and Distill with 6 thoughts each run without the cache (each sees only the thought before it) and 16 "
+        "answer tokens, #L of explicit outputs = index('###') - 1, else index(':') - 3, else the output width; "
+        "logged as {setting}-reference (accuracy/icot-reference, mean_tokens/cot-reference). 'both': both, "
+        "Table 1 then has a reference row per baseline. CoLaR and No-CoT are the same under both (one decoding; "
+        "CoT is decoded once and counted both ways); each baseline costs one more decoding per seed.")
+
+    def protocols(self) -> tuple[str, ...]:
+        """The protocols to evaluate under: ``('colar',)``, ``('reference',)`` or both."""
+        return ("colar", "reference") if self.protocol == "both" else (self.protocol,)
 
     @field_validator("datasets")
     @classmethod

@@ -18,6 +18,14 @@ number of questions scored, and :func:`eval_set_digest` names the set they came 
 On several named test sets, each name goes after the metric (:func:`for_set`:
 ``accuracy/svamp/c2``) and :func:`average_over_sets` adds ``.../avg/...``, the plain mean over the
 sets (the paper's "Average" column; intervals and question counts have no average).
+
+Protocols (``eval.protocol``): the names above are colar's protocol, the method as its papers describe
+it. Under the reference's protocol (:data:`colar_core.inference.PROTOCOLS`: the baselines decoded as
+the reference's own evaluation decodes them, #L counted as it counts it) the settings it changes get
+:func:`reference_setting` names, ``{setting}-reference`` (``accuracy/icot-reference``,
+``mean_tokens/gsm8k/cot-reference``): CoT (the same decoding, the reference's #L), iCoT, Coconut and
+Distill. CoLaR and No-CoT are the same under both and keep their names. (A ``/reference`` suffix would
+read as a set name: ``accuracy/icot/reference``.)
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import time
 from typing import Mapping, Sequence
 
 from colar_core.config import GenerationConfig
-from colar_core.inference import generate
+from colar_core.inference import PROTOCOLS, Generation, generate
 from colar_core.scoring import answers_match, mean, mean_ci95, question_ci95
 from colar_core.text import PromptEncoder
 
@@ -44,32 +52,63 @@ def check_compression_factors(factors: Sequence[int], trained: Sequence[int], fi
                          f"(trained with {sorted(trained)})")
 
 
-def _sweep(model, encoder, records, mode: str, compression, seeds, gen, key: str, length_name: str):
+#: Suffix of a setting evaluated under the reference's protocol (module docstring).
+REFERENCE_SUFFIX = "-reference"
+#: The settings the reference's protocol changes (the others are the same under both protocols).
+REFERENCE_SETTINGS = ("cot", "icot", "coconut", "distill")
+
+
+def reference_setting(setting: str) -> str:
+    """The name of ``setting`` evaluated under the reference's protocol: ``icot`` -> ``icot-reference``."""
+    return f"{setting}{REFERENCE_SUFFIX}"
+
+
+def _decode(model, encoder, records, mode: str, compression, seeds, gen,
+            protocol: str = "colar") -> tuple[list[list[Generation]], float]:
+    """Each seed's generations for ``records`` and the decoding wall time (s) over all seeds."""
     questions = [r.question for r in records]
-    accs: list[float] = []
-    per_seed: list[list[bool]] = []
-    lengths: list[float] = []
-    rows: list[dict] = []
-    decode_s = 0.0
+    per_seed, decode_s = [], 0.0
     for seed in seeds:
         t0 = time.perf_counter()
-        gens = generate(model, encoder, questions, mode, compression, gen, seed=seed)
+        if protocol == "colar":  # generate's default
+            per_seed.append(generate(model, encoder, questions, mode, compression, gen, seed=seed))
+        else:
+            per_seed.append(generate(model, encoder, questions, mode, compression, gen, seed=seed, protocol=protocol))
         decode_s += time.perf_counter() - t0
+    return per_seed, decode_s
+
+
+def _score(records, seeds, per_seed: list[list[Generation]], decode_s: float, key: str, length_name: str,
+           reference: bool = False) -> tuple[dict[str, float], list[dict]]:
+    """The setting ``key``'s metrics and prediction rows from its generations; ``reference``: #L as the
+    reference counts it (``Generation.reference_length``)."""
+    accs: list[float] = []
+    correct_per_seed: list[list[bool]] = []
+    lengths: list[float] = []
+    rows: list[dict] = []
+    for seed, gens in zip(seeds, per_seed):
         correct = [answers_match(g.answer, r.answer) for g, r in zip(gens, records)]
         accs.append(sum(correct) / max(1, len(records)))
-        per_seed.append(correct)
-        lengths.append(mean(g.chain_length for g in gens))
+        correct_per_seed.append(correct)
+        chain = [g.reference_length if reference and g.reference_length is not None else g.chain_length
+                 for g in gens]
+        lengths.append(mean(chain))
         rows.extend(
             dict(setting=key, seed=seed, id=r.id, question=r.question, gold=r.answer, prediction=g.answer,
-                 correct=ok, chain_length=g.chain_length, text=g.text)
-            for g, r, ok in zip(gens, records, correct)
+                 correct=ok, chain_length=n, text=g.text)
+            for g, r, ok, n in zip(gens, records, correct, chain)
         )
     acc, ci = mean_ci95(accs)
     metrics = {f"accuracy/{key}": acc, f"accuracy_ci95/{key}": ci,
-               f"accuracy_qci95/{key}": question_ci95(per_seed), f"n_questions/{key}": float(len(records)),
+               f"accuracy_qci95/{key}": question_ci95(correct_per_seed), f"n_questions/{key}": float(len(records)),
                f"{length_name}/{key}": mean(lengths),
                f"sec_per_question/{key}": decode_s / max(1, len(records) * len(seeds))}
     return metrics, rows
+
+
+def _sweep(model, encoder, records, mode: str, compression, seeds, gen, key: str, length_name: str):
+    per_seed, decode_s = _decode(model, encoder, records, mode, compression, seeds, gen)
+    return _score(records, seeds, per_seed, decode_s, key, length_name)
 
 
 def evaluate_latent(model, encoder: PromptEncoder, records, factors: Sequence[int], seeds: Sequence[int],
@@ -86,10 +125,31 @@ def evaluate_latent(model, encoder: PromptEncoder, records, factors: Sequence[in
 
 
 def evaluate_text(model, encoder: PromptEncoder, records, mode: str, seeds: Sequence[int],
-                  gen: GenerationConfig = GenerationConfig()) -> tuple[dict[str, float], list[dict]]:
+                  gen: GenerationConfig = GenerationConfig(),
+                  protocols: Sequence[str] = ("colar",)) -> tuple[dict[str, float], list[dict]]:
     """Explicit decoding (``mode`` 'cot' or 'nocot'): ``accuracy/{mode}``, its two intervals and
-    ``n_questions/{mode}`` (as :func:`evaluate_latent`), ``mean_tokens/{mode}``."""
-    return _sweep(model, encoder, records, mode, 1, seeds, gen, mode, "mean_tokens")
+    ``n_questions/{mode}`` (as :func:`evaluate_latent`), ``mean_tokens/{mode}``. With 'reference' in
+    ``protocols``, CoT's metrics also (or only) under ``cot-reference``, from the same decoding with #L
+    counted as the reference counts it; No-CoT is the same under both (its ``nocot`` names)."""
+    per_seed, decode_s = _decode(model, encoder, records, mode, 1, seeds, gen)
+    metrics: dict[str, float] = {}
+    rows: list[dict] = []
+    for protocol in _protocols_of(mode, protocols):
+        reference = protocol == "reference"
+        key = reference_setting(mode) if reference else mode
+        m, r = _score(records, seeds, per_seed, decode_s, key, "mean_tokens", reference=reference)
+        metrics.update(m)
+        rows.extend(r)
+    return metrics, rows
+
+
+def _protocols_of(setting: str, protocols: Sequence[str]) -> list[str]:
+    """The protocols ``setting`` is evaluated under: ``protocols`` (checked) for a setting the reference's
+    protocol changes, else once under colar's names."""
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise ValueError(f"protocols must be some of {', '.join(PROTOCOLS)}; got {list(protocols)}")
+    return list(dict.fromkeys(protocols)) if setting in REFERENCE_SETTINGS else ["colar"]
 
 
 #: The baselines of colar_core.baselines and the length metric of each: continuous thoughts are
@@ -98,16 +158,28 @@ BASELINE_LENGTHS = {"icot": "mean_tokens", "coconut": "mean_latents", "distill":
 
 
 def evaluate_baseline(model, encoder: PromptEncoder, records, seeds: Sequence[int],
-                      gen: GenerationConfig = GenerationConfig()) -> tuple[dict[str, float], list[dict]]:
+                      gen: GenerationConfig = GenerationConfig(),
+                      protocols: Sequence[str] = ("colar",)) -> tuple[dict[str, float], list[dict]]:
     """A baseline model, decoded as its method says (``model.state.method``: 'icot', 'coconut' or
     'distill'): ``accuracy/{method}``, its two intervals and ``n_questions/{method}`` (as
     :func:`evaluate_latent`), and ``mean_latents/{method}`` (the
-    thoughts of Coconut and Distill) or ``mean_tokens/icot`` (the reasoning tokens iCoT still writes)."""
+    thoughts of Coconut and Distill) or ``mean_tokens/icot`` (the reasoning tokens iCoT still writes).
+    With 'reference' in ``protocols``: also (or only) the same metrics under ``{method}-reference``,
+    decoded and counted as the reference's evaluation does (one more decoding per seed)."""
     method = model.state.method
     if method not in BASELINE_LENGTHS:
         raise ValueError(f"not a baseline model: its colar_config.json says method {method!r} "
                          f"(one of {', '.join(BASELINE_LENGTHS)} expected)")
-    return _sweep(model, encoder, records, method, 1, seeds, gen, method, BASELINE_LENGTHS[method])
+    metrics: dict[str, float] = {}
+    rows: list[dict] = []
+    for protocol in _protocols_of(method, protocols):
+        reference = protocol == "reference"
+        per_seed, decode_s = _decode(model, encoder, records, method, 1, seeds, gen, protocol)
+        key = reference_setting(method) if reference else method
+        m, r = _score(records, seeds, per_seed, decode_s, key, BASELINE_LENGTHS[method], reference=reference)
+        metrics.update(m)
+        rows.extend(r)
+    return metrics, rows
 
 
 def for_set(metrics: Mapping[str, float], set_name: str) -> dict[str, float]:

@@ -5,6 +5,9 @@ loads the inputs, calls :func:`evaluate_suite` and logs what it returns):
 - models, in this order: CoLaR at each of ``eval.compression_factors``, the CoT and No-CoT models
   decoded explicitly (when given), each latent-reasoning baseline decoded as its folder says
   (iCoT, Coconut, Distill; a folder trained as another method is refused);
+- protocols: ``eval.protocol`` 'reference' or 'both' adds (or puts in place of colar's) the CoT and
+  baseline metrics as the reference's evaluation decodes and counts them, under ``{setting}-reference``
+  names (:mod:`colar_core.evaluation`); CoLaR and No-CoT are decoded once, under their own names;
 - sets: ``eval.datasets`` (:meth:`~colar_core.config.EvalConfig.sets`, default the prepared test
   split named 'test'), each cut to its first ``n_examples`` (:func:`load_eval_sets`);
 - names: each set's metrics carry its name (``accuracy/svamp/c2``: :func:`~colar_core.evaluation.for_set`);
@@ -30,6 +33,7 @@ from colar_core.config import TEST_SPLIT, EvalConfig, EvalSet, ModelConfig
 from colar_core.data.prepare import load_split
 from colar_core.data.readers import read_records
 from colar_core.data.records import Record
+from colar_core.devices import default_device
 from colar_core.evaluation import average_over_sets, evaluate_baseline, evaluate_latent, evaluate_text, for_set
 from colar_core.latent_inspect import QuestionThoughts, TextChain, cot_chains, inspect_questions
 from colar_core.model import ColarModel
@@ -81,14 +85,16 @@ def load_eval_sets(cfg: EvalConfig, data_dir: Union[str, Path]) -> dict[str, lis
 
 def _plan(models: SuiteModels, cfg: EvalConfig) -> list[tuple[str, Optional[str], _Evaluate]]:
     """``(model folder, method it must have been trained as or None, how to evaluate it)`` in suite order."""
-    seeds, gen = cfg.seeds, cfg.generation
+    seeds, gen, protocols = cfg.seeds, cfg.generation, cfg.protocols()
     plan: list[tuple[str, Optional[str], _Evaluate]] = [
         (models.colar, None, functools.partial(evaluate_latent, factors=cfg.compression_factors, seeds=seeds, gen=gen))]
     for mode, folder in (("cot", models.cot), ("nocot", models.nocot)):
         if folder:
-            plan.append((folder, None, functools.partial(evaluate_text, mode=mode, seeds=seeds, gen=gen)))
+            plan.append((folder, None, functools.partial(evaluate_text, mode=mode, seeds=seeds, gen=gen,
+                                                         protocols=protocols)))
     for method, folder in models.baselines.items():
-        plan.append((folder, method, functools.partial(evaluate_baseline, seeds=seeds, gen=gen)))
+        plan.append((folder, method, functools.partial(evaluate_baseline, seeds=seeds, gen=gen,
+                                                       protocols=protocols)))
     return plan
 
 
@@ -111,6 +117,7 @@ def evaluate_suite(models: SuiteModels, sets: Mapping[str, Sequence[Record]], cf
     cot_text: list[TextChain] = []
     for folder, method, evaluate in _plan(models, cfg):
         model, tokenizer = ColarModel.load_dir(folder, is_trainable=False, **options)
+        model.to(default_device())  # this process's GPU where there is one: a folder loads onto the CPU
         if method is not None and model.state.method != method:
             raise ValueError(f"{folder}: trained as {model.state.method!r}, evaluated as {method!r}")
         encoder = PromptEncoder(tokenizer)

@@ -14,6 +14,13 @@ hidden state fed back, :func:`feed_thoughts`, which their training uses too) bef
 One code path serves evaluation, serving and RL rollouts; ``LatentTrace`` keeps what RL needs to
 recompute log-probabilities (the sampled latents and answer tokens).
 
+``protocol='reference'`` (:func:`generate`; ``eval.protocol``) decodes the baselines the way the
+reference's own evaluation does (xiaomi-research/colar, ``src/models/model_base.py``): iCoT after the
+bare question with 16 new tokens (``text_generate``: no speed suffix for any method but CoT; its
+icot.yaml), Coconut and Distill with 6 thoughts each run on its own (``fixed_length_latent_generate``,
+:func:`feed_thoughts` with ``isolated``) and 16 answer tokens. Every explicit decoding also counts its
+chain as the reference does (``Generation.reference_length``: :func:`reference_chain_length`).
+
 A caller that must bound the work (a server whose request timed out or that is shutting down) passes
 ``stop``, a :data:`StopCheck` asked before every decoder step (prompt batch, latent, thought, token):
 when it returns a reason the generation ends with :class:`GenerationStopped` within one step.
@@ -46,14 +53,28 @@ def check_stop(stop: Optional[StopCheck]) -> None:
             raise GenerationStopped(reason)
 
 
+#: The protocols :func:`generate` decodes by: colar's (the method as its papers describe it) and the
+#: reference's own evaluation of the baselines (module docstring).
+PROTOCOLS = ("colar", "reference")
+#: What the reference's evaluation fixes: the thoughts of Coconut and Distill
+#: (``max_n_latent_forward = 6`` in ``fixed_length_latent_generate``, model_base.py:360) and the new
+#: tokens of iCoT, Coconut and Distill (``answer_generation_config.max_new_tokens`` of their configs).
+REFERENCE_THOUGHTS = 6
+REFERENCE_NEW_TOKENS = 16
+
+
 @dataclass
 class Generation:
-    """One answered question. ``n_latents`` for latent reasoning, ``n_tokens`` chain tokens for CoT."""
+    """One answered question. ``n_latents`` for latent reasoning, ``n_tokens`` chain tokens for CoT.
+    ``reference_length``: the chain as the reference's evaluation counts it (:func:`reference_chain_length`
+    for explicit decoding, the thoughts for Coconut / Distill); None for CoLaR's latents, which it
+    counts as ``n_latents``."""
 
     text: str
     answer: Optional[str]  # what is scored: text.extract_answer(text), uncleaned (answers_match cleans it)
     n_latents: int = 0
     n_tokens: int = 0
+    reference_length: Optional[int] = None
 
     @property
     def chain_length(self) -> int:
@@ -127,18 +148,56 @@ def thought_input(model, hidden: torch.Tensor) -> torch.Tensor:
     return hidden if proj is None else proj(hidden)
 
 
-def feed_thoughts(state: DecodeState, model, n: int, stop: Optional[StopCheck] = None) -> list[torch.Tensor]:
+def feed_thoughts(state: DecodeState, model, n: int, stop: Optional[StopCheck] = None,
+                  isolated: bool = False) -> list[torch.Tensor]:
     """Coconut / Distill: ``n`` continuous thoughts, one sequential forward each (KV cache): each
     feeds :func:`thought_input` of the previous position's last hidden state. Shared by training
-    (gradients flow through the chain) and inference. Returns the fed embeddings, in order."""
+    (gradients flow through the chain) and inference. Returns the fed embeddings, in order.
+
+    ``isolated`` (the reference's evaluation, ``fixed_length_latent_generate``, model_base.py:382-398):
+    the hidden state a thought hands on comes from a forward of that thought alone (no
+    ``past_key_values``; under the reference's transformers 4.45 a one-token forward without a cache
+    attends to itself only, at position 0), so thought 1 is read from the question and every later one
+    only from the thought before it. The thoughts still go into ``state`` in order, as the reference's
+    answer pass re-reads question, thoughts and ``###`` in one sequence."""
     fed = []
     keep = torch.ones(state.hidden.shape[0], dtype=torch.bool, device=state.hidden.device)
+    hidden = state.hidden
     for _ in range(n):
         check_stop(stop)
-        embeds = thought_input(model, state.hidden)
+        embeds = thought_input(model, hidden)
         state.feed(embeds, keep)
+        hidden = _alone(model, embeds, state.prompt_dtype) if isolated else state.hidden
         fed.append(embeds)
     return fed
+
+
+def _alone(model, embeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The last hidden state ``[B, H]`` of a forward of one input embedding per row, without context
+    (position 0, no cache)."""
+    position = torch.zeros((embeds.shape[0], 1), dtype=torch.long, device=embeds.device)
+    hidden, _ = model.run_decoder(embeds[:, None].to(dtype), None, position)
+    return hidden[:, -1]
+
+
+def reference_chain_length(row: Sequence[int], think_id: int, colon_id: Optional[int], width: int) -> int:
+    """#L of one explicit output as the reference's ``text_generate`` counts it (model_base.py:203-213):
+    the index of the first ``###`` minus 1, else the index of the first ``:`` minus 3, else ``width``, the
+    batch's output width (pads included). ``row``: the generated ids, pads after EOS included. Kept as
+    written: the ``- 1`` skips the newline the reference's iCoT / Coconut texts put before ``###``, which
+    colar's texts (and the reference's own CoT text) do not have, so there it drops a chain token, and an
+    output that opens with ``###`` counts -1."""
+    if think_id in row:
+        return list(row).index(think_id) - 1
+    if colon_id is not None and colon_id in row:
+        return list(row).index(colon_id) - 3
+    return width
+
+
+def _colon_id(encoder: PromptEncoder) -> Optional[int]:
+    """The id the reference's count looks for: the first token of ``:`` encoded alone."""
+    ids = encoder.tokenizer.encode(":", add_special_tokens=False)
+    return ids[0] if ids else None
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -265,21 +324,27 @@ def generate_text(
     model,
     encoder: PromptEncoder,
     questions: Sequence[str],
-    speed: Speed = 1,
+    speed: Optional[Speed] = 1,
     gen: GenerationConfig = GenerationConfig(),
     generator: Optional[torch.Generator] = None,
     chain_ends_at_answer: bool = False,
     stop: Optional[StopCheck] = None,
+    max_new_tokens: Optional[int] = None,
 ) -> list[Generation]:
     """Explicit decoding after ``(Thinking speed: speed)###``: the CoT baseline, or no-CoT for a model
-    trained to answer directly. ``n_tokens`` counts chain tokens before the closing ``###``; with
-    ``chain_ends_at_answer`` (iCoT) an output that skips the ``###`` counts the tokens before its
-    ``Answer:`` (the reference's fallback), so a direct answer is a chain of 0, not of its answer tokens."""
+    trained to answer directly; ``speed`` None: after the bare question (the reference's iCoT
+    evaluation). Up to ``max_new_tokens`` tokens (default ``gen.max_cot_tokens + gen.max_answer_tokens``).
+    ``n_tokens`` counts chain tokens before the closing ``###`` (an output without it: its tokens before
+    EOS); with ``chain_ends_at_answer`` (iCoT) an output that skips the ``###`` counts the tokens before
+    its ``Answer:`` (colar's rule, not the reference's), so a direct answer is a chain of 0, not of its
+    answer tokens. ``reference_length``: the reference's count (:func:`reference_chain_length`)."""
     check_stop(stop)
-    prompts = [encoder.prompt_ids(encoder.encode_question(q), speed) for q in questions]
+    questions_ids = [encoder.encode_question(q) for q in questions]
+    prompts = [ids if speed is None else encoder.prompt_ids(ids, speed) for ids in questions_ids]
     state = DecodeState(model, prompts, encoder.pad_id)
-    tokens = _decode_tokens(state, model, gen.max_cot_tokens + gen.max_answer_tokens, encoder.eos_id,
-                            encoder.pad_id, gen, generator, stop)
+    budget = gen.max_cot_tokens + gen.max_answer_tokens if max_new_tokens is None else max_new_tokens
+    tokens = _decode_tokens(state, model, budget, encoder.eos_id, encoder.pad_id, gen, generator, stop)
+    colon = _colon_id(encoder)
     results = []
     for row in tokens.tolist():
         text = encoder.decode(row)
@@ -287,7 +352,8 @@ def generate_text(
         if chain_ends_at_answer and encoder.think_id not in row:
             chain = min(chain, _find(row, encoder.answer_prefix_ids))
         # scored like the reference's CoT outputs: the whole decoded text goes through extract_answer
-        results.append(Generation(text=text, answer=extract_answer(text), n_tokens=chain))
+        results.append(Generation(text=text, answer=extract_answer(text), n_tokens=chain,
+                                  reference_length=reference_chain_length(row, encoder.think_id, colon, len(row))))
     return results
 
 
@@ -306,22 +372,27 @@ def generate_thoughts(
     gen: GenerationConfig = GenerationConfig(),
     generator: Optional[torch.Generator] = None,
     stop: Optional[StopCheck] = None,
+    isolated: bool = False,
+    max_new_tokens: Optional[int] = None,
 ) -> list[Generation]:
     """Coconut / Distill: the prompt (speed 'auto', as they train), exactly ``n_thoughts`` continuous
-    thoughts (:func:`feed_thoughts`), the closing ``###``, then the answer. ``n_latents`` = ``n_thoughts``."""
+    thoughts (:func:`feed_thoughts`; ``isolated``: each run on its own, as the reference's evaluation),
+    the closing ``###``, then up to ``max_new_tokens`` (default ``gen.max_answer_tokens``) answer tokens.
+    ``n_latents`` = ``reference_length`` = ``n_thoughts``."""
     check_stop(stop)
     prompts = [encoder.prompt_ids(encoder.encode_question(q), AUTO_SPEED) for q in questions]
     state = DecodeState(model, prompts, encoder.pad_id)
     b, device = len(questions), model.device
-    feed_thoughts(state, model, n_thoughts, stop)
+    feed_thoughts(state, model, n_thoughts, stop, isolated=isolated)
     think = torch.full((b,), encoder.think_id, dtype=torch.long, device=device)
     state.feed(model.embed(think), torch.ones(b, dtype=torch.bool, device=device))
-    answer_tokens = _decode_tokens(state, model, gen.max_answer_tokens, encoder.eos_id, encoder.pad_id, gen, generator,
-                                   stop)
+    budget = gen.max_answer_tokens if max_new_tokens is None else max_new_tokens
+    answer_tokens = _decode_tokens(state, model, budget, encoder.eos_id, encoder.pad_id, gen, generator, stop)
     results = []
     for row in answer_tokens.tolist():
         text = encoder.decode(row)
-        results.append(Generation(text=text, answer=extract_answer(text), n_latents=n_thoughts))
+        results.append(Generation(text=text, answer=extract_answer(text), n_latents=n_thoughts,
+                                  reference_length=n_thoughts))
     return results
 
 
@@ -338,14 +409,24 @@ def generate(
     gen: GenerationConfig = GenerationConfig(),
     seed: Optional[int] = None,
     stop: Optional[StopCheck] = None,
+    protocol: str = "colar",
 ) -> list[Generation]:
     """All questions, in batches of ``gen.batch_size``. ``mode``: 'latent' (CoLaR at ``compression``),
     'cot' / 'nocot' (explicit decoding), 'icot' (explicit decoding after the 'auto' prompt it trains
     with: the remaining steps, if any, then the answer), 'coconut' / 'distill' (``model.state.n_thoughts``
     continuous thoughts, then the answer). ``stop``: asked before every decoder step; when it gives a
-    reason, :class:`GenerationStopped` is raised within one step and nothing is returned (module docstring)."""
+    reason, :class:`GenerationStopped` is raised within one step and nothing is returned (module docstring).
+
+    ``protocol`` 'reference' decodes the baselines as the reference's evaluation does: 'icot' after the
+    bare question with :data:`REFERENCE_NEW_TOKENS` new tokens; 'coconut' / 'distill' with
+    :data:`REFERENCE_THOUGHTS` thoughts, each run on its own, and :data:`REFERENCE_NEW_TOKENS` answer
+    tokens. It changes nothing for 'latent', 'cot' and 'nocot' (the reference's CoT count is in every
+    explicit generation's ``reference_length``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    reference = protocol == "reference"
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -359,9 +440,15 @@ def generate(
                 out.extend(generate_latent(model, encoder, chunk, compression, gen, generator, stop=stop))
             elif mode in ("cot", "nocot"):
                 out.extend(generate_text(model, encoder, chunk, 1, gen, generator, stop=stop))
+            elif mode == "icot" and reference:
+                out.extend(generate_text(model, encoder, chunk, None, gen, generator, chain_ends_at_answer=True,
+                                         stop=stop, max_new_tokens=REFERENCE_NEW_TOKENS))
             elif mode == "icot":
                 out.extend(generate_text(model, encoder, chunk, AUTO_SPEED, gen, generator,
                                          chain_ends_at_answer=True, stop=stop))
+            elif reference:
+                out.extend(generate_thoughts(model, encoder, chunk, REFERENCE_THOUGHTS, gen, generator, stop,
+                                             isolated=True, max_new_tokens=REFERENCE_NEW_TOKENS))
             else:
                 out.extend(generate_thoughts(model, encoder, chunk, model.state.n_thoughts, gen, generator, stop))
     finally:

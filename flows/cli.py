@@ -26,6 +26,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from colar_core.capacity import GPUS
 from colar_core.data.prepare import prepare_data
 from colar_core.data.readers import FORMATS
 from colar_core.data.records import DataError
@@ -327,6 +328,17 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """The capacity plan of a config (:mod:`colar_core.capacity`): per stage the parameters trained, memory per
+    GPU, FLOPs and hours on ``--gpus`` x ``--gpu`` at ``--mfu``; no weights are loaded and nothing is started."""
+    from colar_core.capacity import build_plan, render_plan
+
+    cfg = load_config(args.config, args.set or [])
+    plan = build_plan(cfg, gpu=args.gpu, n_gpus=args.gpus, mfu=args.mfu, config_name=args.config or "(defaults)")
+    print(json.dumps(plan.as_dict(), indent=2, default=str) if args.json else render_plan(plan))
+    return 0
+
+
 def cmd_servers(args) -> int:
     if args.action == "start":
         urls = servers.ensure_servers(apply_env=False, settings=server_settings(args))
@@ -488,6 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "under smollm2/)")
     smol.add_argument("--out", help="also write the imported model folder here")
     smol.set_defaults(func=cmd_model_fetch_smollm2)
+    plan = sub.add_parser("plan", help="capacity plan: parameters trained, memory per GPU, FLOPs and GPU-hours per "
+                          "stage, from the model's architecture (no weights; needs neither Prefect nor MLflow)")
+    plan.add_argument("--config", help="YAML config file (see configs/; default: the embedded tiny default)")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, as colar run")
+    plan.add_argument("--gpu", default="h100", choices=list(GPUS), help="GPU type (default h100)")
+    plan.add_argument("--gpus", type=int, help="GPUs the stages run on (default: the config's process count); the "
+                      "recipe's global batch is kept")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)")
+    plan.add_argument("--json", action="store_true", help="the plan as one JSON object")
+    plan.set_defaults(func=cmd_plan)
     servers = sub.add_parser("servers", help="start / stop / status of the local MLflow and Prefect servers")
     servers.add_argument("action", choices=["start", "stop", "status"])
     add_server_options(servers)

@@ -145,6 +145,10 @@ class PipelineConfig(StrictModel):
     training_retries: int = Field(
         1, ge=0, description="Prefect retries of a failed training stage (sft-*, rl); each retry resumes from the "
         "stage's newest checkpoint. A stage that still fails is re-triggered later with `colar retry`.")
+    training_retry_delay_s: float = Field(
+        5.0, ge=0, description="Seconds before a failed training stage's retry starts: time for what failed it "
+        "(a node's link, a full disk) to come back. A multi-node stage fails within its "
+        "`launcher.collective_timeout_s` of a node going away.")
     stage_lock_timeout_s: float = Field(
         6 * 3600.0, gt=0, description="How long a stage waits for another pipeline that holds its folder's lock "
         "(same stage key) before failing with a message naming the holder (host:pid). Default 6 h.")

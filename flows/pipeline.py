@@ -253,7 +253,8 @@ def _run_stages(cfg: PipelineConfig, conf: dict, parent_run_id: str, timings: di
     data_in = {"data": prep.digest}
     data_args = {"data_dir": prep.data_dir, "parent_run_id": parent_run_id}
     model_in = model_inputs(conf["model"])
-    retrying: dict[str, Any] = dict(retries=cfg.training_retries, retry_delay_seconds=5)
+    retrying: dict[str, Any] = dict(retries=cfg.training_retries,
+                                    retry_delay_seconds=cfg.training_retry_delay_s)
 
     def sft(stage: str, section: dict, init: Optional[TrainResult]) -> TrainResult:
         """An SFT stage; ``init`` is the result of the stage whose model it starts from."""

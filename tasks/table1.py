@@ -7,6 +7,10 @@ the sets when there are several.
 Reads the metric names :mod:`colar_core.evaluation` defines (``accuracy/{set}/{setting}``,
 ``accuracy_ci95/...``, ``mean_latents/...``, ``mean_tokens/...``, ``sec_per_question/...``). A run
 from before named sets (only ``accuracy/c1``...) gives one set, named ``test``.
+
+A run evaluated under the reference's protocol too (``eval.protocol: both``) has a second row for
+CoT and each baseline, right below colar's, labelled ``... (reference eval)``: the setting
+``{setting}-reference`` (the baselines decoded, and #L counted, as the reference's evaluation does).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Mapping, Optional
 
 import pandas as pd
 
+from colar_core.evaluation import REFERENCE_SUFFIX
 from tasks.plots import pyplot, save_figure
 
 __all__ = ["table1", "table1_markdown", "table1_png", "method_label", "per_set_values", "setting_order"]
@@ -29,10 +34,15 @@ _TEXT_METHODS = {"nocot": "No-CoT", "cot": "CoT"}
 #: The latent-reasoning baselines (colar_core.baselines), between the text baselines and CoLaR.
 _BASELINES = {"icot": "iCoT", "coconut": "Coconut", "distill": "Distill"}
 AVERAGE = "avg"
+#: The row label's mark of a setting evaluated under the reference's protocol (``{setting}-reference``).
+_REFERENCE_LABEL = " (reference eval)"
 
 
 def method_label(setting: str) -> str:
-    """The row label of a setting: ``nocot`` -> No-CoT, ``cot`` -> CoT, ``icot`` -> iCoT, ``c2`` -> CoLaR-2."""
+    """The row label of a setting: ``nocot`` -> No-CoT, ``cot`` -> CoT, ``icot`` -> iCoT, ``c2`` -> CoLaR-2,
+    ``icot-reference`` -> iCoT (reference eval)."""
+    if setting.endswith(REFERENCE_SUFFIX):
+        return method_label(setting[: -len(REFERENCE_SUFFIX)]) + _REFERENCE_LABEL
     if setting in _TEXT_METHODS:
         return _TEXT_METHODS[setting]
     if setting in _BASELINES:
@@ -42,6 +52,11 @@ def method_label(setting: str) -> str:
 
 
 def setting_order(setting: str):
+    """Sort key of a setting's row: text baselines, latent baselines, CoLaR by c; a reference-protocol
+    row right after its colar-protocol one."""
+    if setting.endswith(REFERENCE_SUFFIX):
+        group, index, _ = setting_order(setting[: -len(REFERENCE_SUFFIX)])
+        return (group, index, REFERENCE_SUFFIX)
     if setting in _TEXT_METHODS:
         return (0, list(_TEXT_METHODS).index(setting), "")
     if setting in _BASELINES:

@@ -368,7 +368,10 @@ class Cluster:
                 f"ListenAddress {host.address}", "Port 22", "HostKey /etc/ssh/ssh_host_ed25519_key",
                 "AuthorizedKeysFile /etc/ssh/authorized_keys", "PermitRootLogin prohibit-password",
                 "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
-                "X11Forwarding no", "PrintMotd no", "PidFile none", ""]))
+                "X11Forwarding no", "PrintMotd no", "PidFile none",
+                # a session whose client went away (its link down) ends after 3 unanswered probes, 5 s apart,
+                # rather than when TCP gives up (deployments/README.md recommends the same on real nodes)
+                "ClientAliveInterval 5", "ClientAliveCountMax 3", ""]))
             (etc_ssh / "ssh_config").write_text("\n".join([
                 "# made by tests/cluster.py", "Host *", "  User root", "  IdentityFile /etc/ssh/login_key",
                 "  IdentitiesOnly yes", "  UserKnownHostsFile /etc/ssh/known_hosts", "  StrictHostKeyChecking yes",
@@ -433,6 +436,46 @@ class Cluster:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._procs.append((proc, log))
         return proc
+
+    # ---------------------------------------------------------------- faults
+
+    def set_link(self, host: str, up: bool) -> None:
+        """Take ``host``'s link down (its veth's end on the bridge, as a cable pulled: packets to and from
+        the host are dropped, nothing answers a refusal) or bring it back up."""
+        _ip("link", "set", f"colv{self.tag}{host.lower()}", "up" if up else "down")
+
+    @contextlib.contextmanager
+    def dropping(self, host: str, address: str, port: int):
+        """While the block runs, every TCP packet from ``host`` to ``address:port`` is dropped (an
+        nftables table of the host's namespace): from that host the server is unreachable, its
+        connections time out, while every other host still reaches it."""
+        netns = self.hosts[host].netns
+        assert netns is not None, "a drop rule is set in a namespace host (B, C)"
+        nft = ["ip", "netns", "exec", netns, "nft"]
+        table = f"colar_drop_{port}"
+        subprocess.run([*nft, "add", "table", "inet", table], check=True, timeout=30)
+        try:
+            subprocess.run([*nft, "add", "chain", "inet", table, "out",
+                            "{ type filter hook output priority 0; }"], check=True, timeout=30)
+            subprocess.run([*nft, "add", "rule", "inet", table, "out", "ip", "daddr", address, "tcp", "dport",
+                            str(port), "drop"], check=True, timeout=30)
+            yield
+        finally:
+            subprocess.run([*nft, "delete", "table", "inet", table], check=False, timeout=30)
+
+    def namespace_processes(self, host: str) -> dict[int, str]:
+        """``{pid: command line}`` of every process in ``host``'s namespace (B, C)."""
+        netns = self.hosts[host].netns
+        assert netns is not None
+        out = _ip("netns", "pids", netns, check=False).stdout.split()
+        found = {}
+        for pid in out:
+            try:
+                found[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                    errors="replace").strip()
+            except OSError:
+                continue
+        return found
 
     # ---------------------------------------------------------------- checks
 

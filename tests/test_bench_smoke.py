@@ -81,6 +81,29 @@ def test_flop_counts_match_the_model():
     assert attention_train_flops(LLAMA_3_2_1B, [256] * 32) == 12 * 16 * 2048 * 256 * 256 * 32
 
 
+def test_lora_flops_count_the_adapters_the_recipe_trains():
+    import torch
+
+    from bench.common import LLAMA_3_2_1B, attention_train_flops, lora_param_count
+    from bench.sft_throughput import build_backbone, step_flops
+    from colar_core.config import LoraConfig
+
+    model = build_backbone(LLAMA_3_2_1B, torch.device("meta"), 0, "sdpa", lora=LoraConfig(r=128))  # no memory
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert trained == lora_param_count(LLAMA_3_2_1B, 128, ["q_proj", "v_proj"]) == 13_631_488
+    assert frozen == LLAMA_3_2_1B.param_count()
+    # a frozen weight runs forward and passes the input gradient (4 per token); a trained one also
+    # computes its weight gradient (6)
+    step = {"positions": 100, "rows": [60, 40], "lm_head_rows": 30, "latent_head_rows": 0}
+    attn = attention_train_flops(LLAMA_3_2_1B, [60, 40])
+    lora = step_flops(LLAMA_3_2_1B, trained, 0, step)
+    assert lora["nominal"] == (4 * frozen + 6 * trained) * 100 + attn
+    assert lora["nominal_6n"] == 6 * (frozen + trained) * 100 + attn
+    full = step_flops(LLAMA_3_2_1B, 0, 0, step)
+    assert full["nominal"] == full["nominal_6n"] == 6 * frozen * 100 + attn
+
+
 def test_quality_bench_runs_every_stage_at_tiny_size(tmp_path):
     """All stages (data, no-CoT, CoT, CoLaR, RL, eval) run and the JSON has the issue's keys."""
     import json

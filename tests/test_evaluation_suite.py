@@ -117,3 +117,23 @@ def test_an_eval_set_is_cut_to_its_own_count_else_the_global_one(tmp_path):
     assert len(load_eval_set(test, data_dir, None)) == len(PROBLEMS)
     assert len(load_eval_set(test, data_dir, 3)) == 3
     assert len(load_eval_set(more, data_dir, 3)) == 1  # the set's own n_examples wins
+
+
+def test_every_model_is_evaluated_on_this_process_device(tmp_path, models, monkeypatch):
+    """A saved folder loads onto the CPU; the suite moves each model to ``default_device()`` (this process's
+    GPU where there is one) before decoding, or a GPU run would evaluate on the CPU."""
+    import colar_core.evaluation_suite as suite_mod
+
+    moved: list[str] = []
+    real_to = ColarModel.to
+
+    def spy_to(self, *args, **kwargs):
+        moved.append(str(args[0] if args else kwargs.get("device")))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(ColarModel, "to", spy_to)
+    monkeypatch.setattr(suite_mod, "default_device", lambda: torch.device("cpu", 0))  # a device a GPU run names
+    cfg, data_dir = _sets(tmp_path)
+    cfg = cfg.model_copy(update={"datasets": cfg.datasets[:1]})
+    evaluate_suite(models, load_eval_sets(cfg, data_dir), cfg)
+    assert moved == ["cpu:0"] * 3, moved  # CoLaR, CoT, Coconut

@@ -114,3 +114,71 @@ def test_interrupted_run_resumes_exactly(start, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
     again = run_rl(start[0], tmp_path / "b", cfg)  # a finished stage returns at once
     assert again.final_step == 12 and again.resumed_from == 12
+
+
+# ----------------------------------------------------------------------------------------------
+# one optimizer step per mini-batch of trajectories (the reference's exp_batch_size)
+# ----------------------------------------------------------------------------------------------
+def test_trajectories_per_update_takes_one_optimizer_step_per_mini_batch(tmp_path, monkeypatch):
+    """2 questions x 4 samples = 8 trajectories per rollout, cut into mini-batches of 4 (two micro-batches
+    of 2 each), two passes: 4 optimizer steps per rollout, each over 4 trajectories, the first of a rollout
+    at ratio 1 and the next ones moved by the steps before them; a run killed inside a rollout's updates
+    resumes from the rollout boundary and logs what an uninterrupted run logs. (Untrained tiny model,
+    rewards alternating 1/0 so that advantages are not all zero.)"""
+    from bench.tiny import tiny_model, tiny_tokenizer
+    from colar_core.rl import trainer
+    from colar_core.training.engines import TorchEngine
+
+    losses: list[int] = []  # trajectories per loss call (one per micro-batch)
+    optimizer_steps: list[int] = []
+    real_loss, real_step = trainer.grpo_loss, TorchEngine.step
+
+    def counted_loss(model, traj, *a):
+        losses.append(len(traj))
+        return real_loss(model, traj, *a)
+
+    def counted_step(self):
+        optimizer_steps.append(1)
+        return real_step(self)
+
+    monkeypatch.setattr(trainer, "grpo_loss", counted_loss)
+    monkeypatch.setattr(TorchEngine, "step", counted_step)
+
+    cfg = rl_cfg(max_steps=2, questions_per_step=2, group_size=4, trajectories_per_update=4, micro_batch_size=2,
+                 update_epochs=2, checkpoint_every=1, lr=3e-3)
+    assert (cfg.updates_per_pass, cfg.updates_per_rollout, cfg.total_updates) == (2, 4, 8)
+
+    real_rewards = trainer.compute_rewards
+
+    def alternating_rewards(answers, *a):  # an untrained model is never right: give every group a spread
+        out = real_rewards(answers, *a)
+        out["total"] = out["correct"] = [float(i % 2) for i in range(len(answers))]
+        return out
+
+    monkeypatch.setattr(trainer, "compute_rewards", alternating_rewards)
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    start_dir = tiny_model(tok).save_pretrained(tmp_path / "start", tok)
+
+    def run(out, **kw):
+        return run_rl(start_dir, out, cfg, **kw)
+
+    a = run(tmp_path / "a")
+    assert len(optimizer_steps) == 8 and losses == [2] * 16  # 8 updates x 2 micro-batches of 2 trajectories
+    assert a.final_step == 8 and a.rl_steps == 2
+    sa = read_metrics(a.metrics_path, "step")
+    assert [(s["rollout"], s["update_pass"], s["minibatch"]) for s in sa] == [
+        (r, p, m) for r in (1, 2) for p in (0, 1) for m in (0, 1)]
+    first = [s for s in sa if s["update_pass"] == 0 and s["minibatch"] == 0]
+    assert all(s["ratio_mean"] == pytest.approx(1.0, abs=1e-5) for s in first)
+    assert any(s["ratio_mean"] != pytest.approx(1.0, abs=1e-5) for s in sa if s["minibatch"] == 1)
+
+    with pytest.raises(Crash):
+        run(tmp_path / "b", callbacks=[CrashAt(7)])
+    checkpoint = latest_checkpoint(tmp_path / "b")
+    assert checkpoint is not None and checkpoint.name == "step_00000004"  # RL step 1 = update 4
+    b = run(tmp_path / "b")
+    assert b.resumed_from == 4 and b.final_step == 8
+    sb = read_metrics(b.metrics_path, "step")
+    for key in ("reward_mean", "loss", "ratio_mean", "grad_norm"):
+        assert [s[key] for s in sb] == pytest.approx([s[key] for s in sa], rel=1e-5, abs=1e-8), key

@@ -232,6 +232,26 @@ def test_config_defaults_follow_the_reference_and_validate():
     assert t.eval_factors() == [2]
 
 
+def test_trajectories_per_update_sets_the_updates_of_a_rollout_and_is_checked():
+    """The reference's exp_batch_size: one optimizer update per mini-batch of a rollout's trajectories."""
+    assert RLConfig().trajectories_per_update is None and RLConfig().updates_per_rollout == 1  # one per rollout
+    c = RLConfig(max_steps=10, questions_per_step=4, group_size=8, trajectories_per_update=8, micro_batch_size=4,
+                 update_epochs=2, checkpoint_every=3, eval_every=5, backend="torch")
+    assert (c.updates_per_pass, c.updates_per_rollout, c.total_updates) == (4, 8, 80)
+    t = c.train_config()  # steps there are optimizer updates: checkpoints and evaluations on rollout boundaries
+    assert (t.max_steps, t.batch_size, t.grad_accum, t.checkpoint_every, t.eval_every) == (80, 4, 2, 24, 40)
+    with pytest.raises(ValueError, match="trajectories_per_update"):
+        RLConfig(questions_per_step=3, group_size=4, trajectories_per_update=5)  # 12 trajectories
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        RLConfig(questions_per_step=4, group_size=4, trajectories_per_update=8, micro_batch_size=16)
+    with pytest.raises(ValueError, match="trajectories_per_update"):
+        RLConfig(trajectories_per_update=0)
+    with pytest.raises(ValueError, match="warmup_steps"):  # counted in updates, with the mini-batches
+        RLConfig(max_steps=2, questions_per_step=2, group_size=4, trajectories_per_update=4, warmup_steps=5)
+    assert RLConfig(max_steps=2, questions_per_step=2, group_size=4, trajectories_per_update=4,
+                    warmup_steps=4).total_updates == 4
+
+
 # ----------------------------------------------------------------------------------------------
 # log-probs recomputed = log-probs the rollout sampled from
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ the curriculum (:func:`remaining_steps`): stage ``k`` drops its first ``k`` step
 all of them. The prompt says ``(Thinking speed: auto)``, as in the reference's baselines.
 
 :class:`CurriculumBatches` keeps the SFT data order (seeded epochs, length grouping, resumable
-state) and picks each micro-batch's stage from the epochs consumed before it.
+state) and picks each micro-batch's stage from the epochs consumed before it, on the schedule the
+config's ``curriculum`` names (:func:`curriculum_stage`: the reference's code, colar's reading of its
+config, or facebookresearch/coconut's).
 """
 
 from __future__ import annotations
@@ -31,26 +33,56 @@ from colar_core.training.loop import StepBatch
 from colar_core.training.sft import SFTBatches
 
 
+def first_stage(cfg: CurriculumFields) -> int:
+    """The stage a run starts at: 1 (the run starts from the CoT model), except under curriculum
+    'coconut' without ``init_from_cot``, which starts with its plain-CoT stage 0."""
+    return 0 if cfg.curriculum == "coconut" and not getattr(cfg, "init_from_cot", True) else 1
+
+
+def last_stage(cfg: CurriculumFields) -> int:
+    """The stage a run ends at, which removes every step: ``max_stage``, or ``max_stage + 1`` under
+    curriculum 'coconut' (whose stage ``max_stage`` still keeps the steps after the first ``max_stage``)."""
+    return cfg.max_stage + 1 if cfg.curriculum == "coconut" else cfg.max_stage
+
+
 def curriculum_stage(epochs_done: float, cfg: CurriculumFields) -> int:
-    """The stage (1..max_stage) after ``epochs_done`` training epochs: one stage per
-    ``epochs_per_stage`` epochs, starting at 1 (the run starts from the CoT model), capped at the last.
+    """The stage after ``epochs_done`` training epochs, as ``cfg.curriculum`` schedules it:
 
-    The reference writes ``ceil(epoch + 1 / n_epochs_per_stage)``, which advances every epoch
-    whatever ``n_epochs_per_stage`` says; this is the schedule its config describes.
+    * 'colar': one stage per ``epochs_per_stage`` epochs, starting at 1, capped at ``max_stage``;
+    * 'reference': ``min(max_stage, ceil(epoch + 1 / epochs_per_stage))`` over whole epochs, the
+      reference's expression as written (by operator precedence, 1, 2, 3, 3, ... for any
+      ``epochs_per_stage >= 1``);
+    * 'coconut': ``epoch // epochs_per_stage`` (facebookresearch/coconut's run.py), plus 1 when the run
+      starts from the CoT model (its GSM config resumes the CoT model at stage 1), capped at
+      ``max_stage + 1``.
     """
-    return min(cfg.max_stage, int(math.floor(epochs_done / cfg.epochs_per_stage + 1e-9)) + 1)
+    if cfg.curriculum == "reference":
+        epoch = math.floor(epochs_done + 1e-9)  # the reference's current_epoch: whole epochs done
+        return min(cfg.max_stage, math.ceil(epoch + 1 / cfg.epochs_per_stage))
+    stages_done = int(math.floor(epochs_done / cfg.epochs_per_stage + 1e-9))
+    return min(last_stage(cfg), stages_done + first_stage(cfg))
 
 
-def remaining_steps(steps: Sequence[str], stage: int, max_stage: int) -> tuple[str, ...]:
-    """The chain a row keeps at ``stage``: without its first ``stage`` steps; none at the last stage."""
-    return () if stage >= max_stage else tuple(steps[stage:])
+def last_stage_epochs(cfg: CurriculumFields) -> float:
+    """Epochs of training before the last stage (:func:`last_stage`) starts."""
+    if cfg.curriculum == "reference":  # the first whole epoch at max_stage
+        return float(next(e for e in range(cfg.max_stage + 1) if curriculum_stage(e, cfg) >= cfg.max_stage))
+    return (last_stage(cfg) - first_stage(cfg)) * cfg.epochs_per_stage
+
+
+def remaining_steps(steps: Sequence[str], stage: int, max_stage: int, curriculum: str = "colar") -> tuple[str, ...]:
+    """The chain a row keeps at ``stage``: without its first ``stage`` steps; none at the last stage
+    (``max_stage``; ``max_stage + 1`` under curriculum 'coconut', whose stage ``max_stage`` keeps
+    ``steps[max_stage:]``)."""
+    last = max_stage + 1 if curriculum == "coconut" else max_stage
+    return () if stage >= last else tuple(steps[stage:])
 
 
 def thoughts_at(stage: int, cfg: BaselineConfig) -> int:
-    """Continuous thoughts of a pass at ``stage``: ``stage * c`` for Coconut, the fixed count for
-    Distill's student, 0 for iCoT."""
+    """Continuous thoughts of a pass at ``stage``: ``min(stage, max_stage) * c`` for Coconut, the fixed
+    count for Distill's student, 0 for iCoT."""
     if isinstance(cfg, CoconutConfig):
-        return stage * cfg.thoughts_per_step
+        return min(stage, cfg.max_stage) * cfg.thoughts_per_step
     if isinstance(cfg, DistillConfig):
         return cfg.n_thoughts
     return 0
@@ -143,10 +175,10 @@ class CurriculumBatches(SFTBatches):
         """Record ``i`` encoded with the steps it keeps at ``stage`` (cached)."""
         if not isinstance(self.method, CurriculumFields):
             return self.examples[i]
-        key = (i, min(stage, self.method.max_stage))
+        key = (i, min(stage, last_stage(self.method)))
         if key not in self._kept:
             record = self.records[i]
-            kept = remaining_steps(record.steps, stage, self.method.max_stage)
+            kept = remaining_steps(record.steps, stage, self.method.max_stage, self.method.curriculum)
             self._kept[key] = self.encoder.encode(dataclasses.replace(record, steps=kept))
         return self._kept[key]
 

@@ -32,15 +32,32 @@ class _BaselineBase(StrictModel):
                                description="The stage's training run (steps, batch, lr, engine, validation).")
 
 
+#: The schedules a curriculum may follow (colar_core.baselines.batches.curriculum_stage).
+Curriculum = Literal["reference", "colar", "coconut"]
+
+
 class CurriculumFields(StrictModel):
     """Stepwise removal of reasoning steps (iCoT and Coconut)."""
 
+    curriculum: Curriculum = Field(
+        "colar", description="The stage schedule. 'colar': one stage per `epochs_per_stage` epochs, 1..max_stage "
+        "(what the reference's config says). 'reference': the reference's code, ceil(epoch + 1 / epochs_per_stage) "
+        "over whole epochs, which by operator precedence is one stage per epoch (1, 2, 3, 3, ...) whenever "
+        "epochs_per_stage >= 1 (coconut.py:23-26, icot.py:19-22 of xiaomi-research/colar). 'coconut': "
+        "facebookresearch/coconut's run.py, epoch // epochs_per_stage (its GSM config: 3): stage 0 is plain CoT "
+        "(skipped when init_from_cot, as its GSM run resumes the CoT model at stage 1), stage k <= max_stage "
+        "drops k steps for k * c thoughts (max_stage keeps the steps after it), then a last stage max_stage + 1 "
+        "drops every step. Default 'colar': it keeps `epochs_per_stage` meaningful and earlier runs unchanged; "
+        "configs/table1*.yaml choose 'reference' to be set beside the paper's numbers.")
     epochs_per_stage: float = Field(
-        2.0, gt=0, description="Training epochs per curriculum stage (reference 2). Fractions are allowed: the "
-        "stage follows the examples consumed, so 0.25 advances every quarter epoch (CPU-sized runs).")
+        2.0, gt=0, description="Training epochs per curriculum stage (reference 2; facebookresearch/coconut 3). "
+        "Fractions are allowed: the stage follows the examples consumed, so 0.25 advances every quarter epoch "
+        "(CPU-sized runs). Under curriculum 'reference' only ceil(1 / epochs_per_stage) matters (see there).")
     max_stage: int = Field(
-        3, ge=1, description="Last stage (reference 3). Stage k < max_stage removes the first k steps of every "
-        "chain; the last stage removes all of them. Training starts at stage 1 and stays at max_stage.")
+        3, ge=1, description="Last stage that removes steps one by one (reference 3; facebookresearch/coconut's "
+        "max_latent_stage 3). Stage k < max_stage removes the first k steps of every chain; stage max_stage "
+        "removes all of them ('coconut': keeps the steps after the first max_stage, and stage max_stage + 1 "
+        "removes all). Training starts at stage 1 (see `curriculum` for 'coconut') and stays at the last stage.")
 
 
 class ICoTConfig(_BaselineBase, CurriculumFields):
@@ -51,9 +68,9 @@ class ICoTConfig(_BaselineBase, CurriculumFields):
 
 
 class CoconutConfig(_BaselineBase, CurriculumFields):
-    """Coconut: stage k replaces the first k steps with ``k * thoughts_per_step`` continuous thoughts
-    between the prompt and the remaining steps; inference runs ``max_stage * thoughts_per_step``
-    thoughts, then decodes the answer."""
+    """Coconut: stage k replaces the first k steps with ``min(k, max_stage) * thoughts_per_step``
+    continuous thoughts between the prompt and the remaining steps; inference runs
+    ``max_stage * thoughts_per_step`` thoughts, then decodes the answer."""
 
     method: Literal["coconut"] = Field("coconut", description="The method (what a job file and a saved model name).")
     thoughts_per_step: int = Field(2, ge=1, description="Continuous thoughts per removed step, c (reference 2 on GSM).")

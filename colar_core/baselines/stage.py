@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from pydantic import Field
 
-from colar_core.baselines.batches import CurriculumBatches, thoughts_at
+from colar_core.baselines.batches import CurriculumBatches, first_stage, last_stage_epochs, thoughts_at
 from colar_core.baselines.config import BaselineConfig, CurriculumFields, DistillConfig
 from colar_core.baselines.losses import distill_loss, pass_loss
 from colar_core.baselines.thoughts import attach_projection
@@ -54,10 +54,10 @@ class BaselineResult(SFTResult):
 
 
 def _steps_to_last_stage(method: BaselineConfig, n_train: int, examples_per_step: int) -> Optional[int]:
+    """The optimizer step at which ``method``'s curriculum reaches its last stage (None: no curriculum)."""
     if not isinstance(method, CurriculumFields):
         return None
-    epochs = (method.max_stage - 1) * method.epochs_per_stage
-    return math.ceil(epochs * n_train / examples_per_step)
+    return math.ceil(last_stage_epochs(method) * n_train / examples_per_step)
 
 
 def train_baseline(model: ColarModel, tokenizer, train_records: Sequence, val_records: Sequence,
@@ -77,14 +77,18 @@ def train_baseline(model: ColarModel, tokenizer, train_records: Sequence, val_re
     if getattr(method, "projection", False) and getattr(model, "thought_projection", None) is None:
         torch.manual_seed(cfg.seed)
         attach_projection(model)
-    model.state.n_thoughts = thoughts_at(1, method)
+    model.state.n_thoughts = thoughts_at(first_stage(method) if isinstance(method, CurriculumFields) else 1, method)
     model.zero_grad(set_to_none=True)
     engine = build_engine(model, cfg, device)
     batches = CurriculumBatches(train_records, encoder, method, cfg, engine.rank, engine.world_size, engine.device)
     needed = _steps_to_last_stage(method, len(train_records), cfg.batch_size * cfg.grad_accum * engine.world_size)
+    curriculum = method.curriculum if isinstance(method, CurriculumFields) else None
     if needed is not None and needed >= cfg.max_steps:
-        log.warning("%s: the last curriculum stage starts at step ~%d, after max_steps %d; the model is saved "
-                    "mid-curriculum", method.method, needed, cfg.max_steps)
+        log.warning("%s: the last stage of curriculum %r starts at step ~%d, after max_steps %d; the model is "
+                    "saved mid-curriculum", method.method, curriculum, needed, cfg.max_steps)
+    elif needed is not None:
+        log.info("%s: curriculum %r reaches its last stage at step ~%d of %d", method.method, curriculum, needed,
+                 cfg.max_steps)
 
     def loss_fn(m, batch):
         batch = batch.to(engine.device)

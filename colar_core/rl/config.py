@@ -2,8 +2,10 @@
 
 Defaults follow docs/METHOD.md's "RL (GRPO)" section where the reference has a value (8 rollouts per
 question, reward 1 if correct else 0, epsilon 0.2, the loss averaged over latents and over answer
-tokens separately and added, no KL, lr 1e-6, grad clip 1.0, one update pass per rollout); every other
-default is our choice and says why.
+tokens separately and added, no KL, lr 1e-6, grad clip 1.0, one pass over each rollout); every other
+default is our choice and says why. One exception: the reference takes one optimizer step per 8 of a
+rollout's trajectories, which is ``trajectories_per_update: 8`` (set in the GPU recipes), while the
+default (None) takes one step per rollout, which suits the small CPU runs.
 
 Why not ``optim: TrainConfig``: a TrainConfig carries an SFT objective, SFT batch fields and SFT
 validation fields that mean nothing (or something else) here. Instead :class:`RLConfig` holds the
@@ -53,9 +55,10 @@ class RLConfig(StageChecks):
     """One RL stage: GRPO on a CoLaR-SFT model, on the shared engine / loop / checkpoints.
 
     One *RL step* = one rollout (``questions_per_step`` questions x ``group_size`` samples on every
-    process) followed by ``update_epochs`` optimizer updates on it. ``max_steps`` and
-    ``checkpoint_every`` count RL steps; metrics are logged per optimizer update (the same thing
-    when ``update_epochs`` is 1, the default).
+    process) followed by ``update_epochs`` passes over it, each of ``updates_per_pass`` optimizer
+    updates (one per ``trajectories_per_update`` trajectories; one per pass when that is None).
+    ``max_steps``, ``checkpoint_every`` and ``eval_every`` count RL steps; metrics are logged per
+    optimizer update (the same thing with the defaults: one update per rollout).
     """
 
     # ----- what is sampled -------------------------------------------------------------------------
@@ -91,11 +94,19 @@ class RLConfig(StageChecks):
         False, description="Also count the 'go on' decisions, log(1 - p('###')) after every latent the chain "
         "continued from, as actions: the objective then holds the exact likelihood of the chain's length. Off = "
         "reference (only the closing '###' counts, so a wrong chain is never told to have stopped later).")
-    update_epochs: int = Field(1, ge=1, description="Optimizer updates per rollout (reference 1). Old log-probs are "
-                               "computed once, right after the rollout.")
+    update_epochs: int = Field(1, ge=1, description="Passes over each rollout's trajectories (reference 1). Old "
+                               "log-probs are computed once, right after the rollout.")
+    trajectories_per_update: Optional[int] = Field(
+        None, gt=0, description="Trajectories per optimizer update, per process. Set: each rollout's questions_per_step "
+        "* group_size trajectories are shuffled (seeded by the seed and the rollout's number, so a resumed run "
+        "shuffles alike) and cut into mini-batches of this many, one AdamW step each, so a pass over the rollout "
+        "takes (questions_per_step * group_size) / trajectories_per_update updates (the reference: exp_batch_size "
+        "8 in src/configs/models/colar.yaml, one step per 8 trajectories of a shuffled replay buffer). None = one "
+        "update per pass over all of the rollout's trajectories (colar's default).")
     micro_batch_size: Optional[int] = Field(
-        None, gt=0, description="Trajectories per forward/backward; the step's trajectories are split into "
-        "(questions_per_step * group_size) / micro_batch_size accumulated micro-batches. None = one micro-batch.")
+        None, gt=0, description="Trajectories per forward/backward; each update's trajectories (trajectories_per_update, "
+        "else questions_per_step * group_size) are split into accumulated micro-batches of this many. None = one "
+        "micro-batch per update.")
     disable_dropout: bool = Field(True, description="Set every dropout probability to 0 so the policy that is "
                                   "optimised is the one that sampled (ratio 1 at the first update), as TRL does.")
 
@@ -139,6 +150,13 @@ class RLConfig(StageChecks):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.trajectories_per_update is not None and self.trajectories_per_step % self.trajectories_per_update:
+            raise ValueError(f"trajectories_per_update ({self.trajectories_per_update}) must divide questions_per_step "
+                             f"* group_size ({self.trajectories_per_step})")
+        if self.micro_batch_size is not None and self.trajectories_per_update is not None and \
+                self.trajectories_per_update % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide trajectories_per_update "
+                             f"({self.trajectories_per_update})")
         if self.micro_batch_size is not None and self.trajectories_per_step % self.micro_batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide questions_per_step * "
                              f"group_size ({self.trajectories_per_step})")
@@ -157,13 +175,30 @@ class RLConfig(StageChecks):
         return self.questions_per_step * self.group_size
 
     @property
-    def micro_batches_per_step(self) -> int:
-        return self.trajectories_per_step // (self.micro_batch_size or self.trajectories_per_step)
+    def trajectories_per_optimizer_step(self) -> int:
+        """Trajectories one process feeds one optimizer update (``trajectories_per_update``, else all of
+        the rollout's)."""
+        return self.trajectories_per_update or self.trajectories_per_step
+
+    @property
+    def updates_per_pass(self) -> int:
+        """Optimizer updates of one pass over a rollout's trajectories."""
+        return self.trajectories_per_step // self.trajectories_per_optimizer_step
+
+    @property
+    def updates_per_rollout(self) -> int:
+        """Optimizer updates per RL step: ``update_epochs`` passes of ``updates_per_pass``."""
+        return self.update_epochs * self.updates_per_pass
+
+    @property
+    def micro_batches_per_update(self) -> int:
+        size = self.trajectories_per_optimizer_step
+        return size // (self.micro_batch_size or size)
 
     @property
     def total_updates(self) -> int:
         """Optimizer updates of the whole stage (the shared loop's ``max_steps``)."""
-        return self.max_steps * self.update_epochs
+        return self.max_steps * self.updates_per_rollout
 
     def eval_factors(self) -> list[int]:
         return self.eval_compression_factors or [self.compression_factor]
@@ -171,16 +206,17 @@ class RLConfig(StageChecks):
     def train_config(self) -> TrainConfig:
         """The TrainConfig the shared engine, loop and validator read (SFT-only fields at defaults).
 
-        Steps there are optimizer updates: ``max_steps = max_steps * update_epochs``, and
+        Steps there are optimizer updates: ``max_steps = max_steps * updates_per_rollout``, and
         ``checkpoint_every`` / ``eval_every`` are scaled the same way so they land on rollout
-        boundaries. ``batch_size`` is the micro-batch of trajectories.
+        boundaries. ``batch_size`` is the micro-batch of trajectories, ``grad_accum`` the micro-batches
+        of one update.
         """
-        e = self.update_epochs
+        e = self.updates_per_rollout
         return TrainConfig(
             objective=ObjectiveConfig(mode="colar", compression_factors=[self.compression_factor]),
             max_steps=self.total_updates,
-            batch_size=self.micro_batch_size or self.trajectories_per_step,
-            grad_accum=self.micro_batches_per_step,
+            batch_size=self.micro_batch_size or self.trajectories_per_optimizer_step,
+            grad_accum=self.micro_batches_per_update,
             lr=self.lr, weight_decay=self.weight_decay, adam_betas=self.adam_betas,
             warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule, grad_clip=self.grad_clip,
             precision=self.precision, zero_stage=self.zero_stage, backend=self.backend, optimizer=self.optimizer,

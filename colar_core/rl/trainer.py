@@ -12,8 +12,10 @@ One RL step (``RLConfig``):
 3. **Old log-probs** of every action, once, with no grad, through ``engine.forward`` on the same
    micro-batches the loss will see (so the ratio is exactly 1 at the first update); reference
    log-probs from a frozen copy of the starting model when ``kl_beta > 0``.
-4. **Updates**: ``update_epochs`` optimizer steps of the shared :func:`train_loop`, each over all
-   micro-batches with :func:`~colar_core.rl.grpo.grpo_loss` as ``loss_fn``.
+4. **Updates**: ``update_epochs`` passes over the rollout, each of ``updates_per_pass`` optimizer
+   steps of the shared :func:`train_loop` (one over all trajectories, or one per
+   ``trajectories_per_update`` of them after a seeded shuffle, as the reference's ``exp_batch_size``),
+   each over its micro-batches with :func:`~colar_core.rl.grpo.grpo_loss` as ``loss_fn``.
 
 Per-step metrics (``metrics.jsonl`` and every callback's ``on_step``):
 
@@ -21,7 +23,7 @@ Per-step metrics (``metrics.jsonl`` and every callback's ``on_step``):
   (over all the step's rollouts), ``accuracy``, ``mean_latents`` (#L), ``mean_latents_correct``,
   ``zero_var_groups`` (share of groups whose rewards are all equal: no signal),
   ``reward_length`` (mean length bonus), ``mean_answer_tokens``, ``rollout_time_s``, ``r``,
-  ``rollout``, ``update_pass``, ``epoch``;
+  ``rollout``, ``update_pass``, ``minibatch`` (the update's place in its pass), ``epoch``;
 * loss parts from ``loss_fn``, averaged over micro-batches and processes: ``loss``, ``pg_loss``,
   ``kl``, ``clip_frac``, ``ratio_mean``, ``ratio_max``, ``latent_entropy`` (entropy per dim of the
   latent head's Gaussian at the sampled latents), ``latent_logp``, ``answer_logp``;
@@ -92,8 +94,8 @@ def disable_dropout(model: nn.Module) -> int:
 # Rollouts -> micro-batches of trajectories
 # ----------------------------------------------------------------------------------------------
 class RLBatches:
-    """``batches_fn`` of the shared loop: rolls out every ``update_epochs`` optimizer steps and hands
-    the micro-batches of trajectories (with advantages and old log-probs) to the loss.
+    """``batches_fn`` of the shared loop: rolls out every ``updates_per_rollout`` optimizer steps and
+    hands each update's micro-batches of trajectories (with advantages and old log-probs) to the loss.
 
     State (checkpointed): position in the seeded question order (an :class:`EpochSampler`, as SFT's),
     the number of rollouts, and the rollout sampling generator (per process).
@@ -117,7 +119,8 @@ class RLBatches:
         self.think_id = encoder.think_id if cfg.continue_actions else None
 
     # ----- one rollout ----------------------------------------------------------------------------
-    def rollout(self) -> tuple[list[Trajectories], dict]:
+    def rollout(self) -> tuple[list[list[Trajectories]], dict]:
+        """Sample one rollout; return its updates (each a list of micro-batches) and its statistics."""
         cfg, gen, g = self.cfg, self.cfg.generation, self.cfg.group_size
         t0 = time.perf_counter()
         records = [self.records[i] for i in self.order.next_indices()]
@@ -146,9 +149,9 @@ class RLBatches:
         total = torch.tensor(rewards["total"], dtype=torch.float64)
         adv, constant = group_advantages(total, g)
         traj.advantages = adv.to(self.engine.device)
-        micro = traj.split(cfg.micro_batch_size)
+        updates = [part.split(cfg.micro_batch_size) for part in self._update_parts(traj)]
         with torch.no_grad():
-            for mb in micro:
+            for mb in (mb for update in updates for mb in update):
                 lat, cont, ans = self.engine.forward(self._logp_fn, mb)
                 mb.old_latent_logp, mb.old_answer_logp = lat.detach().float(), ans.detach().float()
                 mb.old_continue_logp = cont.detach().float() if cont is not None else None
@@ -182,21 +185,34 @@ class RLBatches:
             "rollout": self.rollouts,
             "epoch": self.order.epoch,
         }
-        return micro, info
+        return updates, info
+
+    def _update_parts(self, traj: Trajectories) -> list[Trajectories]:
+        """The rollout's trajectories cut into the mini-batches of its optimizer updates: all of them in
+        one when ``trajectories_per_update`` is None, else a seeded shuffle (this process's seed, rank and
+        rollout number, so a resumed run cuts alike) cut into chunks of that size, as the reference
+        shuffles its replay buffer into mini-batches of ``exp_batch_size``."""
+        size = self.cfg.trajectories_per_optimizer_step
+        if size >= len(traj):
+            return [traj]
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 7919 * self.rollouts + 104729 * (self.rank + 1))
+        perm = torch.randperm(len(traj), generator=g).tolist()
+        return [traj.select(perm[s: s + size]) for s in range(0, len(traj), size)]
 
     def _logp_fn(self, model, traj: Trajectories):
         cur = policy_log_probs(model, traj, self.temperature, self.think_id)
         return cur.latent_logp, cur.continue_logp, cur.answer_logp
 
     def __call__(self, step: int) -> StepBatch:
-        e = self.cfg.update_epochs
-        if step % e == 0 or self._cache is None:
-            if step % e:
-                log.warning("step %d is inside a rollout's update passes but no rollout is cached: rolling out anew",
+        u = self.cfg.updates_per_rollout
+        if step % u == 0 or self._cache is None:
+            if step % u:
+                log.warning("step %d is inside a rollout's updates but no rollout is cached: rolling out anew",
                             step)
             self._cache = self.rollout()
-        micro, info = self._cache
-        return StepBatch(micro, {**info, "update_pass": step % e})
+        updates, info = self._cache
+        update_pass, minibatch = divmod(step % u, self.cfg.updates_per_pass)
+        return StepBatch(updates[minibatch], {**info, "update_pass": update_pass, "minibatch": minibatch})
 
     def loss_fn(self, model, traj: Trajectories) -> dict:
         c = self.cfg
@@ -225,7 +241,7 @@ class RLResult(JobResultMixin):
     """What a finished RL stage hands on (also written to ``output_dir/result.json``)."""
 
     model_dir: Path
-    final_step: int  # optimizer updates done (= rl_steps * update_epochs)
+    final_step: int  # optimizer updates done (= rl_steps * updates_per_rollout)
     rl_steps: int  # rollouts done
     metrics_path: Path
     resumed_from: Optional[int] = None
@@ -277,7 +293,7 @@ def train_rl(
     state, model_dir, best_dir = run_stage_loop(engine, batches, batches.loss_fn, tcfg, model=model, encoder=encoder,
                                                 tokenizer=tokenizer, val_records=val_records, manager=manager,
                                                 out=out, callbacks=callbacks)
-    result = RLResult(model_dir=model_dir, final_step=state.step, rl_steps=-(-state.step // cfg.update_epochs),
+    result = RLResult(model_dir=model_dir, final_step=state.step, rl_steps=-(-state.step // cfg.updates_per_rollout),
                       metrics_path=out / METRICS_FILE, resumed_from=state.resumed_from,
                       best_val_accuracy=state.best_score, best_model_dir=best_dir, best_step=state.best_step,
                       stopped_early=state.stopped_early, output_dir=out)

@@ -1,8 +1,9 @@
 """Typed configuration of a training run (SFT now, RL reuses most of it).
 
 Every field is documented with its default; defaults follow the reference code where it has one
-(AdamW lr 1e-4, weight decay 0.01, grad clip 1.0, bf16 on GPUs) and otherwise suit the tiny CPU
-recipe. Unknown keys are refused so that a typo is an error.
+(AdamW lr 1e-4, weight decay 0.01, bf16 on GPUs) and otherwise suit the tiny CPU recipe (gradient
+clipping at 1.0: the reference does not clip in SFT; see ``grad_clip``). Unknown keys are refused so
+that a typo is an error.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class LauncherConfig(StrictModel):
     launcher: Literal["auto", "deepspeed", "torchrun"] = Field(
         "auto", description="'auto': the deepspeed launcher when CUDA is available or a hostfile is given, "
         "else torchrun (the deepspeed launcher cannot start several processes without GPUs).")
+    collective_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a rank waits at the rendezvous or inside one collective (an all-reduce, "
+        "a barrier) before the job fails, instead of torch's 30 minutes: a node whose link is down ends the stage "
+        "within this, so Prefect's retry can resume it. Several nodes started over ssh also get ssh keep-alives of "
+        "a sixth of it (3 unanswered end the session). Raise it when one rank works alone for longer (e.g. rank 0 "
+        "exporting a large model while the others wait).")
 
     @property
     def world_size(self) -> int:
@@ -95,10 +102,16 @@ class TrainConfig(StageChecks):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="After warm-up: constant (reference), linear or cosine decay to min_lr_ratio*lr at max_steps.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the linear / cosine decay, as a fraction of lr.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off). Reference 1.0.")
+    grad_clip: float = Field(
+        1.0, ge=0, description="Clip the global gradient norm to this (0 = off). The reference does not clip in SFT "
+        "(its Lightning trainer leaves gradient_clip_val empty; it clips at 1.0 only in RL), so the GPU recipes set "
+        "0. Default 1.0: our choice for the from-scratch CPU recipes, trained at lr 3e-3 with warm-up.")
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="'bf16': DeepSpeed bf16 (fp32 master weights) or torch autocast; the reference trains in "
-        "bf16 on GPUs. 'fp32' for CPU runs and exact-resume checks.")
+        "fp32", description="'bf16' with backend deepspeed: DeepSpeed bf16, which casts the module's parameters to "
+        "bf16 for forward and backward and keeps fp32 master copies of the trained ones in the optimizer (ZeRO 1-2 "
+        "partitions, checked); with backend torch: bf16 autocast over the model's weights as loaded, and AdamW "
+        "updates those weights in their own dtype (fp32 only if the model is fp32). The reference trains under "
+        "Lightning's bf16-mixed: fp32 weights, bf16 autocast. 'fp32' for CPU runs and exact-resume checks.")
     zero_stage: Optional[int] = Field(
         None, description="DeepSpeed ZeRO stage 0-3 (ignored by the torch backend). None: the stage of the "
         "deepspeed_config file if it names one, else 2.")

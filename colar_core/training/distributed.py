@@ -4,17 +4,22 @@
 ``torchrun``, and without a launcher sets the single-process defaults DeepSpeed needs (including a
 free ``MASTER_PORT``); :func:`default_device` picks this process's GPU, or the CPU.
 :func:`init_single_process_group` sets up a one-process group without any TCP rendezvous, so a
-single-process DeepSpeed run opens no port reachable from the network.
+single-process DeepSpeed run opens no port reachable from the network. :func:`bound_collectives` makes
+every process group of this process give up after a set time.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 
+from colar_core.devices import default_device
 from colar_core.net import free_port
+
+__all__ = ["DistEnv", "bound_collectives", "default_device", "dist_env", "dist_ready", "init_single_process_group"]
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,6 @@ def dist_env(set_defaults: bool = True) -> DistEnv:
                    int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def default_device(local_rank: int = 0) -> torch.device:
-    """``cuda:<local_rank>`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def init_single_process_group(backend: str) -> None:
     """Initialise torch.distributed for one process (rank 0 of 1) on an in-memory store: no TCPStore
     listens on ``MASTER_PORT``. Gloo's transport device, which listens too, is put on the loopback
@@ -75,3 +73,21 @@ def init_single_process_group(backend: str) -> None:
 def dist_ready() -> bool:
     """True when a torch.distributed process group is up."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def bound_collectives(timeout_s: float) -> None:
+    """Every process group this process makes from now on, including the ones it does not make itself,
+    gives up after ``timeout_s`` at its rendezvous or in one collective.
+
+    The default group takes the timeout it is given, but a group made later without one (DeepSpeed's
+    ZeRO data-parallel group, made by ``torch.distributed.new_group(ranks)``) takes torch's module
+    default: 30 minutes for gloo, 10 for nccl. A node whose link went down then held its peers in an
+    all-gather for half an hour (measured: the three-host test's ranks sat in ZeRO-2's all-gather for
+    minutes after a 20 s timeout was given to ``deepspeed.init_distributed``). Setting the module default
+    is the one place every such group reads."""
+    from torch.distributed import distributed_c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout

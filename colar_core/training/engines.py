@@ -19,6 +19,7 @@ them). ``TorchEngine`` is plain PyTorch in one process, for notebooks and quick 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from pathlib import Path
@@ -30,7 +31,14 @@ from torch import nn
 
 from colar_core.training.config import TrainConfig
 from colar_core.training.deepspeed_config import deepspeed_config
-from colar_core.training.distributed import DistEnv, default_device, dist_env, dist_ready, init_single_process_group
+from colar_core.training.distributed import (
+    DistEnv,
+    bound_collectives,
+    default_device,
+    dist_env,
+    dist_ready,
+    init_single_process_group,
+)
 from colar_core.training.schedule import LRSchedule, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -216,7 +224,10 @@ class DeepSpeedEngine(_EngineBase, Generic[M]):
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.env.world_size == 1 and not dist_ready():
             init_single_process_group(backend)  # no TCPStore listening on MASTER_PORT (on every interface)
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        # the rendezvous and every collective, of every group, give up after the launcher's timeout
+        bound_collectives(cfg.launcher.collective_timeout_s)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                                   timeout=datetime.timedelta(seconds=cfg.launcher.collective_timeout_s))
         self.cfg = cfg
         self.grad_accum = cfg.grad_accum
         self.ds_config = deepspeed_config(cfg, self.env.world_size)

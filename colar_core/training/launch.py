@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -106,7 +107,8 @@ def check_nodes_see(folder: Union[str, Path], launcher: LauncherConfig,
         return
     problems = []
     for host in hostfile_hosts(launcher.hostfile)[:launcher.num_nodes]:
-        cmd = ["ssh", "-o", "BatchMode=yes", host, f"hostname; test -d {shlex.quote(str(folder))}"]
+        cmd = ["ssh", "-o", "BatchMode=yes", *ssh_keepalive_options(launcher), host,
+               f"hostname; test -d {shlex.quote(str(folder))}"]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
@@ -257,9 +259,21 @@ def build_launch_command(config_path: Union[str, Path], launcher: LauncherConfig
         if launcher.num_nodes > 1 and not (launcher.master_addr and launcher.master_port):
             raise ValueError("torchrun on several nodes needs launcher.master_addr and master_port")
         cmd += ["--master_addr", launcher.master_addr or "127.0.0.1",
-                "--master_port", str(launcher.master_port or free_port())]
+                "--master_port", str(launcher.master_port or free_port()),
+                # the static rendezvous waits this long for the other nodes (torchrun's default: 600 s)
+                "--rdzv-conf", f"timeout={math.ceil(launcher.collective_timeout_s)}"]
         return cmd + ["-m", module, *script]
     raise ValueError(f"unknown launcher {kind!r}")
+
+
+def ssh_keepalive_options(launcher: LauncherConfig) -> list[str]:
+    """The ssh options a multi-node launch adds to every session it opens (pdsh's ``PDSH_SSH_ARGS_APPEND``):
+    a keep-alive every sixth of ``collective_timeout_s`` (at least 1 s), three unanswered ending the
+    session, and a connect timeout of the same size. Without them a session to a node whose link went
+    down waits for TCP to give up (many minutes), and so does the launcher, after the ranks have failed."""
+    interval = max(1, math.ceil(launcher.collective_timeout_s / 6))
+    return ["-o", f"ServerAliveInterval={interval}", "-o", "ServerAliveCountMax=3",
+            "-o", f"ConnectTimeout={min(30, 3 * interval)}"]
 
 
 def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: str = ENTRY_MODULE,
@@ -294,6 +308,8 @@ def launch(config_path: Union[str, Path], launcher: LauncherConfig, *, module: s
     if record_dir is not None:
         check_no_live_launcher(record_dir)
     if launcher.num_nodes > 1 and resolve_launcher(launcher) == "deepspeed":
+        alive = " ".join(ssh_keepalive_options(launcher))
+        run_env["PDSH_SSH_ARGS_APPEND"] = f"{run_env.get('PDSH_SSH_ARGS_APPEND', '')} {alive}".strip()
         check_nodes_see(record_dir if record_dir is not None else Path(config_path).resolve().parent, launcher)
     launch_id = run_env[LAUNCH_ID_ENV] = uuid.uuid4().hex
     emit = on_line or (lambda line: print(line, flush=True))
