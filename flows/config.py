@@ -309,8 +309,8 @@ def preflight(cfg: PipelineConfig) -> None:
     """Checks that need the outside world (files, the Hugging Face cache/Hub), run before any server
     or stage starts; cheap (no model or data is loaded). Raises :class:`ConfigError` naming the field.
 
-    - ``model.name_or_path``: 'tiny', an existing directory, or a hub model id that resolves
-      (local cache, else one quick Hub query unless offline);
+    - ``model.name_or_path``: 'tiny', an existing directory, an architecture ``.json`` file (random weights:
+      ``colar rehearse``), or a hub model id that resolves (local cache, else one quick Hub query unless offline);
     - ``model.tokenizer``: the same, when set;
     - ``model.gguf_file``: an existing GGUF file (magic bytes), when set (it is converted later, by the
       first stage that loads it);
@@ -330,6 +330,8 @@ def preflight(cfg: PipelineConfig) -> None:
     for field, name in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
         if name is None or name == "tiny" or Path(name).is_dir() or (field == "model.name_or_path" and name == gguf):
             continue
+        if field == "model.name_or_path" and Path(name).suffix.lower() == ".json" and Path(name).is_file():
+            continue  # an architecture file: random weights in that architecture (colar_core.model, flows.rehearsal)
         if Path(name).exists():
             problems.append(f"field '{field}': {name!r} is a file; expected 'tiny', a model directory or a hub id")
         elif looks_like_path(name):

@@ -8,6 +8,7 @@ ZeRO partitioning::
     grad_norm = engine.step()                    # once per optimizer step: clip, update, schedule
     engine.save_checkpoint(dir) / engine.load_checkpoint(dir)
     with engine.full_model() as model: ...       # full parameters (ZeRO-3 gathered), for eval / export
+    engine.close()                               # at the stage's end: optimizer state and hooks let go
 
 ``DeepSpeedEngine`` runs in one process without a launcher (it sets ``RANK=0 WORLD_SIZE=1`` and a
 free ``MASTER_PORT`` when they are absent, and starts its process group on an in-memory store, so no
@@ -76,6 +77,7 @@ class Engine(Protocol[M_co]):
     def load_checkpoint(self, directory: Path) -> None: ...
     def full_model(self) -> contextlib.AbstractContextManager[M_co]: ...
     def barrier(self) -> None: ...
+    def close(self) -> None: ...
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor: ...
     def broadcast_object(self, obj: Any) -> Any: ...
 
@@ -203,6 +205,12 @@ class TorchEngine(_EngineBase, Generic[M]):
     def full_model(self) -> Iterator[M]:
         yield self.model
 
+    def close(self) -> None:
+        """Drop the optimizer state (AdamW's moments: twice the trained weights) and the gradients; the
+        model stays usable. Called at the end of every stage (:func:`~colar_core.training.stage.run_stage_loop`)."""
+        self.optimizer.state.clear()
+        self.model.zero_grad(set_to_none=True)
+
 
 class DeepSpeedEngine(_EngineBase, Generic[M]):
     """A ``deepspeed.initialize`` engine (ZeRO 0-3, fp32 or bf16) around any ``nn.Module``.
@@ -288,14 +296,26 @@ class DeepSpeedEngine(_EngineBase, Generic[M]):
         return float(self.ds.get_lr()[0])
 
     def save_checkpoint(self, directory: Path) -> None:
-        """All ranks call this; each writes its own shards under ``directory``."""
-        self.ds.save_checkpoint(str(directory), tag="ds", save_latest=False)
+        """All ranks call this; each writes its own shards under ``directory``. Frozen parameters (a LoRA
+        model's base weights) are left out: the stage's model is built with them before any resume, and
+        they do not change (0.81 of a 1.03 GB checkpoint of the 1B recipe cut to 2 layers)."""
+        self.ds.save_checkpoint(str(directory), tag="ds", save_latest=False, exclude_frozen_parameters=True)
 
     def load_checkpoint(self, directory: Path) -> None:
         path, _ = self.ds.load_checkpoint(str(directory), tag="ds", load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, custom_load_fn=load_trained_state)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+
+    def close(self) -> None:
+        """Let the DeepSpeed engine go: its optimizer's gradient hooks on the model's parameters keep the
+        engine, its optimizer state and fp32 master weights alive as long as the model lives (on a GPU,
+        on the device) otherwise. The model stays usable (ZeRO-3 leaves it partitioned). Idempotent."""
+        if self.ds is None:
+            return
+        self.ds.destroy()
+        self.model.zero_grad(set_to_none=True)
+        self.ds = self.optimizer = self.scheduler = None
 
     @contextlib.contextmanager
     def full_model(self) -> Iterator[M]:
@@ -309,6 +329,18 @@ class DeepSpeedEngine(_EngineBase, Generic[M]):
 
         with unwrap_model_for_generation(self.ds):
             yield self.model
+
+
+def load_trained_state(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
+    """Load a checkpoint's module state that leaves out frozen parameters (``exclude_frozen_parameters``)
+    into ``dst``: strict for everything else, so a trained parameter the checkpoint lacks (or a name it
+    has that the model does not) is an error naming it, not a silent keep of the initial value."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not match the model: trained weights missing {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}, unknown {list(result.unexpected_keys)[:5]}")
 
 
 def _quiet_deepspeed() -> None:

@@ -175,28 +175,32 @@ def run_stage_loop(engine: Engine, batches: StageBatches, loss_fn: LossFn, cfg: 
     """The part of a training stage that every method shares: validation with best-k exports,
     :func:`~colar_core.training.loop.train_loop` with checkpoints and resume (reporting to
     :func:`~colar_core.training.callbacks.stage_callbacks`), then ``out/model`` (the best validated
-    model or the last weights, per ``cfg.final_model``). ``eval_mode``: how validation decodes
-    (:func:`~colar_core.training.validation.make_evaluator`'s ``mode``)."""
-    validation = None
-    if cfg.eval_every and len(val_records):
-        validation = stage_validation(engine, encoder, val_records, cfg, manager, tokenizer, eval_mode)
-    plan = LoopPlan(max_steps=cfg.max_steps, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
-                    keep_best=cfg.keep_best, early_stopping_patience=cfg.early_stopping_patience,
-                    log_every=cfg.log_every)
-    cbs = stage_callbacks(out / METRICS_FILE, callbacks) if engine.is_main else []
-    state = train_loop(engine, batches, loss_fn, plan, checkpoints=manager,
-                       stateful={"data": batches, "model_state": ModelStateKeeper(model)},
-                       validation=validation, callbacks=cbs)
+    model or the last weights, per ``cfg.final_model``); the engine is closed (``Engine.close``) however the
+    loop ends, so a later stage in this process does not start beside this one's optimizer. ``eval_mode``: how
+    validation decodes (:func:`~colar_core.training.validation.make_evaluator`'s ``mode``)."""
+    try:
+        validation = None
+        if cfg.eval_every and len(val_records):
+            validation = stage_validation(engine, encoder, val_records, cfg, manager, tokenizer, eval_mode)
+        plan = LoopPlan(max_steps=cfg.max_steps, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
+                        keep_best=cfg.keep_best, early_stopping_patience=cfg.early_stopping_patience,
+                        log_every=cfg.log_every)
+        cbs = stage_callbacks(out / METRICS_FILE, callbacks) if engine.is_main else []
+        state = train_loop(engine, batches, loss_fn, plan, checkpoints=manager,
+                           stateful={"data": batches, "model_state": ModelStateKeeper(model)},
+                           validation=validation, callbacks=cbs)
 
-    best_dir = Path(state.best[0]["path"]) if state.best and state.best[0].get("path") else None
-    model_dir = out / MODEL_DIR
-    if cfg.final_model == "best" and best_dir is not None and best_dir.is_dir():
-        if engine.is_main:
-            copy_dir_atomic(best_dir, model_dir)
-        engine.barrier()
-    else:
-        export_model(engine, model_dir, tokenizer)
-    return StageRun(state, model_dir, best_dir)
+        best_dir = Path(state.best[0]["path"]) if state.best and state.best[0].get("path") else None
+        model_dir = out / MODEL_DIR
+        if cfg.final_model == "best" and best_dir is not None and best_dir.is_dir():
+            if engine.is_main:
+                copy_dir_atomic(best_dir, model_dir)
+            engine.barrier()
+        else:
+            export_model(engine, model_dir, tokenizer)
+        return StageRun(state, model_dir, best_dir)
+    finally:  # what the engine holds (optimizer state, DeepSpeed's hooks) goes, the run ended or failed
+        engine.close()
 
 
 def copy_dir_atomic(src: Path, dst: Path) -> None:
