@@ -1,10 +1,12 @@
-"""What a training stage leaves behind in its process: no DeepSpeed engine once it ends (finished or failed),
-and checkpoints without the frozen base weights of a LoRA model, resumed exactly.
+"""What a training stage leaves behind: in its process, no DeepSpeed engine once it ends (finished or failed);
+on disk, checkpoints without the frozen base weights of a LoRA model (resumed exactly), and one copy of the
+weights its best export and its final model share.
 
 Found by the rehearsal of the GPU recipes (``colar rehearse``, issue 24): stages run one after another in the
 flow's process, and each finished stage's engine (optimizer state, fp32 master weights) stayed alive, held
 by ZeRO's gradient hooks on the model's parameters; a DeepSpeed checkpoint of the 1B recipe cut to 2 layers
-was 0.81 GB of frozen weights out of 1.03 GB.
+was 0.81 GB of frozen weights out of 1.03 GB; at full size each stage folder held its 2.5 GB model twice
+(``best/`` and ``model/``).
 """
 
 from __future__ import annotations
@@ -134,3 +136,16 @@ def test_loading_a_checkpoint_without_frozen_weights_is_strict_for_the_trained_o
         load_trained_state({"head.weight": src.head.weight}, _Net())
     with pytest.raises(RuntimeError, match="tail.weight"):
         load_trained_state({**trained_only, "tail.weight": torch.zeros(1)}, _Net())
+
+
+def test_the_final_model_taken_from_the_best_export_shares_its_files(data, tmp_path):
+    train, val, tok = data
+    c = sft_cfg(backend="torch", max_steps=2, checkpoint_every=0, eval_every=2, eval_size=2, keep_best=1,
+                final_model="best")
+    result = train_sft(lora_model(tok), tok, train, val, c, tmp_path / "run")
+    assert result.best_model_dir is not None and result.best_model_dir.is_dir()
+    files = [p.relative_to(result.model_dir) for p in result.model_dir.rglob("*") if p.is_file()]
+    assert files and any(p.suffix == ".safetensors" for p in files)
+    for rel in files:  # the same inode: the weights are on disk once
+        assert (result.model_dir / rel).stat().st_ino == (result.best_model_dir / rel).stat().st_ino, rel
+    ColarModel.from_pretrained(result.model_dir)

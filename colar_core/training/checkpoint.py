@@ -158,6 +158,15 @@ def latest_checkpoint(output_dir) -> Optional[Path]:
 CARRIED_FILE = "CARRIED_FROM.json"
 
 
+def link_or_copy(src: str, dst: str) -> None:
+    """``dst`` as a hard link to ``src`` (no second copy of GBs of weights on disk), else a copy (another
+    file system). For files that are written once, by a temp name and a rename, never in place."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def carry_checkpoints(src_output_dir, dst_output_dir, reason: str) -> list[Path]:
     """Give the stage folder ``dst_output_dir`` the complete checkpoints of ``src_output_dir`` (an
     earlier attempt of the same stage, e.g. under older code), so that the stage resumes from them;
@@ -169,12 +178,6 @@ def carry_checkpoints(src_output_dir, dst_output_dir, reason: str) -> list[Path]
     if not found or complete_checkpoints(dst):
         return []
     dst.mkdir(parents=True, exist_ok=True)
-
-    def link_or_copy(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
 
     carried = []
     for _, path in found:
