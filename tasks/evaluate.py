@@ -26,6 +26,7 @@ from mlflow import MlflowClient
 from prefect import get_run_logger, task
 
 from colar_core.config import EvalConfig, ModelConfig
+from colar_core.devices import release_memory
 from colar_core.evaluation import eval_set_digest
 from colar_core.evaluation_suite import SuiteModels, evaluate_suite, load_eval_sets
 from colar_core.files import atomic_write_json, atomic_write_text
@@ -71,6 +72,7 @@ def evaluate_stage(eval_cfg: dict, colar_model_dir: str, cot_model_dir: Optional
         logger.info("evaluation sets: %s", {name: len(r) for name, r in records.items()})
         set_digests = {name: eval_set_digest(recs) for name, recs in records.items()}
         suite = evaluate_suite(models, records, cfg, ModelConfig.model_validate(model) if model else None)
+        release_memory()  # the models it loaded are out of scope
         metrics = suite.metrics
         work_s = time.perf_counter() - t0
         log_metrics(run_id, metrics, client=client)

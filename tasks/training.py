@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from prefect import get_run_logger, task
 
 from colar_core.baselines.stage import BaselineJob, run_baseline_stage
+from colar_core.devices import release_memory
 from colar_core.files import content_digest
 from colar_core.rl.trainer import RLJob, RLResult, run_rl_stage
 from colar_core.training.callbacks import ConsoleLogger, read_metrics
@@ -69,8 +70,11 @@ def _training_stage(stage: str, job, runner: Callable[..., Union[SFTResult, RLRe
         t0 = time.perf_counter()
         with MlflowMetricsCallback(client, run_id) as metrics_cb:  # closed (last flush) however the run ends
             def run_job():
-                return runner(job, callbacks=training_callbacks(stage, metrics_cb, logger.info, progress),
-                              on_line=logger.info)
+                try:
+                    return runner(job, callbacks=training_callbacks(stage, metrics_cb, logger.info, progress),
+                                  on_line=logger.info)
+                finally:  # the job's models are out of scope: what they held goes back to the system
+                    release_memory()
             try:
                 job_result = run_job()
             except Exception as err:

@@ -170,6 +170,10 @@ def check_report(report: dict, stages: list[str], lora: bool) -> None:
     most for some tensors) with adapters on every LoRA target; DeepSpeed accepts the recipe's own config;
     the evaluation decoded up to its caps and no further."""
     assert list(report["stages"]) == stages  # in the order they ran
+    # what a finished stage freed goes back (tasks call release_memory): each stage used to start ~1.2 GB
+    # above the one before at this size, every tensor of the earlier stages gone
+    starts = [report["stages"][name]["rss_at_start_gb"] for name in stages[1:]]
+    assert max(starts) - starts[0] < 1.0, starts
     for name, s in report["stages"].items():
         assert s["status"] == "FINISHED", name
         assert s["wall_s"] > 0 and s["peak_rss_gb"] >= s["rss_at_start_gb"] > 0, name
