@@ -148,6 +148,10 @@ def test_an_interrupted_parent_leaves_no_worker_alive(tmp_path, interrupt):
     out = tmp_path / "run"
     seen: list[int] = []
     previous = signal.signal(signal.SIGUSR1, _raise_runtime_error)
+    # Python raises KeyboardInterrupt on SIGINT only if SIGINT was not ignored when it started, and a
+    # background job of a non-interactive shell (`bash .ci/run &`) starts with it ignored: the test would
+    # wait for the job to end instead. What a terminal's Ctrl-C does is Python's default handler.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     sig = signal.SIGINT if interrupt is KeyboardInterrupt else signal.SIGUSR1
 
     def interrupt_once_up() -> None:
@@ -164,6 +168,7 @@ def test_an_interrupted_parent_leaves_no_worker_alive(tmp_path, interrupt):
                    grace_s=5)
     finally:
         signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGINT, previous_int)
     watcher.join(5)
     assert len(seen) >= 3, "the workers never started"
     assert not [pid for pid in seen if alive(pid)]  # torchrun and both workers are gone
