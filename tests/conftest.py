@@ -89,11 +89,17 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
+def mlflow_state_dir(tmp_path_factory) -> Path:
+    """The session MLflow server's folder (its database and ``mlartifacts/``)."""
+    return tmp_path_factory.mktemp("mlflow-server")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_state_dir) -> str:
     """Tracking URI (``http://127.0.0.1:PORT``) of a real MLflow server, one per session."""
     from colar_infra.servers import ensure_mlflow, stop_servers
 
-    state_dir = tmp_path_factory.mktemp("mlflow-server")
+    state_dir = mlflow_state_dir
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)  # ensure_mlflow would defer to it
     try:
         uri = ensure_mlflow(state_dir)

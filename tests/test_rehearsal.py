@@ -146,9 +146,12 @@ def test_a_recipe_without_a_carried_architecture_is_refused_naming_the_field(tmp
 CI = ("--layers", "2", "--tokenizer", "word", "--decode-cap", "4")
 
 
-def rehearse(name: str, out: Path, *overrides: str) -> dict:
-    """``colar rehearse`` of configs/``name`` at CI size; its report. The stage folders (several GB of random
-    weights at 2 layers) are removed once the report is read."""
+def rehearse(name: str, out: Path, *overrides: str, artifacts: Path) -> dict:
+    """``colar rehearse`` of configs/``name`` at CI size; its report. The stage folders and the run's MLflow
+    artifacts (``artifacts``: the session server's ``mlartifacts``; each several GB of random weights at 2
+    layers) are removed once the report is read."""
+    from mlflow import MlflowClient
+
     from flows.cli import main
 
     args = ["rehearse", "--config", str(REPO / "configs" / name), *CI, "--output-dir", str(out)]
@@ -161,6 +164,9 @@ def rehearse(name: str, out: Path, *overrides: str) -> dict:
         for folder in out.iterdir():
             if folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
+        for exp in MlflowClient().search_experiments():
+            if exp.name.endswith("-rehearsal"):
+                shutil.rmtree(artifacts / exp.experiment_id, ignore_errors=True)
     assert code == 0, json.dumps(report, indent=1)[:4000]
     return report
 
@@ -183,8 +189,9 @@ def check_report(report: dict, stages: list[str], lora: bool) -> None:
             if lora:
                 assert model["lora_targets_missing"] == [] and model["lora_tensors"] > 0, name
                 assert model["parts_bytes"]["adapter"] > 0 and model["parts_bytes"]["base"] > 0, name
-                # the checkpoint holds what training changes, not the frozen base (0.81 of 1.03 GB before)
-                assert max(s["checkpoints_bytes"].values()) < model["parts_bytes"]["base"] / 2, name
+                # the checkpoint holds what training changes, smaller than the frozen base alone (it was
+                # 1.03 GB with the base, 0.78 GB with a tied LM head left in, against a 0.77 GB base)
+                assert max(s["checkpoints_bytes"].values()) < model["parts_bytes"]["base"], name
             assert set(model["dtypes"]) <= {"BF16", "F32"} and "BF16" in model["dtypes"], name
     for stage, ds in report["recipe_deepspeed"].items():
         assert "error" not in ds, (stage, ds)
@@ -205,8 +212,9 @@ def check_report(report: dict, stages: list[str], lora: bool) -> None:
 
 
 @pytest.mark.slow
-def test_gsm8k_recipe_rehearses_every_stage_on_llama_1b_cut_to_two_layers(tmp_path, mlflow_server, prefect_server):
-    report = rehearse("gsm8k.yaml", tmp_path / "gsm8k")
+def test_gsm8k_recipe_rehearses_every_stage_on_llama_1b_cut_to_two_layers(tmp_path, mlflow_server, prefect_server,
+                                                                           mlflow_state_dir):
+    report = rehearse("gsm8k.yaml", tmp_path / "gsm8k", artifacts=mlflow_state_dir / "mlartifacts")
     check_report(report, ["prepare", "sft-cot", "sft-colar", "rl", "sft-nocot", "evaluate"], lora=True)
     assert report["model"]["name_or_path"].endswith("llama-3.2-1b-instruct.json")
     assert report["recipe_deepspeed"]["sft-colar"]["config"]["gradient_accumulation_steps"] == 8
@@ -215,7 +223,7 @@ def test_gsm8k_recipe_rehearses_every_stage_on_llama_1b_cut_to_two_layers(tmp_pa
 
 
 @pytest.mark.slow
-def test_table1_gpu_rehearses_its_own_stages_the_baselines(tmp_path, mlflow_server, prefect_server):
+def test_table1_gpu_rehearses_its_own_stages_the_baselines(tmp_path, mlflow_server, prefect_server, mlflow_state_dir):
     """What table1-gpu.yaml adds to gsm8k.yaml: the soft-MSE CoLaR stage and the iCoT / Coconut / Distill
     stages (each at its last curriculum stage from step 2), evaluated beside CoLaR; its GSM8k-Aug train file
     replaced by GSM8K train, as the report says. (No-CoT and the other test sets: the gsm8k.yaml test.)"""
@@ -224,6 +232,7 @@ def test_table1_gpu_rehearses_its_own_stages_the_baselines(tmp_path, mlflow_serv
         tmp_path / "table1",
         "eval.nocot_baseline=false",
         "eval.datasets=[{name: gsm8k, source: gsm8k-aug-test}]",
+        artifacts=mlflow_state_dir / "mlartifacts",
     )
     check_report(
         report, ["prepare", "sft-cot", "sft-colar", "sft-icot", "sft-coconut", "sft-distill", "evaluate"], lora=True
