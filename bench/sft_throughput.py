@@ -27,7 +27,6 @@ FLOPs: see ``bench/common.py`` and docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -338,7 +337,7 @@ def run_phase(phase: str, args) -> dict:
         out["mean_lm_head_rows"] = sum(s["lm_head_rows"] for s in timed_stats) / len(timed_stats)
     out["params"] = n_params + n_lora + (head_params if phase != "plain" else 0)
 
-    _release(engine, device)
+    _release(engine)
     return out
 
 
@@ -387,14 +386,12 @@ def _per_r(steps: list[dict], stats: list[dict], clock_key: str) -> dict:
             "r_drawn": [int(s["r"]) for s in stats]}
 
 
-def _release(engine, device) -> None:
-    import torch
+def _release(engine) -> None:
+    from colar_core.devices import release_memory
 
     engine.close()  # DeepSpeed's hooks would keep its optimizer state alive (colar_core.training.engines)
     del engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory()  # gc, CUDA's cached blocks, glibc's freed heap
 
 
 # ----------------------------------------------------------------------------------------------
